@@ -1,0 +1,80 @@
+"""Table 1 data augmentations as one jittable function with traced hyperparameters.
+
+Hyperparameters arrive as arrays so that a hyperparameter mutation never recompiles the
+train step. Images are ``[batch, size, size, 3] float32`` in [-1, 1] (after
+:func:`mu2net.paths.preprocess`).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+
+#: Hyperparameters read by :func:`augment` (names of :mod:`mu2net.hparams`).
+AUGMENT_HPARAMS = ("crop", "crop_area_min", "crop_aspect_min", "flip", "brightness", "contrast",
+                   "saturation", "hue")
+
+# RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
+_RGB2YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ2RGB = jnp.linalg.inv(_RGB2YIQ)
+
+
+def _random_resized_crop(x: jax.Array, rng: jax.Array, area_min: jax.Array,
+                         aspect_min: jax.Array) -> jax.Array:
+    """Inception-style crop of one ``[S, S, 3]`` image resized back to ``[S, S, 3]``.
+
+    Area fraction ~ U(area_min, 1); aspect ratio log-uniform in [aspect_min, 1/aspect_min]
+    (the ``area_range``/``aspect_ratio_range`` of the official code's ``inception_crop``).
+    """
+    size = x.shape[0]
+    k1, k2, k3, k4 = jax.random.split(rng, 4)
+    area = jax.random.uniform(k1, minval=area_min, maxval=1.0)
+    log_r = jax.random.uniform(k2, minval=jnp.log(aspect_min), maxval=-jnp.log(aspect_min))
+    ratio = jnp.exp(log_r)
+    w = jnp.clip(jnp.sqrt(area * ratio), 1.0 / size, 1.0)
+    h = jnp.clip(jnp.sqrt(area / ratio), 1.0 / size, 1.0)
+    y0 = jax.random.uniform(k3) * (1.0 - h)
+    x0 = jax.random.uniform(k4) * (1.0 - w)
+    scale = jnp.stack([1.0 / h, 1.0 / w])
+    translation = -jnp.stack([y0, x0]) * size * scale
+    return jax.image.scale_and_translate(x, x.shape, (0, 1), scale, translation, "linear",
+                                         antialias=True)
+
+
+def augment(images: jax.Array, hp: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
+    """Applies crop, flip, brightness, contrast, saturation and hue jitter (Table 1).
+
+    Args:
+      images: ``[B, S, S, 3] float32`` in [-1, 1].
+      hp: traced scalars for :data:`AUGMENT_HPARAMS` (booleans as 0/1 floats); deltas are
+        in units of the [0, 1] pixel range, as in ``tf.image.random_brightness`` & co.
+      rng: a ``jax.random`` key.
+
+    Returns:
+      ``[B, S, S, 3] float32`` in [-1, 1].
+    """
+    b = images.shape[0]
+    keys = jax.random.split(rng, 7)
+    crop_keys = jax.random.split(keys[0], b)
+    cropped = jax.vmap(_random_resized_crop, in_axes=(0, 0, None, None))(
+        images, crop_keys, hp["crop_area_min"], hp["crop_aspect_min"])
+    x = jnp.where(hp["crop"] > 0.5, cropped, images)
+    do_flip = (jax.random.uniform(keys[1], (b, 1, 1, 1)) < 0.5) & (hp["flip"] > 0.5)
+    x = jnp.where(do_flip, x[:, :, ::-1, :], x)
+    x = (x + 1.0) / 2.0  # to [0, 1] where the deltas are defined
+    x = x + jax.random.uniform(keys[2], (b, 1, 1, 1), minval=-1.0, maxval=1.0) * hp["brightness"]
+    mean = jnp.mean(x, axis=(1, 2, 3), keepdims=True)
+    f = 1.0 + jax.random.uniform(keys[3], (b, 1, 1, 1), minval=-1.0, maxval=1.0) * hp["contrast"]
+    x = (x - mean) * f + mean
+    gray = jnp.mean(x, axis=-1, keepdims=True)
+    s = 1.0 + jax.random.uniform(keys[4], (b, 1, 1, 1), minval=-1.0, maxval=1.0) * hp["saturation"]
+    x = gray + (x - gray) * s
+    angle = jax.random.uniform(keys[5], (b,), minval=-1.0, maxval=1.0) * hp["hue"] * 2 * jnp.pi
+    yiq = x @ _RGB2YIQ.T
+    cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
+    i = yiq[..., 1] * cos - yiq[..., 2] * sin
+    q = yiq[..., 1] * sin + yiq[..., 2] * cos
+    x = jnp.stack([yiq[..., 0], i, q], -1) @ _YIQ2RGB.T
+    return jnp.clip(x, 0.0, 1.0) * 2.0 - 1.0

@@ -1,0 +1,357 @@
+"""The evolver: task iterations, active phases and generations (paper Algorithm 1).
+
+This is the stateful edge of the evolver. It reads the store, runs active phases over a
+queue of tasks (the task with the fewest completed iterations first, then the oldest), and
+at the end of each active phase keeps and publishes only the active task's best path.
+Killed at any moment and started again, it continues from the last published state.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import logging
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from mu2net import components as C
+from mu2net import datasets as D
+from mu2net import hparams as H
+from mu2net import paths as P
+from mu2net.evolver.mutations import ChildSpec, mutate
+from mu2net.evolver.sampling import sample_parent
+from mu2net.evolver.scoring import make_scorer
+from mu2net.evolver.training import TrainBudget, TrainResult, train_child
+from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, new_id, serialize_tree
+
+log = logging.getLogger("mu2net.evolver")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvolverConfig:
+    """Budget and options of the evolver.
+
+    Defaults make one task iteration on a small dataset take minutes on a 2-core CPU; the
+    paper's values are :data:`PAPER_PRESET`.
+
+    Attributes:
+      generations: generations per active phase (paper: 4 in Section 4, more later).
+      children: children per generation, trained in parallel across local devices (paper: 8).
+      budget: train cycles per child, sample cap per cycle, batch size.
+      scorer: "accuracy" (paper) or "size_penalty" (official code).
+      size_penalty_base: base of the size penalty scorer.
+      allow_insertion: enables the layer-insertion mutation (Section 4).
+      max_blocks: most transformer blocks a path may grow to.
+      seed: seeds parent sampling, mutations, initialisation and training.
+    """
+
+    generations: int = 4
+    children: int = 4
+    budget: TrainBudget = TrainBudget()
+    scorer: str = "accuracy"
+    size_penalty_base: float = 0.99
+    allow_insertion: bool = True
+    max_blocks: int = 12
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("generations", "children"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        b = self.budget
+        if b.cycles < 1 or b.sample_cap < 1 or b.batch_size < 1:
+            raise ValueError(f"train budget values must be >= 1, got {b}")
+
+
+#: The paper's large-scale budget (Section 5: 4 generations x 8 children, per task iteration;
+#: children train up to 2 cycles of min(1 epoch, 2**16 samples) at batch 512 in the official code).
+PAPER_PRESET = EvolverConfig(generations=4, children=8,
+                             budget=TrainBudget(cycles=2, sample_cap=2 ** 16, batch_size=512))
+
+
+@dataclasses.dataclass
+class _Pending:
+    record: ComponentRecord
+    params: Any
+    opt_state: Any
+
+
+def init_root(store: Store, arch: P.Architecture, params: Sequence[Any],
+              hparams: Mapping[str, Any] | None = None) -> P.Path:
+    """Publishes the root model if the store has none; returns the store's root path."""
+    existing = store.root_path()
+    if existing is not None:
+        return existing
+    records, ids = [], []
+    for kind, p in zip(arch.kinds, params):
+        pd, _ = store.write_component_files(p, None)
+        records.append(ComponentRecord(id=pd, kind=kind, params_digest=pd, opt_digest=None, parent_id=None,
+                                       task=None, acl_group=None, steps={}, num_params=C.num_params(p),
+                                       num_classes=arch.num_classes if kind == C.HEAD else 0))
+        ids.append(pd)
+    total = sum(r.num_params for r in records)
+    root = P.Path(id=ROOT_PATH_ID, task=None, component_ids=tuple(ids), architecture=arch,
+                  hparams=H.with_defaults(hparams), score=None, parent_id=None,
+                  metrics={"activated_params": total})
+    store.publish(root, records)
+    return root
+
+
+def add_task(store: Store, name: str, source: str, *, private: bool = False,
+             acl_group: str | None = None) -> TaskRecord:
+    """Reads a dataset source, stores it as a TFDS dataset and queues the task.
+
+    Raises:
+      DatasetError: invalid name or data (message names the problem).
+      TaskExists: a task of that name exists (nothing is changed).
+    """
+    D.validate_task_name(name)
+    splits, names = D.load_source(source)
+    return add_task_arrays(store, name, splits, names, source=source, private=private, acl_group=acl_group)
+
+
+def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names: list[str], *,
+                    source: str, private: bool = False, acl_group: str | None = None) -> TaskRecord:
+    """Like :func:`add_task` for arrays already in memory."""
+    from mu2net.store import TaskExists
+
+    D.validate_task_name(name)
+    if any(t.name == name for t in store.list_tasks()):
+        raise TaskExists(f"task {name!r} already exists")
+    stored, exprs = D.finalize_splits(splits, label_names)
+    ds_root = store.data_dir / "datasets" / f"{name}-{new_id()[:8]}"
+    dataset_dir = D.write_tfds(stored, label_names, ds_root)
+    record = TaskRecord(
+        name=name, private=private, acl_group=(acl_group or name) if private else None,
+        label_names=tuple(label_names), image_shape=tuple(next(iter(stored.values()))[0].shape[1:]),  # type: ignore[arg-type]
+        num_examples={k: len(v[1]) for k, v in stored.items()}, splits=exprs,
+        dataset_dir=dataset_dir, source=source)
+    try:
+        return store.add_task(record)
+    except BaseException:
+        D.remove_tree(str(ds_root))
+        raise
+
+
+def _digest(tree: Any) -> str:
+    return hashlib.sha256(serialize_tree(tree)).hexdigest()
+
+
+class Evolver:
+    """Runs the mu2Net method over the tasks of a store.
+
+    Args:
+      store: the store (root model must be initialised, see :func:`init_root`).
+      config: budget and options.
+      progress: show a progress bar per generation.
+      devices: devices to train children on (default: all local JAX devices).
+    """
+
+    def __init__(self, store: Store, config: EvolverConfig = EvolverConfig(), *, progress: bool = True,
+                 devices: Sequence[jax.Device] | None = None) -> None:
+        self.store = store
+        self.config = config
+        self.progress = progress
+        self.devices = list(devices or jax.local_devices())
+        root = store.root_path()
+        if root is None:
+            raise StoreError(f"store {store.data_dir} has no root model; initialise it first")
+        self.root = root
+        self.scorer = make_scorer(config.scorer, int(root.metrics["activated_params"]), config.size_penalty_base)
+        self.stats: dict[str, Any] = {"children": 0, "phases": 0, "images_per_second": []}
+
+    # ---- queue --------------------------------------------------------------------------
+
+    def next_task(self, iterations: int) -> TaskRecord | None:
+        """The next active task: fewest completed iterations (< ``iterations``), oldest first."""
+        todo = [t for t in self.store.list_tasks() if t.state != "failed" and t.iterations_done < iterations]
+        return min(todo, key=lambda t: (t.iterations_done, t.seq)) if todo else None
+
+    def run(self, iterations: int, stop: Callable[[], bool] | None = None) -> int:
+        """Runs active phases until every task has ``iterations`` task iterations.
+
+        Returns:
+          Number of active phases run.
+        """
+        phases = 0
+        while (task := self.next_task(iterations)) is not None:
+            if stop is not None and stop():
+                break
+            try:
+                self.active_phase(task.name)
+            except D.DatasetError as e:
+                log.error("task %s failed: %s", task.name, e)
+                self.store.set_task_state(task.name, "failed", str(e))
+            phases += 1
+        return phases
+
+    # ---- components ---------------------------------------------------------------------
+
+    def _allowed(self, task: TaskRecord, path: P.Path) -> bool:
+        """Privacy (Section 3.4): a path is usable by ``task`` only if no component of it
+        was trained on data private to another ACL group."""
+        comps = self.store.get_components(path.component_ids)
+        return all(c.acl_group is None or c.acl_group == task.acl_group for c in comps)
+
+    def _component(self, cid: str, pending: Mapping[str, _Pending]) -> tuple[ComponentRecord, Any, Any]:
+        if cid in pending:
+            p = pending[cid]
+            return p.record, p.params, p.opt_state
+        rec = self.store.get_components([cid])[0]
+        params = self.store.get_arrays(rec.params_digest)
+        opt = self.store.get_arrays(rec.opt_digest) if rec.opt_digest else None
+        return rec, params, opt
+
+    def _materialize(self, spec: ChildSpec, task: TaskRecord, pending: Mapping[str, _Pending],
+                     rng: np.random.Generator) -> tuple[list[Any], list[Any], list[ComponentRecord | None]]:
+        params, opts, recs = [], [], []
+        for i, (kind, src) in enumerate(zip(spec.architecture.kinds, spec.sources)):
+            if src is None:
+                key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
+                params.append(jax.device_get(C.init_component(kind, spec.architecture.config, key,
+                                                              spec.architecture.num_classes)))
+                opts.append(None)
+                recs.append(None)
+            else:
+                rec, p, o = self._component(src, pending)
+                params.append(p)
+                opts.append(o if spec.trainable[i] else None)
+                recs.append(rec)
+        return params, opts, recs
+
+    # ---- one active phase ---------------------------------------------------------------
+
+    def active_phase(self, task_name: str) -> P.Path:
+        """One task iteration of Algorithm 1 for ``task_name``; returns the task's best path."""
+        cfg = self.config
+        task = self.store.get_task(task_name)
+        self.store.set_task_state(task.name, "training" if task.iterations_done == 0 or
+                                  self.store.best_path(task.name) is None else "serving")
+        train = D.read_split(task.dataset_dir, task.splits["train"])
+        validation = D.read_split(task.dataset_dir, task.splits["validation"])
+        rng = np.random.default_rng([cfg.seed, task.seq, task.iterations_done])
+        best_stored = self.store.best_path(task.name)
+        population: list[P.Path] = [best_stored] if best_stored is not None else []
+        others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
+        selections = dict(self.store.selections(task.name))
+        pending: dict[str, _Pending] = {}
+        child_index = 0
+        for gen in range(cfg.generations):
+            specs = []
+            for _ in range(cfg.children):
+                parent, _rule = sample_parent(population, others, selections, rng)
+                selections[parent.id] = selections.get(parent.id, 0) + 1
+                specs.append(mutate(parent, task.name, task.num_classes, rng,
+                                    allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
+            bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} gen {gen + 1}/{cfg.generations}",
+                       disable=not self.progress, leave=False)
+            children = self._train_generation(specs, task, pending, train, validation, rng, child_index, bar)
+            child_index += len(specs)
+            for spec, child, new in children:
+                parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
+                    else -math.inf
+                # early pruning (Section 3.3): keep only children that beat their parent
+                if child.score is not None and child.score > parent_score:
+                    population.append(child)
+                    for rec, p, o in new:
+                        pending[rec.id] = _Pending(rec, p, o)
+            best_now = max((p.score or -math.inf) for p in population) if population else float("nan")
+            bar.set_postfix(best=f"{best_now:.4f}")
+            bar.close()
+            if self.progress:
+                tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} generation {gen + 1}: "
+                           f"best score {best_now:.4f}, population {len(population)}")
+        self.stats["phases"] += 1
+        return self._finish_phase(task, population, pending, selections)
+
+    def _train_generation(self, specs: Sequence[ChildSpec], task: TaskRecord, pending: Mapping[str, _Pending],
+                          train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                          rng: np.random.Generator, first_index: int, bar: Any) -> list[tuple[ChildSpec, P.Path, list]]:
+        jobs = []
+        for i, spec in enumerate(specs):
+            params, opts, recs = self._materialize(spec, task, pending, rng)
+            seed = int(rng.integers(2 ** 31))
+            jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)]))
+
+        def run(job: tuple) -> tuple[ChildSpec, P.Path, list]:
+            spec, params, opts, recs, seed, device = job
+            result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
+                                 self.config.budget, self.scorer, seed, device)
+            out = self._child_path(spec, task, params, recs, result)
+            bar.update(1)
+            return out
+
+        if len(self.devices) == 1:
+            results = [run(j) for j in jobs]
+        else:
+            with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+                results = list(pool.map(run, jobs))
+        self.stats["children"] += len(results)
+        return results
+
+    def _child_path(self, spec: ChildSpec, task: TaskRecord, params: Sequence[Any],
+                    recs: Sequence[ComponentRecord | None], result: TrainResult) -> tuple[ChildSpec, P.Path, list]:
+        ids, new = [], []
+        for i, kind in enumerate(spec.architecture.kinds):
+            if not spec.trainable[i]:
+                ids.append(spec.sources[i])
+                continue
+            p, o = result.params[i], result.opt_state[i]
+            src = recs[i]
+            steps = dict(src.steps) if src is not None else {}
+            steps[task.name] = steps.get(task.name, 0) + result.steps
+            acl = task.acl_group if task.private else (src.acl_group if src is not None else None)
+            rec = ComponentRecord(id=_digest(p), kind=kind, params_digest="", opt_digest="",
+                                  parent_id=spec.sources[i], task=task.name, acl_group=acl, steps=steps,
+                                  num_params=C.num_params(p),
+                                  num_classes=spec.architecture.num_classes if kind == C.HEAD else 0)
+            ids.append(rec.id)
+            new.append((rec, p, o))
+        activated = sum(C.num_params(p) for p in params)
+        self.stats["images_per_second"].append(result.images_per_second)
+        path = P.Path(id=new_id(), task=task.name, component_ids=tuple(ids), architecture=spec.architecture,
+                      hparams=dict(spec.hparams), score=result.score, parent_id=spec.parent.id,
+                      metrics={"validation_accuracy": result.validation_accuracy, "train_steps": result.steps,
+                               "history": list(result.history), "mutations": list(spec.mutations),
+                               "parent_task": spec.parent.task, "activated_params": activated})
+        return spec, path, new
+
+    def _finish_phase(self, task: TaskRecord, population: Sequence[P.Path], pending: Mapping[str, _Pending],
+                      selections: Mapping[str, int]) -> P.Path:
+        """Keeps only the task's best path (end of the active phase) and publishes it."""
+        best = max(population, key=lambda p: p.score if p.score is not None else -math.inf)
+        stored = self.store.best_path(task.name)
+        if stored is not None and best.id == stored.id:
+            self.store.publish(None, [], task=task.name, iteration_done=True, selections=selections)
+            return stored
+        records = []
+        for cid in best.component_ids:
+            if cid in pending:
+                pend = pending[cid]
+                pd, od = self.store.write_component_files(pend.params, pend.opt_state)
+                if pd != cid:
+                    raise StoreError(f"component {cid} changed while pending (digest {pd})")
+                records.append(dataclasses.replace(pend.record, params_digest=pd, opt_digest=od))
+        params = [pending[c].params if c in pending else None for c in best.component_ids]
+        missing = [i for i, p in enumerate(params) if p is None]
+        if missing:
+            loaded = self.store.load_params([best.component_ids[i] for i in missing])
+            for i, p in zip(missing, loaded):
+                params[i] = p
+        test = D.read_split(task.dataset_dir, task.splits["test"])
+        test_acc = P.accuracy(best.architecture, params, *test)
+        comps = {r.id: r for r in records}
+        comps.update({c.id: c for c in self.store.get_components([c for c in best.component_ids if c not in comps])})
+        trainable = sum(comps[c].num_params for c in best.component_ids if comps[c].task == task.name)
+        metrics = {**best.metrics, "test_accuracy": test_acc, "trainable_params": trainable}
+        best = dataclasses.replace(best, metrics=metrics)
+        version = self.store.publish(best, records, task=task.name, iteration_done=True, selections=selections)
+        if self.progress:
+            tqdm.write(f"[{task.name}] published path {best.id[:8]} as system version {version}: "
+                       f"validation {best.metrics['validation_accuracy']:.4f}, test {test_acc:.4f}")
+        return best

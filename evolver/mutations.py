@@ -1,0 +1,109 @@
+"""Mutations (paper Section 3.2, and the layer insertion of Section 4).
+
+Every hyperparameter mutation and every layer-cloning choice is sampled independently
+with probability mu, the parent's own (mutable) mu. A hyperparameter mutation moves to a
+neighbouring value of Table 1's sorted list. A component not cloned is shared frozen; a
+cloned one is trainable and starts from the parent's parameters and optimizer state. The
+head is always trainable, and is new when the parent belongs to another task. The
+layer-insertion mutation adds a new transformer block just before the head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from mu2net import components as C
+from mu2net import hparams as H
+from mu2net.paths import Architecture, Path
+
+#: Position source of a newly initialised component in :attr:`ChildSpec.sources`.
+NEW = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSpec:
+    """A child before training: which parent components it shares, clones or replaces.
+
+    Attributes:
+      parent: the parent path.
+      task: the active task.
+      architecture: the child's architecture.
+      sources: per position, the parent component id it starts from, or None for a new
+        randomly initialised component (new head, inserted block).
+      trainable: per position, whether the child trains it (cloned or new).
+      hparams: mutated Table 1 hyperparameters.
+      mutations: human-readable list of the applied mutations (for logs and provenance).
+    """
+
+    parent: Path
+    task: str
+    architecture: Architecture
+    sources: tuple[str | None, ...]
+    trainable: tuple[bool, ...]
+    hparams: Mapping[str, Any]
+    mutations: tuple[str, ...]
+
+
+def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], list[str]]:
+    """Each Table 1 hyperparameter moves to a random neighbour with probability mu.
+
+    mu is the parent's; it is itself one of the mutated hyperparameters.
+    """
+    mu = float(parent_hparams["mu"])
+    child = dict(parent_hparams)
+    applied = []
+    for name in H.SEARCH_SPACE:
+        if rng.random() < mu:
+            options = H.neighbours(name, parent_hparams[name])
+            child[name] = options[int(rng.integers(len(options)))]
+            applied.append(f"{name}:{parent_hparams[name]}->{child[name]}")
+    return child, applied
+
+
+def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, *,
+           allow_insertion: bool = True, max_blocks: int = 12) -> ChildSpec:
+    """Samples a child of ``parent`` for the active ``task``.
+
+    Layer insertion is sampled with probability mu while the path has fewer than
+    ``max_blocks`` transformer blocks, and always applied when the parent has none: a ViT
+    without blocks reads only the class token, which does not depend on the image.
+
+    Args:
+      parent: the parent path.
+      task: the active task name.
+      num_classes: the active task's classes (size of a new head).
+      rng: numpy random generator.
+      allow_insertion: enables the layer-insertion mutation.
+      max_blocks: most transformer blocks a child may have.
+
+    Returns:
+      The :class:`ChildSpec`.
+    """
+    hp, applied = mutate_hparams(parent.hparams, rng)
+    mu = float(parent.hparams["mu"])
+    kinds = list(parent.architecture.kinds)
+    sources: list[str | None] = list(parent.component_ids)
+    trainable = [False] * len(kinds)
+    for i in range(len(kinds) - 1):
+        if rng.random() < mu:
+            trainable[i] = True
+            applied.append(f"clone:{i}:{kinds[i]}")
+    trainable[-1] = True
+    same_task = parent.task == task
+    if not same_task:
+        sources[-1] = NEW
+        applied.append("new_head")
+    n_blocks = parent.architecture.num_blocks
+    if allow_insertion and n_blocks < max_blocks and (n_blocks == 0 or rng.random() < mu):
+        pos = len(kinds) - 1
+        kinds.insert(pos, C.TRANSFORMER_BLOCK)
+        sources.insert(pos, NEW)
+        trainable.insert(pos, True)
+        applied.append(f"insert_block:{pos}")
+    arch = Architecture(parent.architecture.config, tuple(kinds),
+                        parent.architecture.num_classes if same_task else num_classes)
+    return ChildSpec(parent=parent, task=task, architecture=arch, sources=tuple(sources),
+                     trainable=tuple(trainable), hparams=hp, mutations=tuple(applied))

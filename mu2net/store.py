@@ -1,0 +1,554 @@
+"""The store: the single source of truth of a mu2net system (embedded default).
+
+One data directory holds:
+
+* ``mu2net.sqlite`` (WAL mode): tasks, paths, components, provenance, system version;
+* ``arrays/<aa>/<sha256>.npz``: content-addressed component parameters and optimizer
+  state (flattened pytrees, loaded with ``allow_pickle=False``);
+* ``datasets/<task>-<uid>/``: each task's TFDS array_record dataset (see
+  :mod:`mu2net.datasets`).
+
+Writes follow big_vision's ``save_checkpoint_ts``: array files first (temporary name, fsync,
+rename, fsync of the directory), then one SQLite transaction that points to them. A process
+killed between the two leaves unreferenced files and the last committed state. Every
+publish bumps the system version by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import shutil
+import sqlite3
+import threading
+import time
+import uuid
+from pathlib import Path as FsPath
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+from flax import traverse_util
+
+from mu2net import components as C
+from mu2net.paths import Architecture, Path
+
+TASK_STATES = ("queued", "training", "serving", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tasks (
+  name TEXT PRIMARY KEY,
+  seq INTEGER NOT NULL,
+  private INTEGER NOT NULL,
+  acl_group TEXT,
+  label_names TEXT NOT NULL,
+  image_shape TEXT NOT NULL,
+  num_examples TEXT NOT NULL,
+  splits TEXT NOT NULL,
+  dataset_dir TEXT NOT NULL,
+  source TEXT NOT NULL,
+  state TEXT NOT NULL,
+  iterations_done INTEGER NOT NULL DEFAULT 0,
+  error TEXT
+);
+CREATE TABLE IF NOT EXISTS components (
+  id TEXT PRIMARY KEY,
+  kind TEXT NOT NULL,
+  params_digest TEXT NOT NULL,
+  opt_digest TEXT,
+  parent_id TEXT,
+  task TEXT,
+  acl_group TEXT,
+  steps TEXT NOT NULL,
+  num_params INTEGER NOT NULL,
+  num_classes INTEGER NOT NULL DEFAULT 0,
+  created_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS paths (
+  id TEXT PRIMARY KEY,
+  task TEXT,
+  component_ids TEXT NOT NULL,
+  architecture TEXT NOT NULL,
+  hparams TEXT NOT NULL,
+  score REAL,
+  parent_id TEXT,
+  metrics TEXT NOT NULL,
+  system_version INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS selections (
+  path_id TEXT NOT NULL, task TEXT NOT NULL, count INTEGER NOT NULL,
+  PRIMARY KEY (path_id, task)
+);
+"""
+
+ROOT_PATH_ID = "root"
+
+
+class StoreError(Exception):
+    """Base class of store errors."""
+
+
+class TaskNotFound(StoreError, KeyError):
+    """No task of that name exists."""
+
+
+class TaskExists(StoreError):
+    """A task of that name already exists."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskRecord:
+    """A task row.
+
+    Attributes:
+      name: task name (``[A-Za-z0-9_.-]{1,64}``).
+      private: whether its components are withheld from tasks outside ``acl_group``.
+      acl_group: ACL group of a private task (its own name unless given); None if public.
+      label_names: class names, index = label id.
+      image_shape: stored example shape ``(height, width, channels)``.
+      num_examples: examples per stored split, e.g. ``{"train": 4000, "test": 1000}``.
+      splits: TFDS split expressions for ``train``, ``validation`` and ``test``.
+      dataset_dir: TFDS dataset directory (absolute).
+      source: where the data came from (e.g. ``builtin:digits``).
+      state: one of :data:`TASK_STATES`.
+      iterations_done: completed task iterations (active phases).
+      error: why the task failed, if ``state == "failed"``.
+    """
+
+    name: str
+    private: bool
+    acl_group: str | None
+    label_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    num_examples: Mapping[str, int]
+    splits: Mapping[str, str]
+    dataset_dir: str
+    source: str
+    state: str = "queued"
+    iterations_done: int = 0
+    error: str | None = None
+    seq: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentRecord:
+    """A component row: an immutable layer of the layer pool with its provenance.
+
+    Attributes:
+      id: content address (sha256 of its parameter file).
+      kind: one of :data:`mu2net.components.KINDS`.
+      params_digest / opt_digest: array files of parameters / optimizer state (momentum).
+      parent_id: the component it was cloned from (None if newly initialised).
+      task: the task that last trained it (None for root/untrained components).
+      acl_group: private ACL group of the data it was trained on (None = public).
+      steps: training steps it received on each task, accumulated over its ancestry.
+      num_params: scalar parameter count.
+      num_classes: output classes (heads only).
+    """
+
+    id: str
+    kind: str
+    params_digest: str
+    opt_digest: str | None
+    parent_id: str | None
+    task: str | None
+    acl_group: str | None
+    steps: Mapping[str, int]
+    num_params: int
+    num_classes: int = 0
+    created_version: int = 0
+
+
+def _flatten(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    flat = traverse_util.flatten_dict(tree, sep="/") if tree else {}
+    return {k: np.asarray(v) for k, v in flat.items()}
+
+
+def serialize_tree(tree: Mapping[str, Any]) -> bytes:
+    """Serialises a nested dict of arrays to ``.npz`` bytes (no pickle)."""
+    buf = io.BytesIO()
+    flat = _flatten(tree)
+    np.savez(buf, **flat)
+    return buf.getvalue()
+
+
+def deserialize_tree(data: bytes) -> dict[str, Any]:
+    """Inverse of :func:`serialize_tree`."""
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        flat = {k: npz[k] for k in npz.files}
+    return traverse_util.unflatten_dict(flat, sep="/") if flat else {}
+
+
+def _fsync_dir(path: FsPath) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: FsPath, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temporary name, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+class Store:
+    """A data directory with SQLite metadata and content-addressed array files.
+
+    Thread-safe within a process (one connection guarded by a lock); several processes
+    may open the same directory (SQLite WAL serialises writers).
+
+    Args:
+      data_dir: directory to create or open.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = FsPath(data_dir).absolute()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "arrays").mkdir(exist_ok=True)
+        (self.data_dir / "datasets").mkdir(exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.data_dir / "mu2net.sqlite", timeout=60.0,
+                                   check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self.transaction() as db:
+            for stmt in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(stmt)
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('system_version', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('task_seq', '0')")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on any exception)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # ---- arrays -------------------------------------------------------------------------
+
+    def _array_path(self, digest: str) -> FsPath:
+        return self.data_dir / "arrays" / digest[:2] / f"{digest}.npz"
+
+    def put_arrays(self, tree: Mapping[str, Any]) -> str:
+        """Writes a pytree of arrays (content-addressed; idempotent) and returns its digest."""
+        data = serialize_tree(tree)
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._array_path(digest)
+        if not path.exists():
+            write_file_atomic(path, data)
+        return digest
+
+    def get_arrays(self, digest: str) -> dict[str, Any]:
+        """Reads the pytree written by :meth:`put_arrays`.
+
+        Raises:
+          StoreError: if the file is missing or its content does not match the digest.
+        """
+        path = self._array_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError as e:
+            raise StoreError(f"array file {digest} is missing from {self.data_dir}") from e
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"array file {path} is corrupt (content does not match its digest)")
+        return deserialize_tree(data)
+
+    # ---- system version -----------------------------------------------------------------
+
+    def system_version(self) -> int:
+        """The number of publishes so far."""
+        return int(self._query("SELECT value FROM meta WHERE key='system_version'")[0][0])
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    @staticmethod
+    def _task(row: sqlite3.Row) -> TaskRecord:
+        return TaskRecord(
+            name=row["name"], private=bool(row["private"]), acl_group=row["acl_group"],
+            label_names=tuple(json.loads(row["label_names"])),
+            image_shape=tuple(json.loads(row["image_shape"])),  # type: ignore[arg-type]
+            num_examples=json.loads(row["num_examples"]), splits=json.loads(row["splits"]),
+            dataset_dir=row["dataset_dir"], source=row["source"], state=row["state"],
+            iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"])
+
+    def add_task(self, task: TaskRecord) -> TaskRecord:
+        """Inserts a task at the end of the queue.
+
+        Raises:
+          TaskExists: if a task with the same name exists.
+        """
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM tasks WHERE name=?", (task.name,)).fetchone():
+                raise TaskExists(f"task {task.name!r} already exists")
+            seq = int(db.execute("SELECT value FROM meta WHERE key='task_seq'").fetchone()[0]) + 1
+            db.execute("UPDATE meta SET value=? WHERE key='task_seq'", (str(seq),))
+            db.execute(
+                "INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (task.name, seq, int(task.private), task.acl_group, json.dumps(list(task.label_names)),
+                 json.dumps(list(task.image_shape)), json.dumps(dict(task.num_examples)),
+                 json.dumps(dict(task.splits)), task.dataset_dir, task.source, task.state,
+                 task.iterations_done, task.error))
+        return dataclasses.replace(task, seq=seq)
+
+    def get_task(self, name: str) -> TaskRecord:
+        rows = self._query("SELECT * FROM tasks WHERE name=?", (name,))
+        if not rows:
+            known = [t.name for t in self.list_tasks()]
+            raise TaskNotFound(f"unknown task {name!r}; known tasks: {known}")
+        return self._task(rows[0])
+
+    def list_tasks(self) -> list[TaskRecord]:
+        """All tasks in queue order (order of addition)."""
+        return [self._task(r) for r in self._query("SELECT * FROM tasks ORDER BY seq")]
+
+    def set_task_state(self, name: str, state: str, error: str | None = None) -> None:
+        if state not in TASK_STATES:
+            raise ValueError(f"task state {state!r} not in {TASK_STATES}")
+        with self.transaction() as db:
+            cur = db.execute("UPDATE tasks SET state=?, error=? WHERE name=?", (state, error, name))
+            if cur.rowcount == 0:
+                raise TaskNotFound(f"unknown task {name!r}")
+
+    # ---- components and paths -----------------------------------------------------------
+
+    @staticmethod
+    def _component(row: sqlite3.Row) -> ComponentRecord:
+        return ComponentRecord(
+            id=row["id"], kind=row["kind"], params_digest=row["params_digest"],
+            opt_digest=row["opt_digest"], parent_id=row["parent_id"], task=row["task"],
+            acl_group=row["acl_group"], steps=json.loads(row["steps"]),
+            num_params=row["num_params"], num_classes=row["num_classes"],
+            created_version=row["created_version"])
+
+    def get_components(self, ids: Iterable[str]) -> list[ComponentRecord]:
+        """Component records in the order of ``ids``.
+
+        Raises:
+          StoreError: if an id is not in the layer pool.
+        """
+        ids = list(ids)
+        rows = {r["id"]: r for r in self._query(
+            f"SELECT * FROM components WHERE id IN ({','.join('?' * len(ids))})", ids)}
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise StoreError(f"components {missing} are not in the layer pool")
+        return [self._component(rows[i]) for i in ids]
+
+    def list_components(self) -> list[ComponentRecord]:
+        return [self._component(r) for r in self._query("SELECT * FROM components")]
+
+    def load_params(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Parameter pytrees (numpy) of components ``ids``, in order."""
+        return [self.get_arrays(c.params_digest) for c in self.get_components(ids)]
+
+    def load_opt_state(self, ids: Sequence[str]) -> list[dict[str, Any] | None]:
+        """Optimizer states (momentum pytrees) of components ``ids``; None if never trained."""
+        return [self.get_arrays(c.opt_digest) if c.opt_digest else None
+                for c in self.get_components(ids)]
+
+    @staticmethod
+    def _path(row: sqlite3.Row) -> Path:
+        a = json.loads(row["architecture"])
+        arch = Architecture(C.ViTConfig(**a["config"]), tuple(a["kinds"]), a["num_classes"])
+        return Path(id=row["id"], task=row["task"], component_ids=tuple(json.loads(row["component_ids"])),
+                    architecture=arch, hparams=json.loads(row["hparams"]), score=row["score"],
+                    parent_id=row["parent_id"], metrics=json.loads(row["metrics"]))
+
+    def list_paths(self) -> list[Path]:
+        """Every retained path: the root model and each task's best path."""
+        return [self._path(r) for r in self._query("SELECT * FROM paths ORDER BY system_version, id")]
+
+    def get_path(self, path_id: str) -> Path:
+        rows = self._query("SELECT * FROM paths WHERE id=?", (path_id,))
+        if not rows:
+            raise StoreError(f"unknown path {path_id!r}")
+        return self._path(rows[0])
+
+    def best_path(self, task: str) -> Path | None:
+        """The task's retained (served) path, or None before its first publish."""
+        rows = self._query("SELECT * FROM paths WHERE task=?", (task,))
+        return self._path(rows[0]) if rows else None
+
+    def root_path(self) -> Path | None:
+        rows = self._query("SELECT * FROM paths WHERE id=?", (ROOT_PATH_ID,))
+        return self._path(rows[0]) if rows else None
+
+    def selections(self, task: str) -> dict[str, int]:
+        """#selections(m, t) of Section 3.1 for the active task ``task``: path id -> count."""
+        return {r["path_id"]: r["count"]
+                for r in self._query("SELECT * FROM selections WHERE task=?", (task,))}
+
+    def write_component_files(self, params: Mapping[str, Any],
+                              opt_state: Mapping[str, Any] | None) -> tuple[str, str | None]:
+        """First half of a publish: writes a component's array files, returns their digests."""
+        pd = self.put_arrays(params)
+        od = self.put_arrays(opt_state) if opt_state is not None else None
+        return pd, od
+
+    def publish(self, path: Path | None, new_components: Sequence[ComponentRecord], *,
+                task: str | None = None, iteration_done: bool = False,
+                selections: Mapping[str, int] | None = None) -> int:
+        """Second half of a publish: one transaction.
+
+        Inserts ``new_components`` (whose files must already be written), makes ``path``
+        the best path of ``path.task`` (replacing the previous one), records the task's
+        ``selections`` counts and, if ``iteration_done``, counts one more task iteration.
+        Bumps the system version when ``path`` is given.
+
+        Returns:
+          The system version after the transaction.
+
+        Raises:
+          StoreError: if a referenced array file is missing, or the task was deleted.
+        """
+        for c in new_components:
+            for d in (c.params_digest, c.opt_digest):
+                if d and not self._array_path(d).exists():
+                    raise StoreError(f"component {c.id}: array file {d} was not written first")
+        return self._commit_publish(path, new_components, task or (path.task if path else None),
+                                    iteration_done, selections or {})
+
+    def _commit_publish(self, path: Path | None, new_components: Sequence[ComponentRecord],
+                        task: str | None, iteration_done: bool,
+                        selections: Mapping[str, int]) -> int:
+        with self.transaction() as db:
+            version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+            if task is not None and not db.execute("SELECT 1 FROM tasks WHERE name=?", (task,)).fetchone():
+                raise StoreError(f"task {task!r} was deleted during its active phase; nothing published")
+            if path is not None:
+                version += 1
+                db.execute("UPDATE meta SET value=? WHERE key='system_version'", (str(version),))
+                for c in new_components:
+                    db.execute(
+                        "INSERT OR IGNORE INTO components VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                        (c.id, c.kind, c.params_digest, c.opt_digest, c.parent_id, c.task,
+                         c.acl_group, json.dumps(dict(c.steps)), c.num_params, c.num_classes, version))
+                missing = [cid for cid in path.component_ids if not db.execute(
+                    "SELECT 1 FROM components WHERE id=?", (cid,)).fetchone()]
+                if missing:
+                    raise StoreError(f"path {path.id} uses components {missing} not in the layer pool")
+                if path.task is not None:
+                    db.execute("DELETE FROM paths WHERE task=?", (path.task,))
+                arch = path.architecture
+                db.execute("INSERT INTO paths VALUES (?,?,?,?,?,?,?,?,?)", (
+                    path.id, path.task, json.dumps(list(path.component_ids)),
+                    json.dumps({"config": arch.config.to_dict(), "kinds": list(arch.kinds),
+                                "num_classes": arch.num_classes}),
+                    json.dumps(dict(path.hparams)), path.score, path.parent_id,
+                    json.dumps(dict(path.metrics)), version))
+            if task is not None:
+                for pid, count in selections.items():
+                    db.execute("INSERT INTO selections VALUES (?,?,?) ON CONFLICT(path_id, task) "
+                               "DO UPDATE SET count=excluded.count", (pid, task, count))
+                if iteration_done:
+                    db.execute("UPDATE tasks SET iterations_done=iterations_done+1 WHERE name=?", (task,))
+                if path is not None:
+                    db.execute("UPDATE tasks SET state='serving', error=NULL WHERE name=?", (task,))
+            doomed = self._unreferenced_components(db)
+        self._delete_component_files(doomed)
+        return version
+
+    # ---- deletion and garbage collection ------------------------------------------------
+
+    def _unreferenced_components(self, db: sqlite3.Connection) -> list[tuple[str, str | None]]:
+        """Deletes component rows no retained path uses; returns their digests."""
+        used: set[str] = set()
+        for r in db.execute("SELECT component_ids FROM paths"):
+            used.update(json.loads(r[0]))
+        doomed = [(r["id"], r["params_digest"], r["opt_digest"])
+                  for r in db.execute("SELECT id, params_digest, opt_digest FROM components")
+                  if r["id"] not in used]
+        for cid, _, _ in doomed:
+            db.execute("DELETE FROM components WHERE id=?", (cid,))
+        live = {d for r in db.execute("SELECT params_digest, opt_digest FROM components") for d in r if d}
+        return [(p, o) for _, p, o in doomed if p not in live]
+
+    def _delete_component_files(self, doomed: Iterable[tuple[str, str | None]]) -> None:
+        for pd, od in doomed:
+            for d in (pd, od):
+                if d:
+                    with contextlib.suppress(FileNotFoundError):
+                        self._array_path(d).unlink()
+
+    def delete_task(self, name: str) -> list[str]:
+        """Deletes a task, its path and every component trained on its data.
+
+        Components whose provenance shows training steps on ``name`` are removed from the
+        layer pool (for a private task this removes all knowledge of its dataset, paper
+        Section 3.4); any other path using one of them (only possible inside the task's
+        ACL group) is deleted too and its task is queued again. Components then used by
+        no path are garbage collected.
+
+        Returns:
+          Names of the other tasks that lost their path and were re-queued.
+
+        Raises:
+          TaskNotFound: if there is no such task.
+        """
+        task = self.get_task(name)
+        with self.transaction() as db:
+            db.execute("DELETE FROM paths WHERE task=?", (name,))
+            db.execute("DELETE FROM selections WHERE task=?", (name,))
+            tainted = {r["id"] for r in db.execute("SELECT id, steps FROM components")
+                       if name in json.loads(r["steps"])}
+            requeued = []
+            for r in db.execute("SELECT id, task, component_ids FROM paths").fetchall():
+                if tainted & set(json.loads(r["component_ids"])):
+                    db.execute("DELETE FROM paths WHERE id=?", (r["id"],))
+                    if r["task"] is not None:
+                        requeued.append(r["task"])
+                        db.execute("UPDATE tasks SET state='queued', iterations_done=0 WHERE name=?",
+                                   (r["task"],))
+            db.execute("DELETE FROM tasks WHERE name=?", (name,))
+            version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+            db.execute("UPDATE meta SET value=? WHERE key='system_version'", (str(version + 1),))
+            doomed = self._unreferenced_components(db)
+        self._delete_component_files(doomed)
+        shutil.rmtree(task.dataset_dir, ignore_errors=True)
+        return requeued
+
+
+def new_id() -> str:
+    """A fresh path id."""
+    return uuid.uuid4().hex
+
+
+def now() -> float:
+    return time.time()
