@@ -20,6 +20,7 @@ dataset keeps the source's own splits, shuffled once with seed 0:
 from __future__ import annotations
 
 import collections
+import functools
 import gzip
 import io
 import os
@@ -31,7 +32,7 @@ import tempfile
 import threading
 import zipfile
 from pathlib import Path as FsPath
-from typing import Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
@@ -131,9 +132,15 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
 def load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[str] | None]:
     """Reads an ``.npz`` dataset (keys in the module docstring); never unpickles."""
     try:
-        npz = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
-    except ValueError as e:
-        raise DatasetError(f"not a valid .npz file without pickled objects: {e}") from e
+        return _load_npz(data)
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"not a valid .npz file of numeric arrays (no pickled objects): {e}") from e
+
+
+def _load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[str] | None]:
+    npz = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
     with npz:
         keys = set(npz.files)
         allowed = {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "label_names"}
@@ -348,6 +355,36 @@ def _split_size(expr: str, sizes: Mapping[str, int]) -> int:
 
 # ---- TFDS storage ------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
+def _builder_class() -> type:
+    """The TFDS builder of task datasets (registered once per process)."""
+    import tensorflow_datasets as tfds
+
+    class TaskDataset(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def __init__(self, *, splits: ArraySplits, label_names: list[str], **kwargs: Any) -> None:
+            self._splits = splits
+            self._label_names = list(label_names)
+            super().__init__(**kwargs)
+
+        def _info(self) -> tfds.core.DatasetInfo:
+            shape = next(iter(self._splits.values()))[0].shape[1:]
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
+                "label": tfds.features.ClassLabel(names=self._label_names)}))
+
+        def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+            return {k: self._generate_examples(k) for k in self._splits}
+
+        def _generate_examples(self, split: str) -> Iterator[tuple[int, dict[str, Any]]]:
+            x, y = self._splits[split]
+            for i in range(len(x)):
+                yield i, {"image": x[i], "label": int(y[i])}
+
+    return TaskDataset
+
+
 def write_tfds(splits: ArraySplits, label_names: list[str], data_dir: str | os.PathLike[str]) -> str:
     """Stores arrays as a TFDS array_record dataset and returns its directory.
 
@@ -358,26 +395,9 @@ def write_tfds(splits: ArraySplits, label_names: list[str], data_dir: str | os.P
     """
     import tensorflow_datasets as tfds
 
-    shape = next(iter(splits.values()))[0].shape[1:]
-
-    class TaskDataset(tfds.core.GeneratorBasedBuilder):
-        VERSION = tfds.core.Version("1.0.0")
-
-        def _info(self) -> tfds.core.DatasetInfo:
-            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-                "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
-                "label": tfds.features.ClassLabel(names=list(label_names))}))
-
-        def _split_generators(self, dl_manager):  # type: ignore[no-untyped-def]
-            return {k: self._generate_examples(k) for k in splits}
-
-        def _generate_examples(self, split):  # type: ignore[no-untyped-def]
-            x, y = splits[split]
-            for i in range(len(x)):
-                yield i, {"image": x[i], "label": int(y[i])}
-
     tfds.disable_progress_bar()
-    builder = TaskDataset(data_dir=os.fspath(data_dir), file_format="array_record")
+    builder = _builder_class()(splits=splits, label_names=label_names, data_dir=os.fspath(data_dir),
+                               file_format="array_record")
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(verify_ssl=False))
     return os.fspath(builder.data_dir)
 

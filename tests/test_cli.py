@@ -1,0 +1,49 @@
+"""The mu2net CLI as a user runs it: evolve on an npz task, then report."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import digits_splits
+
+TINY_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
+             "--generations", "1", "--children", "2", "--cycles", "1", "--sample-cap", "128", "--batch-size", "32",
+             "--quiet", "--root-hparam", "flip=false"]
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_evolve_then_report(tmp_path):
+    s = digits_splits()
+    np.savez(tmp_path / "d.npz", x_train=s["train"][0], y_train=s["train"][1], x_test=s["test"][0],
+             y_test=s["test"][1])
+    data = str(tmp_path / "store")
+    proc = _cli("evolve", "--data-dir", data, "--task", f"d={tmp_path / 'd.npz'}", "--private", "d",
+                "--iterations", "1", *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "system version 2" in proc.stdout
+    rep = _cli("report", "--data-dir", data, "--json")
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    doc = json.loads(rep.stdout)
+    (task,) = doc["tasks"]
+    assert task["task"] == "d" and task["private"] and task["iterations_done"] == 1
+    assert 0 <= task["test_accuracy"] <= 1 and task["transformer_blocks"] >= 1
+    assert task["knowledge_transfer"] == {"d": 100.0}
+    assert doc["pool"]["total_params"] > 0
+    # a second run continues the same store: one more task iteration
+    proc = _cli("evolve", "--data-dir", data, "--iterations", "2", *TINY_ARGS)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(_cli("report", "--data-dir", data, "--json").stdout)["tasks"][0]["iterations_done"] == 2
+
+
+def test_bad_source_and_missing_store_are_clear_errors(tmp_path):
+    proc = _cli("evolve", "--data-dir", str(tmp_path / "s"), "--task", "x=builtin:imagenet", *TINY_ARGS)
+    assert proc.returncode == 2 and "unknown built-in dataset 'imagenet'" in proc.stderr
+    proc = _cli("report", "--data-dir", str(tmp_path / "nothing"))
+    assert proc.returncode == 2 and "not a mu2net store" in proc.stderr

@@ -1,0 +1,112 @@
+"""Task sources, split rules, validation errors and TFDS storage."""
+
+import io
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mu2net import datasets as D
+
+
+def _png(value, size=(6, 6)):
+    buf = io.BytesIO()
+    Image.fromarray(np.full(size, value, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _folder(root, n=12):
+    for label in ("cat", "dog"):
+        (root / label).mkdir(parents=True)
+        for i in range(n):
+            (root / label / f"{i}.png").write_bytes(_png(10 * i + (100 if label == "dog" else 0)))
+
+
+@pytest.mark.parametrize("name,classes,n_test", [("digits", 10, 359), ("mnist5k", 10, 1000)])
+def test_builtin_datasets_have_fixed_splits(name, classes, n_test):
+    splits, names = D.load_source(f"builtin:{name}")
+    assert len(names) == classes and len(splits["test"][1]) == n_test
+    again, _ = D.load_source(f"builtin:{name}")
+    np.testing.assert_array_equal(splits["test"][1], again["test"][1])
+
+
+def test_fashion_mnist_builtin_or_clear_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("MU2NET_FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(D.DatasetUnavailable, match="apt-get install dataset-fashion-mnist"):
+        D.load_source("builtin:fashion_mnist")
+
+
+def test_image_folder_directory_and_archives(tmp_path):
+    _folder(tmp_path / "tree")
+    splits, names = D.load_image_folder(tmp_path / "tree")
+    assert names == ["cat", "dog"] and splits["train"][0].shape == (24, 6, 6, 1)
+    with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
+        for p in (tmp_path / "tree").rglob("*.png"):
+            zf.write(p, p.relative_to(tmp_path / "tree"))
+    with tarfile.open(tmp_path / "d.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "tree", arcname="data")
+    for archive in ("d.zip", "d.tar.gz"):
+        s, n = D.load_source(str(tmp_path / archive))
+        assert n == ["cat", "dog"] and len(s["train"][1]) == 24
+
+
+@pytest.mark.parametrize("problem,match", [
+    ("traversal", "parent path"), ("symlink", "link"), ("single_class", "at least 2"),
+    ("non_image", "not an image"), ("too_few", "at least 10"),
+])
+def test_bad_datasets_are_rejected_with_a_clear_error(tmp_path, problem, match):
+    archive = tmp_path / "bad.tar"
+    with tarfile.open(archive, "w") as tf:
+        def add(name, data):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if problem == "traversal":
+            add("../evil/a.png", _png(1))
+        elif problem == "symlink":
+            info = tarfile.TarInfo("cat/link.png")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tf.addfile(info)
+        elif problem == "single_class":
+            for i in range(30):
+                add(f"cat/{i}.png", _png(i))
+        elif problem == "non_image":
+            add("cat/a.txt", b"hello")
+            add("dog/b.png", _png(3))
+        elif problem == "too_few":
+            for i in range(5):
+                add(f"cat/{i}.png", _png(i))
+                add(f"dog/{i}.png", _png(100 + i))
+    with pytest.raises(D.DatasetError, match=match):
+        splits, names = D.load_source(str(archive))
+        D.finalize_splits(splits, names)
+    assert not (tmp_path / "evil").exists()
+
+
+def test_npz_source_split_rules_and_tfds_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (200, 5, 7), dtype=np.uint8)
+    y = rng.integers(0, 3, 200)
+    np.savez(tmp_path / "d.npz", x_train=x[:150], y_train=y[:150], x_test=x[150:], y_test=y[150:],
+             label_names=np.array(["a", "b", "c"]))
+    splits, names = D.load_source(str(tmp_path / "d.npz"))
+    stored, exprs = D.finalize_splits(splits, names)
+    assert exprs == {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
+    ds_dir = D.write_tfds(stored, names, tmp_path / "tfds")
+    xt, yt = D.read_split(ds_dir, exprs["train"])
+    xv, yv = D.read_split(ds_dir, exprs["validation"])
+    assert xt.shape == (135, 5, 7, 1) and xv.shape == (15, 5, 7, 1)
+    # TFDS orders examples by a deterministic hash of their keys: same examples, fixed order
+    xs = np.concatenate([xt, xv])
+    assert sorted(map(bytes, xs)) == sorted(map(bytes, stored["train"][0]))
+    again = D.write_tfds(stored, names, tmp_path / "tfds2")
+    np.testing.assert_array_equal(D.read_split(again, exprs["validation"])[1], yv)
+
+
+def test_npz_with_pickled_objects_is_refused(tmp_path):
+    np.savez(tmp_path / "p.npz", x_train=np.array([object()], dtype=object), y_train=np.array([0]))
+    with pytest.raises(D.DatasetError, match="pickled"):
+        D.load_npz(tmp_path / "p.npz")

@@ -1,0 +1,68 @@
+"""One parameterized test per mutation operator (paper Section 3.2 and Section 4)."""
+
+import numpy as np
+import pytest
+
+from mu2net import components as C
+from mu2net import hparams as H
+from mu2net.evolver.mutations import mutate, mutate_hparams
+from mu2net.paths import Architecture, Path
+
+CFG = C.ViTConfig(8, 4, 16, 32, 2)
+KINDS1 = ("patch_embedding", "class_token", "position_embedding", "transformer_block", "head")
+
+
+def _parent(task="t", mu=0.3, blocks=1):
+    kinds = KINDS1[:3] + ("transformer_block",) * blocks + ("head",)
+    return Path(id="p", task=task, component_ids=tuple(f"c{i}" for i in range(len(kinds))),
+                architecture=Architecture(CFG, kinds, 3), hparams=H.with_defaults({"mu": mu}), score=0.5)
+
+
+def _many(parent, task="t", n=2000, **kw):
+    rng = np.random.default_rng(0)
+    return [mutate(parent, task, 3 if task == "t" else 7, rng, **kw) for _ in range(n)]
+
+
+@pytest.mark.parametrize("operator", ["hparam", "clone", "same_task_head", "new_head", "insert", "forced_insert"])
+def test_mutation_operator(operator):
+    mu = 0.3
+    if operator == "hparam":
+        children = _many(_parent(mu=mu))
+        for name in H.SEARCH_SPACE:
+            changed = [c.hparams[name] for c in children if c.hparams[name] != H.DEFAULTS[name] or name == "mu" and c.hparams[name] != mu]
+            if name == "mu":
+                changed = [c.hparams[name] for c in children if c.hparams[name] != mu]
+                allowed = H.neighbours("mu", mu)
+            else:
+                allowed = H.neighbours(name, H.DEFAULTS[name])
+            assert set(changed) <= set(allowed), name
+            assert abs(len(changed) / len(children) - mu) < 0.05, name  # sampled with probability mu
+    elif operator == "clone":
+        children = _many(_parent(mu=mu), allow_insertion=False)
+        rate = np.mean([c.trainable[:-1] for c in children], axis=0)
+        assert np.all(np.abs(rate - mu) < 0.05), rate
+        for c in children:  # cloned components start from the parent's; frozen ones are shared
+            assert c.sources == _parent().component_ids
+    elif operator == "same_task_head":
+        for c in _many(_parent(), n=50, allow_insertion=False):
+            assert c.trainable[-1] and c.sources[-1] == "c4" and c.architecture.num_classes == 3
+    elif operator == "new_head":
+        for c in _many(_parent(task="other"), task="t2", n=50, allow_insertion=False):
+            assert c.trainable[-1] and c.sources[-1] is None and c.architecture.num_classes == 7
+    elif operator == "insert":
+        children = _many(_parent(mu=mu))
+        inserted = [c for c in children if c.architecture.num_blocks == 2]
+        assert abs(len(inserted) / len(children) - mu) < 0.05
+        for c in inserted:  # new block right before the head, trainable, randomly initialised
+            assert c.architecture.kinds[-2] == "transformer_block" and c.sources[-2] is None and c.trainable[-2]
+        assert all(c.architecture.num_blocks == 1 for c in _many(_parent(), n=50, max_blocks=1))
+    elif operator == "forced_insert":
+        for c in _many(_parent(blocks=0), n=50):
+            assert c.architecture.num_blocks == 1
+
+
+def test_mutate_hparams_uses_parent_mu():
+    rng = np.random.default_rng(0)
+    hp = H.with_defaults({"mu": 0.1})
+    n_changed = sum(len(mutate_hparams(hp, rng)[1]) for _ in range(3000))
+    assert abs(n_changed / (3000 * len(H.SEARCH_SPACE)) - 0.1) < 0.01

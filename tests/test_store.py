@@ -1,0 +1,64 @@
+"""Store: content addressing, publish transactions, crash safety."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from mu2net.store import Store, StoreError, TaskNotFound
+
+
+def test_arrays_are_content_addressed_and_verified(tmp_path):
+    store = Store(tmp_path)
+    tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}}
+    d1, d2 = store.put_arrays(tree), store.put_arrays(tree)
+    assert d1 == d2
+    np.testing.assert_array_equal(store.get_arrays(d1)["a"]["kernel"], tree["a"]["kernel"])
+    path = tmp_path / "arrays" / d1[:2] / f"{d1}.npz"
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    with pytest.raises(StoreError, match="corrupt"):
+        store.get_arrays(d1)
+
+
+def test_unknown_task_error_names_it(tiny_store):
+    with pytest.raises(TaskNotFound, match="'nope'"):
+        tiny_store.get_task("nope")
+
+
+CRASH = textwrap.dedent("""
+    import os, sys
+    from mu2net.store import Store
+    from mu2net.evolver import Evolver
+    sys.path.insert(0, {tests!r})
+    from conftest import TINY_EVOLVER
+    Store._commit_publish = lambda self, *a, **k: os._exit(137)  # killed between files and transaction
+    store = Store({data!r})
+    Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
+""")
+
+
+def test_publish_interrupted_between_files_and_transaction_keeps_old_state(tiny_store, tmp_path):
+    from conftest import TINY_EVOLVER
+    from mu2net.evolver import Evolver
+
+    Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")
+    before_version = tiny_store.system_version()
+    before = tiny_store.best_path("digits")
+    before_params = tiny_store.load_params(before.component_ids)
+    files_before = set((tiny_store.data_dir / "arrays").rglob("*.npz"))
+    tests_dir = str(__import__("pathlib").Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", CRASH.format(tests=tests_dir, data=str(tiny_store.data_dir))],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 137, proc.stderr[-2000:]
+    files_after = set((tiny_store.data_dir / "arrays").rglob("*.npz"))
+    assert files_after > files_before  # the new files were written, then the process died
+    reopened = Store(tiny_store.data_dir)
+    assert reopened.system_version() == before_version
+    after = reopened.best_path("digits")
+    assert after.id == before.id and after.metrics == before.metrics
+    assert reopened.get_task("digits").iterations_done == 1
+    for a, b in zip(before_params, reopened.load_params(after.component_ids)):
+        assert json.dumps({k: str(v) for k, v in a.items()}) == json.dumps({k: str(v) for k, v in b.items()})
