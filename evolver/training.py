@@ -2,13 +2,14 @@
 
 SGD with momentum (optionally Nesterov), cosine schedule with linear warm-up, no weight
 decay, gradient clipping at global norm 1, Table 1 augmentations. Only the child's
-trainable (cloned or new) components are differentiated and updated: the frozen prefix
-below the lowest trainable component runs outside the differentiated function (no
-gradient is computed for it), frozen components above it are passed as constants.
+trainable (cloned or new) components are updated: the frozen prefix below the lowest
+trainable component runs outside the differentiated function (no gradient is computed
+for it); frozen components above it keep their parameters bit for bit.
 
-Train steps are jitted once per (architecture, trainable mask, Nesterov) and cached, so a
-child with the same structure as an earlier child does not recompile; learning rate,
-momentum, warm-up and augmentation hyperparameters are traced arguments.
+Train steps are jitted once per (architecture, lowest trainable position, Nesterov) and
+cached, so a child with the same structure as an earlier child does not recompile; the
+trainable mask above that position, learning rate, momentum, warm-up and augmentation
+hyperparameters are traced arguments.
 """
 
 from __future__ import annotations
@@ -82,55 +83,56 @@ def cosine_with_warmup(step: jax.Array, total: jax.Array, peak: jax.Array,
     return jnp.where(s < warm, peak * (s + 1.0) / warm, peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
 
 
-def _split(values: Sequence[Any], mask: Sequence[bool]) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-    return (tuple(v for v, m in zip(values, mask) if m), tuple(v for v, m in zip(values, mask) if not m))
+_STEP_CACHE: dict[tuple[P.Architecture, int, bool], Callable[..., Any]] = {}
 
 
-def _merge(trainable: Sequence[Any], frozen: Sequence[Any], mask: Sequence[bool]) -> list[Any]:
-    t, f = iter(trainable), iter(frozen)
-    return [next(t) if m else next(f) for m in mask]
+def train_step_fn(arch: P.Architecture, first: int, nesterov: bool) -> Callable[..., Any]:
+    """The cached, jitted train step of an architecture whose lowest trainable position is ``first``.
 
+    Components ``0..first-1`` (the frozen prefix) run outside the differentiated function:
+    no gradient is computed for them. Components ``first..`` are differentiated; which of
+    them are trainable is a traced boolean mask, so children that differ only in which
+    upper components they cloned share one compiled step. Gradients of frozen positions
+    are zeroed before global-norm clipping, and their parameters and momentum are kept
+    bit for bit (``jnp.where``), so the update equals one specialised to the mask.
 
-_STEP_CACHE: dict[tuple[P.Architecture, tuple[bool, ...], bool], Callable[..., Any]] = {}
-
-
-def train_step_fn(arch: P.Architecture, mask: tuple[bool, ...], nesterov: bool) -> Callable[..., Any]:
-    """The cached, jitted train step of an architecture with a trainable mask.
-
-    The returned function maps ``(trainable params, trainable momentum, frozen params,
-    images [B,H,W,C] uint8, labels [B] int32, step, total_steps, hp, rng)`` to
-    ``(trainable params, trainable momentum, loss)``; the first two are donated.
+    The returned function maps ``(suffix params, suffix momentum, prefix params, suffix
+    mask, images [B,H,W,C] uint8, labels [B] int32, step, total_steps, hp, rng)`` to
+    ``(suffix params, suffix momentum, loss)``; the first two are donated.
 
     Raises:
-      ValueError: if ``mask`` has no trainable position or the head is frozen.
+      ValueError: if ``first`` is not a position of ``arch``.
     """
-    if len(mask) != len(arch.kinds) or not mask[-1]:
-        raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
-    key = (arch, mask, nesterov)
+    if not 0 <= first < len(arch.kinds):
+        raise ValueError(f"first trainable position {first} outside 0..{len(arch.kinds) - 1}")
+    key = (arch, first, nesterov)
     if key in _STEP_CACHE:
         return _STEP_CACHE[key]
-    first = mask.index(True)
-    suffix_mask = mask[first:]
     tx = lambda momentum: optax.chain(  # noqa: E731
         optax.clip_by_global_norm(1.0), optax.trace(decay=momentum, nesterov=nesterov))
 
-    def step_fn(trainable, momentum, frozen, images, labels, step, total, hp, rng):
+    def keep_frozen(new: Sequence[Any], old: Sequence[Any], mask: Sequence[jax.Array]) -> list[Any]:
+        return [jax.tree_util.tree_map(lambda a, b: jnp.where(m, a, b), n, o) for n, o, m in zip(new, old, mask)]
+
+    def step_fn(suffix, momentum, prefix, mask, images, labels, step, total, hp, rng):
         P.TRACES.hit("train_step")
         x = P.preprocess(images, arch.config.image_size)
         x = augment(x, hp, rng)
-        prefix, frozen_suffix = frozen[:first], frozen[first:]
         h = jax.lax.stop_gradient(P.forward_prefix(arch, prefix, x, first))
 
-        def loss_fn(t_params):
-            logits = P.forward(arch, _merge(t_params, frozen_suffix, suffix_mask), h, start=first)
+        def loss_fn(params):
+            logits = P.forward(arch, params, h, start=first)
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-        loss, grads = jax.value_and_grad(loss_fn)(trainable)
+        loss, grads = jax.value_and_grad(loss_fn)(suffix)
+        grads = keep_frozen(grads, jax.tree_util.tree_map(jnp.zeros_like, grads), mask)
         opt = tx(hp["momentum"])
         updates, new_state = opt.update(grads, (optax.EmptyState(), optax.TraceState(trace=momentum)))
         lr = cosine_with_warmup(step, total, hp["learning_rate"], hp["warmup_ratio"])
         updates = jax.tree_util.tree_map(lambda u: -lr * u, updates)
-        return optax.apply_updates(trainable, updates), new_state[1].trace, loss
+        new_params = keep_frozen(optax.apply_updates(suffix, updates), suffix, mask)
+        new_momentum = keep_frozen(new_state[1].trace, momentum, mask)
+        return new_params, new_momentum, loss
 
     fn = jax.jit(step_fn, donate_argnums=(0, 1))
     _STEP_CACHE[key] = fn
@@ -171,13 +173,16 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
     """
     device = device or jax.devices()[0]
     put = functools.partial(jax.device_put, device=device)
-    t_params, frozen = _split(list(params), mask)
-    t_mom = tuple(o if o is not None else zeros_like_tree(p)
-                  for o, p, m in zip(opt_state, params, mask) if m)
-    t_params = put(jax.tree_util.tree_map(jnp.array, t_params))  # own copies: the step donates them
-    t_mom = put(jax.tree_util.tree_map(jnp.array, t_mom))
-    frozen = put(frozen)
-    step_fn = train_step_fn(arch, mask, bool(hparams["nesterov"]))
+    if len(mask) != len(arch.kinds) or not mask[-1]:
+        raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
+    first = mask.index(True)
+    prefix = put(list(params[:first]))
+    # own copies of the suffix: the step donates (and overwrites) them
+    suffix = put(jax.tree_util.tree_map(jnp.array, list(params[first:])))
+    momentum = put([jax.tree_util.tree_map(jnp.array, o) if (o is not None and m) else zeros_like_tree(p)
+                    for o, p, m in zip(opt_state[first:], params[first:], mask[first:])])
+    suffix_mask = put([jnp.asarray(m) for m in mask[first:]])
+    step_fn = train_step_fn(arch, first, bool(hparams["nesterov"]))
     hp = put(traced_hparams(hparams))
     x_train, y_train = train
     n = len(x_train)
@@ -201,18 +206,18 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
                 rng.integers(0, n, budget.batch_size)
             cursor += budget.batch_size
             key, sub = jax.random.split(key)
-            t_params, t_mom, _ = step_fn(t_params, t_mom, frozen, put(x_train[idx]), put(y_train[idx]),
-                                         put(jnp.asarray(step, jnp.int32)), total, hp, sub)
+            suffix, momentum, _ = step_fn(suffix, momentum, prefix, suffix_mask, put(x_train[idx]),
+                                          put(y_train[idx]), put(jnp.asarray(step, jnp.int32)), total, hp, sub)
             step += 1
             images += budget.batch_size
-        jax.block_until_ready(t_params)
+        jax.block_until_ready(suffix)
         seconds += time.perf_counter() - t0
-        full = _merge(t_params, frozen, mask)
-        acc = P.accuracy(arch, full, *validation)
+        acc = P.accuracy(arch, list(prefix) + list(suffix), *validation)
         history.append(acc)
         score = scorer(acc, activated)
         if best is None or score > best.score:
-            host_p, host_m = jax.device_get((t_params, t_mom))
+            host_p, host_m = jax.device_get(([suffix[i - first] for i in positions],
+                                             [momentum[i - first] for i in positions]))
             best = TrainResult(params=dict(zip(positions, host_p)), opt_state=dict(zip(positions, host_m)),
                                score=score, validation_accuracy=acc, steps=step, history=(),
                                images_per_second=0.0)

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import TINY
 from mu2net import hparams as H
@@ -15,19 +16,22 @@ def _data(n=64, classes=3, seed=0):
     return rng.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8), rng.integers(0, classes, n).astype(np.int32)
 
 
-def test_frozen_components_are_not_modified_and_trainable_ones_are():
+@pytest.mark.parametrize("mask", [(False, False, False, False, True, True), (False, False, True, False, True, True),
+                                  (True, False, False, True, False, True)])
+def test_frozen_components_are_not_modified_and_trainable_ones_are(mask):
     arch, params = R.random_root(TINY, num_blocks=2, seed=0, num_classes=3)
     before = jax.device_get(params)
-    mask = (False, False, False, False, True, True)
     res = train_child(arch, params, [None] * 6, mask, H.with_defaults({"learning_rate": 0.1}), _data(), _data(32),
                       TrainBudget(1, 64, 32), lambda a, p: a, seed=0)
-    assert set(res.params) == {4, 5}
-    for i in range(4):
+    trainable = {i for i, m in enumerate(mask) if m}
+    assert set(res.params) == trainable
+    for i in range(6):  # the caller's arrays are never modified
         for a, b in zip(jax.tree_util.tree_leaves(before[i]), jax.tree_util.tree_leaves(params[i])):
             np.testing.assert_array_equal(a, b)
-    changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before[4]),
-                                                           jax.tree_util.tree_leaves(res.params[4]))]
-    assert any(changed)
+    for i in trainable:
+        changed = [not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before[i]),
+                                                               jax.tree_util.tree_leaves(res.params[i]))]
+        assert any(changed), i
     assert res.steps == 2 and 0.0 <= res.validation_accuracy <= 1.0
 
 
@@ -43,18 +47,22 @@ def test_same_structure_child_does_not_recompile():
                 lambda a, p: a, 1)
     assert P.TRACES.counts["train_step"] == before_train  # new hyperparameters, same structure: no retrace
     assert P.TRACES.counts["predict"] == before_predict
-    assert train_step_fn(arch, mask, False) is train_step_fn(arch, mask, False)
+    assert train_step_fn(arch, 2, False) is train_step_fn(arch, 2, False)
+    # a child cloning other upper components (same lowest trainable position) shares the step too
+    train_child(arch, params2, [None] * 5, (False, False, True, True, True), hp2, _data(seed=1), _data(32, seed=2),
+                TrainBudget(1, 64, 32), lambda a, p: a, 2)
+    assert P.TRACES.counts["train_step"] == before_train
 
 
 def test_no_gradient_is_computed_below_the_lowest_trainable_component():
     arch, params = R.random_root(TINY, num_blocks=2, seed=0, num_classes=3)
     mask = (False, False, False, False, True, True)
-    fn = train_step_fn(arch, mask, False)
-    from mu2net.evolver.training import _split, traced_hparams, zeros_like_tree
+    fn = train_step_fn(arch, 4, False)
+    from mu2net.evolver.training import traced_hparams, zeros_like_tree
 
-    trainable, frozen = _split(params, mask)
     x, y = _data(32)
-    jaxpr = fn.trace(trainable, zeros_like_tree(trainable), frozen, x, y, 0, 10.0,
+    suffix = params[4:]
+    jaxpr = fn.trace(suffix, zeros_like_tree(suffix), params[:4], [True, True], x, y, 0, 10.0,
                      traced_hparams(H.DEFAULTS), jax.random.PRNGKey(0)).jaxpr
     # the patch-embedding convolution runs forward only: no transposed (gradient) convolution
     text = str(jaxpr)
