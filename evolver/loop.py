@@ -187,6 +187,12 @@ class Evolver:
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
                 self.store.set_task_state(task.name, "failed", str(e))
+            except StoreError as e:
+                if any(t.name == task.name for t in self.store.list_tasks()):
+                    log.error("task %s failed: %s", task.name, e)
+                    self.store.set_task_state(task.name, "failed", str(e))
+                else:  # deleted during its active phase: nothing was published
+                    log.warning("task %s was deleted during its active phase", task.name)
             phases += 1
         return phases
 

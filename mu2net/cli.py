@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -31,8 +32,75 @@ def _task_arg(text: str) -> tuple[str, str]:
     return name, source
 
 
+def add_evolver_args(p: argparse.ArgumentParser) -> None:
+    """Budget, scorer and root-model flags shared by ``evolve``, ``serve`` and the evolver process."""
+    p.add_argument("--iterations", type=int, default=2, help="task iterations per task (paper Section 4: 2)")
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--children", type=int, default=4, help="children per generation")
+    p.add_argument("--cycles", type=int, default=4, help="train/validation cycles per child")
+    p.add_argument("--sample-cap", type=int, default=4096, help="most training examples per cycle")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--paper-preset", action="store_true", help="use the paper's budget (slow on a CPU)")
+    p.add_argument("--scorer", choices=("accuracy", "size_penalty"), default="accuracy")
+    p.add_argument("--max-blocks", type=int, default=12)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    root = p.add_argument_group("root model (used only when the store is new)")
+    root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
+    root.add_argument("--image-size", type=int, default=28)
+    root.add_argument("--patch-size", type=int, default=7)
+    root.add_argument("--width", type=int, default=64)
+    root.add_argument("--mlp-dim", type=int, default=128)
+    root.add_argument("--num-heads", type=int, default=4)
+    root.add_argument("--root-blocks", type=int, default=0, help="transformer blocks of a random root")
+    root.add_argument("--root-hparam", action="append", type=_root_hparam, default=[], metavar="NAME=VALUE",
+                      help="override a Table 1 default for the root path, e.g. flip=false")
+
+
+EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "scorer",
+                 "max_blocks", "seed")
+
+
+def evolver_argv(args: argparse.Namespace) -> list[str]:
+    """The evolver flags of ``args`` as a command line (for the evolver process)."""
+    argv = []
+    for name in EVOLVER_FLAGS:
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    if args.paper_preset:
+        argv.append("--paper-preset")
+    if args.quiet:
+        argv.append("--quiet")
+    return argv
+
+
+def evolver_config(args: argparse.Namespace) -> Any:
+    from mu2net.evolver import PAPER_PRESET, EvolverConfig, TrainBudget
+
+    if args.paper_preset:
+        return PAPER_PRESET
+    return EvolverConfig(generations=args.generations, children=args.children,
+                         budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
+                         scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed)
+
+
+def ensure_root(store: Any, args: argparse.Namespace) -> None:
+    """Initialises the store's root model from the flags if the store is new."""
+    from mu2net import components as C
+    from mu2net import root as R
+    from mu2net.evolver import init_root
+
+    if store.root_path() is not None:
+        return
+    if args.root_checkpoint:
+        arch, params = R.load_vit_checkpoint(args.root_checkpoint)
+    else:
+        config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
+        arch, params = R.random_root(config, args.root_blocks, args.seed)
+    init_root(store, arch, params, dict(args.root_hparam))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mu2net", description=__doc__)
+    parser = argparse.ArgumentParser(prog="mu2net", description="mu2net: a multitask image classifier that keeps learning")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evolve", help="add tasks and run task iterations of the mu2Net evolver")
@@ -42,67 +110,153 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--private", action="append", default=[], metavar="NAME", help="make task NAME private")
     ev.add_argument("--acl-group", action="append", default=[], metavar="NAME=GROUP",
                     help="ACL group of a private task (default: its own name)")
-    ev.add_argument("--iterations", type=int, default=2, help="task iterations per task (paper Section 4: 2)")
-    ev.add_argument("--generations", type=int, default=4)
-    ev.add_argument("--children", type=int, default=4, help="children per generation")
-    ev.add_argument("--cycles", type=int, default=4, help="train/validation cycles per child")
-    ev.add_argument("--sample-cap", type=int, default=4096, help="most training examples per cycle")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--paper-preset", action="store_true", help="use the paper's budget (slow on a CPU)")
-    ev.add_argument("--scorer", choices=("accuracy", "size_penalty"), default="accuracy")
-    ev.add_argument("--max-blocks", type=int, default=12)
-    ev.add_argument("--seed", type=int, default=0)
-    root = ev.add_argument_group("root model (used only when the store is new)")
-    root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
-    root.add_argument("--image-size", type=int, default=28)
-    root.add_argument("--patch-size", type=int, default=4)
-    root.add_argument("--width", type=int, default=96)
-    root.add_argument("--mlp-dim", type=int, default=192)
-    root.add_argument("--num-heads", type=int, default=4)
-    root.add_argument("--root-blocks", type=int, default=0, help="transformer blocks of a random root")
-    root.add_argument("--root-hparam", action="append", type=_root_hparam, default=[], metavar="NAME=VALUE",
-                      help="override a Table 1 default for the root path, e.g. flip=false")
-    ev.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_evolver_args(ev)
 
     rp = sub.add_parser("report", help="print tasks, accuracies, parameters and the layer pool")
     rp.add_argument("--data-dir", required=True)
     rp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sv = sub.add_parser("serve", help="run the gRPC/HTTP server with its evolver process")
+    sv.add_argument("--data-dir", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--grpc-port", type=int, default=50051)
+    sv.add_argument("--http-port", type=int, default=8000)
+    sv.add_argument("--max-batch-size", type=int, default=64)
+    sv.add_argument("--max-delay-ms", type=float, default=2.0)
+    sv.add_argument("--max-message-bytes", type=int, default=64 << 20)
+    sv.add_argument("--max-upload-bytes", type=int, default=512 << 20)
+    sv.add_argument("--max-archive-bytes", type=int, default=2 << 30, help="uncompressed archive size cap")
+    sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
+                    help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
+    sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
+    sv.add_argument("--task", action="append", type=_task_arg, default=[], metavar="NAME=SOURCE",
+                    help="add a task before serving (as in evolve); repeatable")
+    sv.add_argument("--private", action="append", default=[], metavar="NAME")
+    add_evolver_args(sv)
+
+    for name, help_ in (("upload", "upload a labeled dataset as a new task"), ("classify", "classify images"),
+                        ("tasks", "list tasks"), ("status", "server and evolver status")):
+        c = sub.add_parser(name, help=help_)
+        c.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target host:port")
+        c.add_argument("--http", default="http://127.0.0.1:8000", help="HTTP base URL")
+        c.add_argument("--token", default=os.environ.get("MU2NET_ADMIN_TOKEN"))
+        c.add_argument("--json", action="store_true")
+        if name == "upload":
+            c.add_argument("name")
+            c.add_argument("dataset", help="ImageFolder directory, zip/tar archive or .npz file")
+            c.add_argument("--private", action="store_true")
+            c.add_argument("--wait", action="store_true", help="wait until the task serves (progress shown)")
+            c.add_argument("--timeout", type=float, default=None)
+        elif name == "classify":
+            c.add_argument("task")
+            c.add_argument("images", nargs="+", help="image files")
+            c.add_argument("--top-k", type=int, default=1)
     return parser
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
-    from mu2net import components as C
-    from mu2net import root as R
-    from mu2net.evolver import PAPER_PRESET, Evolver, EvolverConfig, TrainBudget, add_task, init_root
+    from mu2net.evolver import Evolver, add_task
     from mu2net.store import Store, TaskExists
 
     store = Store(args.data_dir)
-    if store.root_path() is None:
-        if args.root_checkpoint:
-            arch, params = R.load_vit_checkpoint(args.root_checkpoint)
-        else:
-            config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
-            arch, params = R.random_root(config, args.root_blocks, args.seed)
-        init_root(store, arch, params, dict(args.root_hparam))
+    ensure_root(store, args)
     groups = dict(g.split("=", 1) for g in args.acl_group)
+    _add_tasks(store, args.task, args.private, groups, add_task, TaskExists)
+    Evolver(store, evolver_config(args), progress=not args.quiet).run(args.iterations)
+    print(format_report(report(store)))
+    return 0
+
+
+def _add_tasks(store: Any, tasks: list[tuple[str, str]], private: list[str], groups: dict[str, str],
+               add_task: Any, exists: type[Exception]) -> None:
     known = {t.name for t in store.list_tasks()}
-    for name, source in args.task:
+    for name, source in tasks:
         if name in known:
             print(f"task {name!r} already in the store; continuing it", file=sys.stderr)
             continue
         try:
-            add_task(store, name, source, private=name in args.private, acl_group=groups.get(name))
-        except TaskExists:
+            add_task(store, name, source, private=name in private, acl_group=groups.get(name))
+        except exists:
             continue
         print(f"added task {name!r} from {source}", file=sys.stderr)
-    if args.paper_preset:
-        config = PAPER_PRESET
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from mu2net.evolver import add_task
+    from mu2net.server import ServiceConfig, serve
+    from mu2net.store import Store, TaskExists
+
+    store = Store(args.data_dir)
+    ensure_root(store, args)
+    _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)
+    store.close()
+    config = ServiceConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
+                           max_upload_bytes=args.max_upload_bytes, max_message_bytes=args.max_message_bytes,
+                           max_archive_bytes=args.max_archive_bytes,
+                           admin_token=args.admin_token)
+    return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
+                             None if args.no_evolver else evolver_argv(args)))
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from mu2net_client import Client
+
+    return Client(args.grpc, args.http, token=args.token)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        print(f"uploading {args.dataset} as task {args.name!r}...", file=sys.stderr)
+        task = client.upload(args.name, args.dataset, private=args.private)
+        if args.wait:
+            task = client.wait_until_serving(args.name, timeout=args.timeout)
+    print(json.dumps(task.__dict__, default=list, indent=2) if args.json else
+          f"task {task.name}: {task.state} (system version {task.system_version})")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    encoded = [Path(p).read_bytes() for p in args.images]
+    with _client(args) as client:
+        result = client.classify(args.task, encoded, top_k=args.top_k)
+    if args.json:
+        print(json.dumps({"system_version": result.system_version, "path_id": result.path_id,
+                          "results": [r.__dict__ for r in result.results]}, default=list, indent=2))
     else:
-        config = EvolverConfig(generations=args.generations, children=args.children,
-                               budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
-                               scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed)
-    Evolver(store, config, progress=not args.quiet).run(args.iterations)
-    print(format_report(report(store)))
+        for path, r in zip(args.images, result.results):
+            print(path, " ".join(f"{l}:{s:.4f}" for l, s in zip(r.labels, r.scores)))
+        print(f"(system version {result.system_version}, path {result.path_id[:8]})")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tasks = client.tasks()
+    if args.json:
+        print(json.dumps([t.__dict__ for t in tasks], default=list, indent=2))
+    for t in [] if args.json else tasks:
+        acc = t.metrics.get("test_accuracy")
+        print(f"{t.name:<20}{t.state:<10}{len(t.labels):>4} classes  v{t.system_version:<5}"
+              f"{'' if acc is None else f'test acc {acc:.4f}'}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        system = client.system()
+        tasks = client.tasks()
+    states: dict[str, int] = {}
+    for t in tasks:
+        states[t.state] = states.get(t.state, 0) + 1
+    status = {"system_version": system["system_version"], "store_version": system["store_version"],
+              "total_params": system["total_params"], "tasks": states,
+              "last_load_error": system["last_load_error"]}
+    print(json.dumps(status, indent=2) if args.json else
+          "\n".join(f"{k}: {v}" for k, v in status.items()))
     return 0
 
 
@@ -178,11 +332,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mu2net.datasets import DatasetError
 
+    commands = {"evolve": cmd_evolve, "report": cmd_report, "serve": cmd_serve, "upload": cmd_upload,
+                "classify": cmd_classify, "tasks": cmd_tasks, "status": cmd_status}
     try:
-        return {"evolve": cmd_evolve, "report": cmd_report}[args.command](args)
+        return commands[args.command](args)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from mu2net_client import Mu2netError
+
+        if isinstance(e, Mu2netError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -161,14 +161,24 @@ def _load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[s
     return splits, names
 
 
-def _safe_extract(archive: FsPath, dest: FsPath) -> None:
-    """Extracts a zip/tar archive refusing traversal, absolute paths, links and bombs."""
+def safe_extract(archive: FsPath, dest: FsPath, max_bytes: int | None = None) -> None:
+    """Extracts a zip/tar archive refusing traversal, absolute paths, links and bombs.
+
+    Args:
+      archive: the archive file.
+      dest: directory to extract into.
+      max_bytes: cap of the total uncompressed size (default :data:`MAX_ARCHIVE_BYTES`).
+
+    Raises:
+      DatasetError: naming the offending member or the size.
+    """
+    limit = MAX_ARCHIVE_BYTES if max_bytes is None else max_bytes
     def check(name: str, size: int, total: list[int]) -> None:
         if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in FsPath(name).parts:
             raise DatasetError(f"archive member {name!r} has an absolute or parent path; only relative paths are allowed")
         total[0] += size
-        if total[0] > MAX_ARCHIVE_BYTES:
-            raise DatasetError(f"archive expands to more than {MAX_ARCHIVE_BYTES} bytes; refusing (zip bomb guard)")
+        if total[0] > limit:
+            raise DatasetError(f"archive expands to more than {limit} bytes; refusing (zip bomb guard)")
 
     total = [0]
     if zipfile.is_zipfile(archive):
@@ -294,7 +304,7 @@ def load_source(source: str) -> tuple[ArraySplits, list[str]]:
         names = names0 or [str(i) for i in range(int(max(y.max() for _, y in splits.values())) + 1)]
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            _safe_extract(path, FsPath(tmp))
+            safe_extract(path, FsPath(tmp))
             splits, names = load_image_folder(tmp)
     return splits, names
 

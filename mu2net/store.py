@@ -524,6 +524,8 @@ class Store:
         """
         task = self.get_task(name)
         with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
+                raise TaskNotFound(f"unknown task {name!r}")
             db.execute("DELETE FROM paths WHERE task=?", (name,))
             db.execute("DELETE FROM selections WHERE task=?", (name,))
             tainted = {r["id"] for r in db.execute("SELECT id, steps FROM components")

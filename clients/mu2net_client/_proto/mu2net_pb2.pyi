@@ -1,0 +1,89 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RawTensor(_message.Message):
+    __slots__ = ("shape", "data")
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("task", "encoded_images", "raw", "top_k")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ENCODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    encoded_images: _containers.RepeatedScalarFieldContainer[bytes]
+    raw: RawTensor
+    top_k: int
+    def __init__(self, task: _Optional[str] = ..., encoded_images: _Optional[_Iterable[bytes]] = ..., raw: _Optional[_Union[RawTensor, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("labels", "label_ids", "scores")
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    LABEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    label_ids: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, labels: _Optional[_Iterable[str]] = ..., label_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("results", "system_version", "path_id")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_ID_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Classification]
+    system_version: int
+    path_id: str
+    def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ...) -> None: ...
+
+class ListTasksRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTasksResponse(_message.Message):
+    __slots__ = ("tasks",)
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+
+class GetTaskRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("name", "state", "private", "labels", "system_version", "path_id", "validation_accuracy", "test_accuracy", "iterations_done", "error", "activated_params")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PRIVATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    SYSTEM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PATH_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_DONE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATED_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: str
+    private: bool
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    system_version: int
+    path_id: str
+    validation_accuracy: float
+    test_accuracy: float
+    iterations_done: int
+    error: str
+    activated_params: int
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., private: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., iterations_done: _Optional[int] = ..., error: _Optional[str] = ..., activated_params: _Optional[int] = ...) -> None: ...

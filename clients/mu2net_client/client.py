@@ -1,0 +1,333 @@
+"""Synchronous and asynchronous clients: classify over gRPC, manage tasks over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+import zipfile
+from typing import Any, Callable, Mapping, TypeVar
+
+import grpc
+import httpx
+import numpy as np
+
+from mu2net_client import errors as E
+from mu2net_client._proto import mu2net_pb2 as pb
+from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
+from mu2net_client.types import Classification, ClassifyResult, Task
+
+T = TypeVar("T")
+Images = Any  # np.ndarray [N,H,W,C] / [H,W,C] / [N,H,W] uint8, PIL image(s), bytes, or a list of those
+DatasetLike = Any  # directory, archive or .npz path; or a mapping of numpy arrays (x_train, y_train, ...)
+
+DEFAULT_GRPC = "127.0.0.1:50051"
+DEFAULT_HTTP = "http://127.0.0.1:8000"
+_RETRYABLE = (E.TransportError,)
+
+
+def _encode_png(image: Any) -> bytes:
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        arr = image.astype(np.uint8)
+        image = Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def classify_request(task: str, images: Images, top_k: int) -> pb.ClassifyRequest:
+    """Builds the gRPC request: numpy batches go raw, everything else encoded.
+
+    Raises:
+      InvalidArgumentError: for an unsupported image type or array shape.
+    """
+    if isinstance(images, np.ndarray):
+        arr = images
+        if arr.dtype != np.uint8:
+            raise E.InvalidArgumentError(f"numpy images must be uint8, got {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+            arr = arr[None]
+        elif arr.ndim == 3:
+            arr = arr[..., None]
+        elif arr.ndim == 2:
+            arr = arr[None, ..., None]
+        if arr.ndim != 4:
+            raise E.InvalidArgumentError(f"numpy images have shape {images.shape}; allowed: [N,H,W,C], [H,W,C], "
+                                         "[N,H,W] or [H,W]")
+        return pb.ClassifyRequest(task=task, raw=pb.RawTensor(shape=list(arr.shape), data=np.ascontiguousarray(arr).tobytes()),
+                                  top_k=top_k)
+    items = images if isinstance(images, (list, tuple)) else [images]
+    encoded = []
+    for i, item in enumerate(items):
+        if isinstance(item, (bytes, bytearray)):
+            encoded.append(bytes(item))
+        elif isinstance(item, np.ndarray) or hasattr(item, "save"):
+            encoded.append(_encode_png(item))
+        else:
+            raise E.InvalidArgumentError(f"image {i} has type {type(item).__name__}; allowed: numpy uint8 array, "
+                                         "PIL image or encoded bytes")
+    return pb.ClassifyRequest(task=task, encoded_images=encoded, top_k=top_k)
+
+
+def classify_result(resp: pb.ClassifyResponse) -> ClassifyResult:
+    return ClassifyResult(
+        results=tuple(Classification(tuple(r.labels), tuple(r.label_ids), tuple(r.scores)) for r in resp.results),
+        system_version=resp.system_version, path_id=resp.path_id)
+
+
+def dataset_body(data: DatasetLike) -> tuple[Any, str]:
+    """Request body of an upload and a description: an open file, or bytes.
+
+    Directories are zipped (ImageFolder layout kept); mappings of arrays become an npz.
+    """
+    if isinstance(data, Mapping):
+        buf = io.BytesIO()
+        np.savez(buf, **{k: np.asarray(v) for k, v in data.items()})
+        return buf.getvalue(), "arrays"
+    path = os.fspath(data)
+    if os.path.isdir(path):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+            for root, _, files in os.walk(path):
+                for f in sorted(files):
+                    full = os.path.join(root, f)
+                    zf.write(full, os.path.relpath(full, path))
+        return buf.getvalue(), f"directory {path}"
+    if not os.path.isfile(path):
+        raise E.InvalidArgumentError(f"dataset {path!r} is not a directory, archive or .npz file")
+    return open(path, "rb"), f"file {path}"
+
+
+def _grpc_call(fn: Callable[[], T], retries: int, backoff: float) -> T:
+    for attempt in range(retries + 1):
+        try:
+            with E.map_exceptions():
+                return fn()
+        except _RETRYABLE:
+            if attempt == retries:
+                raise
+            time.sleep(backoff * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+class Client:
+    """Synchronous client.
+
+    Args:
+      grpc_target: ``host:port`` of the gRPC server.
+      http_url: base URL of the HTTP server.
+      token: admin bearer token for upload/delete, if the server requires one.
+      timeout: per-call timeout in seconds.
+      retries: retries of idempotent calls (classify, reads) on transport errors.
+      max_message_bytes: gRPC message size limit (match the server's).
+    """
+
+    def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
+                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
+        self.timeout, self.retries = timeout, retries
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.insecure_channel(grpc_target, options=opts)
+        self._stub = pbgrpc.Mu2NetStub(self._channel)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=http_url, timeout=timeout, headers=headers)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+        self._http.close()
+
+    def _get(self, url: str) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                with E.map_exceptions():
+                    r = self._http.get(url)
+                break
+            except _RETRYABLE:
+                if attempt == self.retries:
+                    raise
+                time.sleep(0.2 * 2 ** attempt)
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return r.json()
+
+    # ---- classify (gRPC) ----------------------------------------------------------------
+
+    def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
+        """Top-k labels of each image with the task's served path.
+
+        Raises:
+          NotFoundError, NotReadyError, InvalidArgumentError, TooLargeError, TransportError.
+        """
+        req = classify_request(task, images, top_k)
+        return classify_result(_grpc_call(lambda: self._stub.Classify(req, timeout=self.timeout),
+                                          self.retries, 0.2))
+
+    # ---- tasks (HTTP) -------------------------------------------------------------------
+
+    def tasks(self) -> list[Task]:
+        return [Task.from_json(t) for t in self._get("/v1/tasks")["tasks"]]
+
+    def task(self, name: str) -> Task:
+        return Task.from_json(self._get(f"/v1/tasks/{name}"))
+
+    def system(self) -> dict[str, Any]:
+        return self._get("/v1/system")
+
+    def upload(self, name: str, data: DatasetLike, *, private: bool = False, acl_group: str | None = None) -> Task:
+        """Uploads a labeled dataset as a new task (not retried: not idempotent).
+
+        Args:
+          name: task name.
+          data: ImageFolder directory, zip/tar archive or .npz path, or a mapping of arrays
+            ``x_train [N,H,W(,C)] uint8``, ``y_train [N] int`` (optionally ``x_val``, ``y_val``,
+            ``x_test``, ``y_test``, ``label_names``).
+          private: withhold its components from other tasks.
+          acl_group: ACL group of a private task.
+        """
+        body, _ = dataset_body(data)
+        params = {"name": name, "private": str(private).lower()}
+        if acl_group:
+            params["acl_group"] = acl_group
+        try:
+            with E.map_exceptions():
+                r = self._http.post("/v1/tasks", params=params, content=body,
+                                    headers={"Content-Type": "application/octet-stream"},
+                                    timeout=max(self.timeout, 600.0))
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return Task.from_json(r.json())
+
+    def delete(self, name: str) -> dict[str, Any]:
+        with E.map_exceptions():
+            r = self._http.delete(f"/v1/tasks/{name}")
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return r.json()
+
+    def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
+                           progress: bool = True) -> Task:
+        """Polls until the task serves; shows its state with a progress bar.
+
+        Raises:
+          TimeoutError: if it is not serving within ``timeout`` seconds.
+          ServerError: if the task failed (the message says why).
+        """
+        from tqdm.auto import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            while True:
+                t = self.task(name)
+                bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
+                if t.state == "serving":
+                    return t
+                if t.state == "failed":
+                    raise E.ServerError(f"task {name!r} failed: {t.error}")
+                if deadline is not None and time.monotonic() > deadline:
+                    raise E.TimeoutError(f"task {name!r} still {t.state} after {timeout}s")
+                time.sleep(poll)
+                bar.update(0)
+
+
+class AsyncClient:
+    """Asynchronous client (grpc.aio and httpx.AsyncClient); same API as :class:`Client`."""
+
+    def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
+                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
+        self.timeout, self.retries = timeout, retries
+        opts = [("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes)]
+        self._channel = grpc.aio.insecure_channel(grpc_target, options=opts)
+        self._stub = pbgrpc.Mu2NetStub(self._channel)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.AsyncClient(base_url=http_url, timeout=timeout, headers=headers)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+        await self._http.aclose()
+
+    async def _retry(self, fn: Callable[[], Any]) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                with E.map_exceptions():
+                    return await fn()
+            except _RETRYABLE:
+                if attempt == self.retries:
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+
+    async def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
+        req = classify_request(task, images, top_k)
+        return classify_result(await self._retry(lambda: self._stub.Classify(req, timeout=self.timeout)))
+
+    async def _get(self, url: str) -> Any:
+        r = await self._retry(lambda: self._http.get(url))
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return r.json()
+
+    async def tasks(self) -> list[Task]:
+        return [Task.from_json(t) for t in (await self._get("/v1/tasks"))["tasks"]]
+
+    async def task(self, name: str) -> Task:
+        return Task.from_json(await self._get(f"/v1/tasks/{name}"))
+
+    async def system(self) -> dict[str, Any]:
+        return await self._get("/v1/system")
+
+    async def upload(self, name: str, data: DatasetLike, *, private: bool = False,
+                     acl_group: str | None = None) -> Task:
+        body, _ = dataset_body(data)
+        if hasattr(body, "read"):
+            with body:
+                body = body.read()
+        params = {"name": name, "private": str(private).lower()}
+        if acl_group:
+            params["acl_group"] = acl_group
+        with E.map_exceptions():
+            r = await self._http.post("/v1/tasks", params=params, content=body,
+                                      headers={"Content-Type": "application/octet-stream"},
+                                      timeout=max(self.timeout, 600.0))
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return Task.from_json(r.json())
+
+    async def delete(self, name: str) -> dict[str, Any]:
+        with E.map_exceptions():
+            r = await self._http.delete(f"/v1/tasks/{name}")
+        if r.status_code >= 400:
+            raise E.from_http(r)
+        return r.json()
+
+    async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0) -> Task:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            t = await self.task(name)
+            if t.state == "serving":
+                return t
+            if t.state == "failed":
+                raise E.ServerError(f"task {name!r} failed: {t.error}")
+            if deadline is not None and time.monotonic() > deadline:
+                raise E.TimeoutError(f"task {name!r} still {t.state} after {timeout}s")
+            await asyncio.sleep(poll)
+
+
+__all__ = ["Client", "AsyncClient", "classify_request", "dataset_body"]

@@ -1,0 +1,95 @@
+"""One exception hierarchy for the SDK, mapped from gRPC status codes and HTTP statuses
+(httpx ``_exceptions.py`` / ``map_exceptions`` style)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Iterator
+
+import grpc
+import httpx
+
+
+class Mu2netError(Exception):
+    """Base class of every SDK error."""
+
+
+class NotFoundError(Mu2netError):
+    """Unknown task (gRPC NOT_FOUND, HTTP 404)."""
+
+
+class NotReadyError(Mu2netError):
+    """The task has no served path yet (gRPC UNAVAILABLE, HTTP 503)."""
+
+
+class InvalidArgumentError(Mu2netError):
+    """The request or dataset was rejected (gRPC INVALID_ARGUMENT, HTTP 400)."""
+
+
+class AlreadyExistsError(Mu2netError):
+    """A task of that name exists (gRPC ALREADY_EXISTS, HTTP 409)."""
+
+
+class TooLargeError(Mu2netError):
+    """Message or body over the server's limit (gRPC RESOURCE_EXHAUSTED, HTTP 413)."""
+
+
+class AuthenticationError(Mu2netError):
+    """Missing or wrong admin token (gRPC UNAUTHENTICATED, HTTP 401)."""
+
+
+class ServerError(Mu2netError):
+    """Any other server-side failure."""
+
+
+class TransportError(Mu2netError):
+    """The server could not be reached (connection refused, reset...)."""
+
+
+class TimeoutError(Mu2netError):  # noqa: A001 - the SDK's own timeout
+    """The call did not finish within its timeout."""
+
+
+GRPC_ERRORS = {
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: TooLargeError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
+}
+HTTP_ERRORS = {404: NotFoundError, 503: NotReadyError, 400: InvalidArgumentError, 409: AlreadyExistsError,
+               413: TooLargeError, 401: AuthenticationError}
+
+
+def from_grpc(error: grpc.RpcError) -> Mu2netError:
+    """Maps a gRPC error. UNAVAILABLE is NotReadyError when the server said so (trailing
+    metadata ``mu2net-error``), else a TransportError."""
+    code, details = error.code(), error.details() or str(code)
+    if code == grpc.StatusCode.UNAVAILABLE:
+        meta = dict(error.trailing_metadata() or ())
+        return NotReadyError(details) if meta.get("mu2net-error") == "NotReady" else TransportError(details)
+    return GRPC_ERRORS.get(code, ServerError)(details)
+
+
+def from_http(response: httpx.Response) -> Mu2netError:
+    """Maps an HTTP error response (JSON with an ``error`` member)."""
+    try:
+        message = json.loads(response.content).get("error", response.text)
+    except ValueError:
+        message = response.text
+    return HTTP_ERRORS.get(response.status_code, ServerError)(f"HTTP {response.status_code}: {message}")
+
+
+@contextlib.contextmanager
+def map_exceptions() -> Iterator[None]:
+    """Re-raises transport exceptions as SDK exceptions."""
+    try:
+        yield
+    except grpc.RpcError as e:
+        raise from_grpc(e) from e
+    except httpx.TimeoutException as e:
+        raise TimeoutError(str(e)) from e
+    except httpx.TransportError as e:
+        raise TransportError(str(e)) from e

@@ -1,0 +1,121 @@
+"""``mu2net serve``: gRPC and HTTP in one process, plus a supervised evolver process.
+
+SIGTERM (or SIGINT) stops accepting work, drains in-flight HTTP and gRPC requests, stops
+the evolver process and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Iterator, Sequence
+
+import uvicorn
+
+from mu2net.server.grpc_api import start_grpc
+from mu2net.server.http_api import build_app
+from mu2net.server.metrics import Metrics
+from mu2net.server.service import Service, ServiceConfig
+from mu2net.store import Store
+
+log = logging.getLogger("mu2net.server")
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: :func:`serve` owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclasses.dataclass
+class EvolverSupervisor:
+    """Runs the evolver process, restarts it when it dies (with backoff), stops it on shutdown."""
+
+    argv: list[str]
+    metrics: Metrics | None = None
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+    _task: asyncio.Task | None = None
+    _stopping: bool = False
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "mu2net.server.evolver_process", *self.argv])
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            if self.process is not None and self.process.poll() is not None and not self._stopping:
+                code = self.process.returncode
+                delay = min(30.0, 2.0 ** min(self.restarts, 5))
+                log.warning("evolver process exited with %s; restarting in %.0fs", code, delay)
+                await asyncio.sleep(delay)
+                if self._stopping:
+                    return
+                self.restarts += 1
+                if self.metrics is not None:
+                    self.metrics.evolver_restarts.inc()
+                self.process = subprocess.Popen([sys.executable, "-m", "mu2net.server.evolver_process", *self.argv])
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+        p = self.process
+        if p is not None and p.poll() is None:
+            p.terminate()
+            try:
+                await asyncio.to_thread(p.wait, 15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                await asyncio.to_thread(p.wait)
+
+
+async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config: ServiceConfig,
+                evolver_argv: Sequence[str] | None) -> int:
+    """Runs the server until SIGTERM/SIGINT. ``evolver_argv=None`` runs no evolver."""
+    store = Store(data_dir)
+    metrics = Metrics()
+    service = Service(store, config, metrics=metrics)
+    await asyncio.to_thread(service.manager.start)
+    grpc_server, grpc_bound = await start_grpc(service, host, grpc_port, config.max_message_bytes)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, http_port))
+    http_bound = sock.getsockname()[1]
+    upload_dir = tempfile.mkdtemp(prefix="uploads-", dir=store.data_dir)
+    uv = _Uvicorn(uvicorn.Config(build_app(service, upload_dir), log_level="warning", lifespan="off",
+                                 timeout_graceful_shutdown=30))
+    http_task = asyncio.create_task(uv.serve(sockets=[sock]))
+    supervisor = None
+    if evolver_argv is not None:
+        supervisor = EvolverSupervisor(["--data-dir", data_dir, *evolver_argv], metrics)
+        supervisor.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not uv.started and not http_task.done():
+        await asyncio.sleep(0.05)
+    print(f"mu2net serving: grpc={host}:{grpc_bound} http=http://{host}:{http_bound} "
+          f"system_version={service.manager.snapshot.version}", flush=True)
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests")
+    await grpc_server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    uv.should_exit = True
+    await http_task
+    await grpc_server.stop(grace=30)
+    if supervisor is not None:
+        await supervisor.stop()
+    service.close()
+    store.close()
+    return 0

@@ -1,0 +1,73 @@
+"""Domain errors of the service, defined once and mapped once to gRPC and HTTP codes.
+
+Core errors (:mod:`mu2net.store`, :mod:`mu2net.datasets`) are translated by
+:func:`to_service_error`; every handler maps a :class:`ServiceError` through :data:`TABLE`
+(starlette ``_exception_handler.py`` style).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from mu2net.datasets import DatasetError
+from mu2net.store import TaskExists, TaskNotFound
+
+
+class ServiceError(Exception):
+    """Base class; the message names the bad value and what is allowed."""
+
+
+class NotFound(ServiceError):
+    """Unknown task (or route)."""
+
+
+class NotReady(ServiceError):
+    """The task exists but has no served path yet, or the server is loading."""
+
+
+class InvalidArgument(ServiceError):
+    """Bad request: undecodable image, wrong shape, bad parameter, rejected dataset."""
+
+
+class AlreadyExists(ServiceError):
+    """A task of that name already exists."""
+
+
+class TooLarge(ServiceError):
+    """A message or body exceeds the configured limit."""
+
+
+class Unauthenticated(ServiceError):
+    """An admin call without the configured bearer token."""
+
+
+#: ServiceError subclass -> (gRPC status code, HTTP status).
+TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
+    NotFound: (grpc.StatusCode.NOT_FOUND, 404),
+    NotReady: (grpc.StatusCode.UNAVAILABLE, 503),
+    InvalidArgument: (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, 409),
+    TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+}
+
+
+def codes(error: ServiceError) -> tuple[grpc.StatusCode, int]:
+    """The (gRPC code, HTTP status) of an error (INTERNAL/500 if unmapped)."""
+    for cls in type(error).__mro__:
+        if cls in TABLE:
+            return TABLE[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL, 500
+
+
+def to_service_error(error: Exception) -> ServiceError | None:
+    """Translates core errors into service errors; None if ``error`` is not a known one."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, TaskNotFound):
+        return NotFound(str(error.args[0]) if error.args else str(error))
+    if isinstance(error, TaskExists):
+        return AlreadyExists(str(error))
+    if isinstance(error, DatasetError):
+        return InvalidArgument(str(error))
+    return None

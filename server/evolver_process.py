@@ -1,0 +1,38 @@
+"""The evolver process supervised by ``mu2net serve``: runs task iterations forever.
+
+It shares nothing with the server but the store: it picks up tasks uploaded over HTTP
+(queued in the store), runs their task iterations, publishes, and sleeps when every task
+has its iterations. Killed at any moment, the next start continues from the last
+published state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import Sequence
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mu2net import cli
+    from mu2net.evolver import Evolver
+    from mu2net.store import Store
+
+    parser = argparse.ArgumentParser(prog="mu2net-evolver")
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--poll-seconds", type=float, default=2.0)
+    cli.add_evolver_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s evolver %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    store = Store(args.data_dir)
+    evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
+    while True:
+        if evolver.run(args.iterations) == 0:
+            time.sleep(args.poll_seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

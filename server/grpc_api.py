@@ -1,0 +1,253 @@
+"""gRPC front end: ``mu2net.v1.Mu2Net``, the Open Inference Protocol
+(``inference.GRPCInferenceService``), health checking and reflection, on grpc.aio."""
+
+from __future__ import annotations
+
+import functools
+import struct
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from mu2net.server import errors as E
+from mu2net.server._proto import grpc_predict_v2_pb2 as kpb
+from mu2net.server._proto import grpc_predict_v2_pb2_grpc as kgrpc
+from mu2net.server.service import Service
+from mu2net_client._proto import mu2net_pb2 as pb
+from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
+
+SERVER_NAME = "mu2net"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["classification", "binary_tensor_data"]
+INPUT_NAME = "IMAGE"
+OUTPUT_NAME = "PROBABILITIES"
+
+
+def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    """Maps service errors to gRPC status codes (one table, :mod:`mu2net.server.errors`) and records metrics."""
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        @functools.wraps(fn)
+        async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            t0 = time.perf_counter()
+            code = "OK"
+            try:
+                return await fn(self, request, context)
+            except Exception as e:
+                err = E.to_service_error(e)
+                if err is None:
+                    code = "INTERNAL"
+                    raise
+                status, _ = E.codes(err)
+                code = status.name
+                await context.abort(status, str(err), trailing_metadata=(("mu2net-error", type(err).__name__),))
+            finally:
+                if self.service.metrics is not None:
+                    self.service.metrics.observe(api, fn.__name__)(code, time.perf_counter() - t0)
+        return handler
+    return wrap
+
+
+def _task_message(view: dict[str, Any]) -> pb.Task:
+    m = view.get("metrics", {})
+    return pb.Task(name=view["name"], state=view["state"], private=view["private"], labels=view["labels"],
+                   system_version=view["system_version"], path_id=view["path_id"] or "",
+                   validation_accuracy=m.get("validation_accuracy") or 0.0,
+                   test_accuracy=m.get("test_accuracy") or 0.0, iterations_done=view["iterations_done"],
+                   error=view["error"] or "", activated_params=m.get("activated_params") or 0)
+
+
+class Mu2NetServicer(pbgrpc.Mu2NetServicer):
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @_handle("grpc")
+    async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        raw = None
+        if request.HasField("raw"):
+            shape = tuple(request.raw.shape)
+            if len(shape) != 4 or int(np.prod(shape)) != len(request.raw.data):
+                raise E.InvalidArgument(f"raw tensor shape {list(shape)} does not match its {len(request.raw.data)} "
+                                        "bytes; allowed: [N, H, W, C] uint8 row-major")
+            raw = np.frombuffer(request.raw.data, np.uint8).reshape(shape)
+        result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
+                                             top_k=request.top_k or 1)
+        return pb.ClassifyResponse(
+            results=[pb.Classification(labels=labels, label_ids=ids.tolist(), scores=scores.tolist())
+                     for labels, ids, scores in zip(result.labels, result.label_ids, result.scores)],
+            system_version=result.system_version, path_id=result.path_id)
+
+    @_handle("grpc")
+    async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
+        return pb.ListTasksResponse(tasks=[_task_message(v) for v in self.service.list_tasks()])
+
+    @_handle("grpc")
+    async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        return _task_message(self.service.task_view(request.name))
+
+
+# ---- Open Inference Protocol helpers (shared with the REST front end) -------------------
+
+def serialize_bytes_tensor(items: list[bytes]) -> bytes:
+    """BYTES tensor raw encoding: each element as a 4-byte little-endian length + bytes."""
+    return b"".join(struct.pack("<I", len(b)) + b for b in items)
+
+
+def deserialize_bytes_tensor(data: bytes) -> list[bytes]:
+    """Inverse of :func:`serialize_bytes_tensor`.
+
+    Raises:
+      InvalidArgument: on a truncated element.
+    """
+    out, i = [], 0
+    while i < len(data):
+        if i + 4 > len(data):
+            raise E.InvalidArgument("BYTES tensor is truncated (incomplete length prefix)")
+        (n,) = struct.unpack_from("<I", data, i)
+        if i + 4 + n > len(data):
+            raise E.InvalidArgument(f"BYTES tensor element of {n} bytes is truncated")
+        out.append(data[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
+
+def classification_strings(result: Any, k: int) -> list[bytes]:
+    """Classification extension: ``"<score>:<index>:<label>"`` per image and rank, row-major."""
+    return [f"{s:f}:{i}:{l}".encode() for ids, scores, labels in
+            zip(result.label_ids[:, :k], result.scores[:, :k], result.labels) for i, s, l in zip(ids, scores, labels[:k])]
+
+
+def model_metadata(service: Service, name: str) -> dict[str, Any]:
+    served = service.served(name)
+    h, w, c = served.task.image_shape
+    return {"name": name, "versions": [str(served.version)], "platform": "mu2net_jax",
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, h, w, c]}],
+            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, served.path.architecture.num_classes]}]}
+
+
+class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
+    """``inference.GRPCInferenceService``: model name = task name."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    @_handle("kserve_grpc")
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    @_handle("kserve_grpc")
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=self.service.manager.ready)
+
+    @_handle("kserve_grpc")
+    async def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+        self.service.task_view(request.name)  # NOT_FOUND for an unknown task
+        return kpb.ModelReadyResponse(ready=request.name in self.service.manager.snapshot.paths)
+
+    @_handle("kserve_grpc")
+    async def ServerMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
+
+    @_handle("kserve_grpc")
+    async def ModelMetadata(self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
+        md = model_metadata(self.service, request.name)
+        T = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(name=md["name"], versions=md["versions"], platform=md["platform"],
+                                         inputs=[T(**t) for t in md["inputs"]], outputs=[T(**t) for t in md["outputs"]])
+
+    @_handle("kserve_grpc")
+    async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+        if len(request.inputs) != 1:
+            raise E.InvalidArgument(f"{len(request.inputs)} inputs; exactly one is allowed ({INPUT_NAME}: UINT8 "
+                                    "[N,H,W,C], or BYTES [N] of encoded images)")
+        inp = request.inputs[0]
+        raw = request.raw_input_contents[0] if request.raw_input_contents else None
+        encoded, pixels = infer_input(inp.datatype, list(inp.shape), raw,
+                                      list(inp.contents.uint_contents), list(inp.contents.bytes_contents))
+        outputs = [(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs]
+        k = requested_classification(outputs)
+        n_classes = self.service.served(request.model_name).path.architecture.num_classes
+        result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels,
+                                             top_k=min(k, n_classes) if k else 1)
+        resp = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(result.system_version),
+                                      id=request.id)
+        resp.parameters["system_version"].int64_param = result.system_version
+        resp.parameters["path_id"].string_param = result.path_id
+        n = len(result.probabilities)
+        if k:
+            resp.outputs.add(name=OUTPUT_NAME, datatype="BYTES", shape=[n, min(k, n_classes)])
+            resp.raw_output_contents.append(serialize_bytes_tensor(classification_strings(result, k)))
+        else:
+            resp.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=list(result.probabilities.shape))
+            resp.raw_output_contents.append(result.probabilities.astype("<f4").tobytes())
+        return resp
+
+
+def _param(p: Any) -> Any:
+    which = p.WhichOneof("parameter_choice")
+    return getattr(p, which) if which else None
+
+
+def requested_classification(outputs: list[tuple[str, dict[str, Any]]]) -> int:
+    """The classification extension's class count (0 = plain probabilities).
+
+    Raises:
+      InvalidArgument: for an unknown output name or a bad class count.
+    """
+    k = 0
+    for name, params in outputs:
+        if name != OUTPUT_NAME:
+            raise E.InvalidArgument(f"unknown output {name!r}; allowed: {OUTPUT_NAME!r}")
+        if params.get("classification") is not None:
+            k = int(params["classification"])
+            if k < 1:
+                raise E.InvalidArgument(f"classification={k}; allowed: >= 1")
+    return k
+
+
+def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_contents: list[int],
+                bytes_contents: list[bytes]) -> tuple[list[bytes], np.ndarray | None]:
+    """Decodes the one inference input: UINT8 pixels or BYTES encoded images.
+
+    Returns:
+      (encoded images, raw pixels): exactly one is non-empty.
+    """
+    if datatype == "UINT8":
+        if len(shape) == 3:
+            shape = [1] + shape
+        if len(shape) != 4 or any(s < 1 for s in shape):
+            raise E.InvalidArgument(f"UINT8 input shape {shape}; allowed: [N, H, W, C] (or [H, W, C])")
+        data = raw if raw is not None else bytes(np.asarray(uint_contents, np.uint8))
+        if len(data) != int(np.prod(shape)):
+            raise E.InvalidArgument(f"UINT8 input of shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")
+        return [], np.frombuffer(data, np.uint8).reshape(shape)
+    if datatype == "BYTES":
+        items = deserialize_bytes_tensor(raw) if raw is not None else list(bytes_contents)
+        if len(shape) not in (1, 2) or int(np.prod(shape)) != len(items) or not items:
+            raise E.InvalidArgument(f"BYTES input shape {shape} does not match its {len(items)} elements; allowed: [N]")
+        return items, None
+    raise E.InvalidArgument(f"input datatype {datatype!r}; allowed: UINT8 (pixels) or BYTES (encoded images)")
+
+
+async def start_grpc(service: Service, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
+    """Starts the gRPC server; returns it and the bound port."""
+    options = [("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.max_send_message_length", max_message_bytes)]
+    server = grpc.aio.server(options=options)
+    pbgrpc.add_Mu2NetServicer_to_server(Mu2NetServicer(service), server)
+    kgrpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (pb.DESCRIPTOR.services_by_name["Mu2Net"].full_name,
+             kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for name in ("", names[0], names[1]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    return server, bound

@@ -1,0 +1,259 @@
+"""HTTP front end (starlette): the task API, the Open Inference Protocol REST API with the
+binary tensor and classification extensions, Prometheus metrics and a status page."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from mu2net.server import errors as E
+from mu2net.server.grpc_api import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
+                                    deserialize_bytes_tensor, infer_input, model_metadata, requested_classification,
+                                    serialize_bytes_tensor)
+from mu2net.server.page import render_page
+from mu2net.server.service import Service
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _error(err: E.ServiceError) -> JSONResponse:
+    return JSONResponse({"error": str(err)}, status_code=E.codes(err)[1])
+
+
+def build_app(service: Service, upload_dir: str) -> Starlette:
+    """The starlette application over ``service``; uploads are spooled in ``upload_dir``."""
+
+    def endpoint(method_name: str):  # noqa: ANN202
+        def deco(fn):  # noqa: ANN001, ANN202
+            async def handler(request: Request) -> Response:
+                t0 = time.perf_counter()
+                try:
+                    resp = await fn(request)
+                except Exception as e:
+                    err = E.to_service_error(e)
+                    if err is None:
+                        raise
+                    resp = _error(err)
+                if service.metrics is not None:
+                    service.metrics.observe("http", method_name)(str(resp.status_code), time.perf_counter() - t0)
+                return resp
+            return handler
+        return deco
+
+    def admin(request: Request) -> None:
+        auth = request.headers.get("authorization", "")
+        service.check_admin(auth[7:] if auth.lower().startswith("bearer ") else None)
+
+    @endpoint("upload")
+    async def upload(request: Request) -> Response:
+        admin(request)
+        name = request.query_params.get("name")
+        if not name:
+            raise E.InvalidArgument("missing query parameter 'name' (the task name)")
+        private = request.query_params.get("private", "false").lower()
+        if private not in ("true", "false", "1", "0"):
+            raise E.InvalidArgument(f"private={private!r}; allowed: true or false")
+        limit = service.config.max_upload_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and int(declared) > limit:
+            raise E.TooLarge(f"body of {declared} bytes exceeds the upload limit of {limit} bytes")
+        fd, body_path = tempfile.mkstemp(dir=upload_dir, suffix=".upload")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise E.TooLarge(f"body exceeds the upload limit of {limit} bytes")
+                    f.write(chunk)
+            if size == 0:
+                raise E.InvalidArgument("empty body; send the dataset (zip, tar or npz) as the request body")
+            view = await asyncio.to_thread(service.upload_file, name, body_path, private in ("true", "1"),
+                                           request.query_params.get("acl_group"))
+        finally:
+            if os.path.exists(body_path):
+                os.unlink(body_path)
+        return JSONResponse(view, status_code=202, headers={"Location": f"/v1/tasks/{name}"})
+
+    @endpoint("list_tasks")
+    async def list_tasks(request: Request) -> Response:
+        return JSONResponse({"tasks": await asyncio.to_thread(service.list_tasks)})
+
+    @endpoint("get_task")
+    async def get_task(request: Request) -> Response:
+        return JSONResponse(await asyncio.to_thread(service.task_view, request.path_params["name"]))
+
+    @endpoint("delete_task")
+    async def delete_task(request: Request) -> Response:
+        admin(request)
+        return JSONResponse(await asyncio.to_thread(service.delete_task, request.path_params["name"]))
+
+    @endpoint("classify")
+    async def classify(request: Request) -> Response:
+        task = request.path_params["name"]
+        body = await _read_limited(request, service.config.max_message_bytes)
+        ctype = request.headers.get("content-type", "")
+        top_k = int(request.query_params.get("top_k", "1"))
+        encoded: list[bytes] = []
+        raw = None
+        if ctype.startswith("application/json"):
+            try:
+                doc = json.loads(body)
+                top_k = int(doc.get("top_k", top_k))
+                if "images" in doc:
+                    encoded = [base64.b64decode(s, validate=True) for s in doc["images"]]
+                elif "raw" in doc:
+                    raw = np.frombuffer(base64.b64decode(doc["raw"]["data"], validate=True), np.uint8).reshape(
+                        doc["raw"]["shape"])
+                else:
+                    raise E.InvalidArgument("JSON body needs 'images' (base64 list) or 'raw' {shape, data}")
+            except (ValueError, KeyError, TypeError) as e:
+                raise E.InvalidArgument(f"bad JSON classify body: {e}") from e
+        else:
+            encoded = [body]
+        result = await service.classify(task, encoded=encoded, raw=raw, top_k=top_k)
+        return JSONResponse({
+            "task": task, "system_version": result.system_version, "path_id": result.path_id,
+            "results": [{"labels": labels, "label_ids": ids.tolist(), "scores": scores.tolist()}
+                        for labels, ids, scores in zip(result.labels, result.label_ids, result.scores)]})
+
+    @endpoint("system")
+    async def system(request: Request) -> Response:
+        return JSONResponse(await asyncio.to_thread(service.system))
+
+    @endpoint("metrics")
+    async def metrics(request: Request) -> Response:
+        if service.metrics is None:
+            raise E.NotFound("metrics are disabled")
+        tasks = await asyncio.to_thread(service.list_tasks)
+        return Response(service.metrics.render(tasks, service.manager.load_failures),
+                        media_type="text/plain; version=0.0.4")
+
+    @endpoint("page")
+    async def page(request: Request) -> Response:
+        tasks, system_info = await asyncio.to_thread(lambda: (service.list_tasks(), service.system()))
+        return HTMLResponse(render_page(tasks, system_info))
+
+    # ---- Open Inference Protocol REST ---------------------------------------------------
+
+    @endpoint("v2_live")
+    async def v2_live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    @endpoint("v2_ready")
+    async def v2_ready(request: Request) -> Response:
+        ready = service.manager.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @endpoint("v2_metadata")
+    async def v2_metadata(request: Request) -> Response:
+        return JSONResponse({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+    @endpoint("v2_model_metadata")
+    async def v2_model_metadata(request: Request) -> Response:
+        return JSONResponse(model_metadata(service, request.path_params["name"]))
+
+    @endpoint("v2_model_ready")
+    async def v2_model_ready(request: Request) -> Response:
+        name = request.path_params["name"]
+        service.task_view(name)  # 404 for an unknown task
+        ready = name in service.manager.snapshot.paths
+        return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+    @endpoint("v2_infer")
+    async def v2_infer(request: Request) -> Response:
+        name = request.path_params["name"]
+        body = await _read_limited(request, service.config.max_message_bytes)
+        header_len = request.headers.get(HEADER_LENGTH.lower())
+        try:
+            n = int(header_len) if header_len is not None else len(body)
+            doc = json.loads(body[:n])
+        except ValueError as e:
+            raise E.InvalidArgument(f"inference request header is not valid JSON: {e}") from e
+        binary, offset = body[n:], 0
+        inputs = doc.get("inputs") or []
+        if len(inputs) != 1:
+            raise E.InvalidArgument(f"{len(inputs)} inputs; exactly one is allowed")
+        inp = inputs[0]
+        raw = None
+        size = (inp.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            raw, offset = binary[offset:offset + int(size)], offset + int(size)
+        data = inp.get("data") or []
+        flat = list(np.ravel(np.asarray(data, dtype=object))) if data else []
+        encoded, pixels = infer_input(inp.get("datatype", ""), list(inp.get("shape", [])), raw,
+                                      [int(v) for v in flat] if inp.get("datatype") == "UINT8" and raw is None else [],
+                                      [base64.b64decode(v) for v in flat] if inp.get("datatype") == "BYTES" and raw is None else [])
+        outputs = [(o.get("name", ""), o.get("parameters") or {}) for o in doc.get("outputs") or []]
+        k = requested_classification(outputs)
+        want_binary = any(p.get("binary_data", False) for _, p in outputs) or \
+            bool((doc.get("parameters") or {}).get("binary_data_output", False))
+        n_classes = service.served(name).path.architecture.num_classes
+        result = await service.classify(name, encoded=encoded, raw=pixels, top_k=min(k, n_classes) if k else 1)
+        rows = len(result.probabilities)
+        if k:
+            strings = classification_strings(result, k)
+            out: dict[str, Any] = {"name": OUTPUT_NAME, "datatype": "BYTES", "shape": [rows, min(k, n_classes)]}
+            payload = serialize_bytes_tensor(strings)
+            values: list[Any] = [s.decode() for s in strings]
+        else:
+            out = {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(result.probabilities.shape)}
+            payload = result.probabilities.astype("<f4").tobytes()
+            values = result.probabilities.ravel().tolist()
+        response = {"model_name": name, "model_version": str(result.system_version), "id": doc.get("id", ""),
+                    "parameters": {"system_version": result.system_version, "path_id": result.path_id},
+                    "outputs": [out]}
+        if not want_binary:
+            out["data"] = values
+            return JSONResponse(response)
+        out["parameters"] = {"binary_data_size": len(payload)}
+        header = json.dumps(response).encode()
+        return Response(header + payload, media_type="application/octet-stream",
+                        headers={HEADER_LENGTH: str(len(header))})
+
+    routes = [
+        Route("/", page), Route("/metrics", metrics),
+        Route("/v1/tasks", upload, methods=["POST"]), Route("/v1/tasks", list_tasks, methods=["GET"]),
+        Route("/v1/tasks/{name}", get_task, methods=["GET"]), Route("/v1/tasks/{name}", delete_task, methods=["DELETE"]),
+        Route("/v1/tasks/{name}/classify", classify, methods=["POST"]),
+        Route("/v1/system", system),
+        Route("/v2/health/live", v2_live), Route("/v2/health/ready", v2_ready), Route("/v2", v2_metadata),
+        Route("/v2/models/{name}", v2_model_metadata), Route("/v2/models/{name}/versions/{version}", v2_model_metadata),
+        Route("/v2/models/{name}/ready", v2_model_ready),
+        Route("/v2/models/{name}/versions/{version}/ready", v2_model_ready),
+        Route("/v2/models/{name}/infer", v2_infer, methods=["POST"]),
+        Route("/v2/models/{name}/versions/{version}/infer", v2_infer, methods=["POST"]),
+    ]
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return JSONResponse({"error": f"no route {request.method} {request.url.path}"},
+                            status_code=getattr(exc, "status_code", 404))
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and int(declared) > limit:
+        raise E.TooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise E.TooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+__all__ = ["build_app", "deserialize_bytes_tensor"]

@@ -1,0 +1,50 @@
+"""Prometheus metrics of the server (prometheus-client, one registry per server)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Requests, latency, batch sizes, system version, tasks by state, evolver progress."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mu2net_requests_total", "Requests by API, method and status code.",
+                                ["api", "method", "code"], registry=r)
+        self.latency = Histogram("mu2net_request_latency_seconds", "Request latency.", ["api", "method"],
+                                 buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
+        self.batch = Histogram("mu2net_batch_size", "Images per forward call (dynamic batching).",
+                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.version = Gauge("mu2net_system_version", "System version being served.", registry=r)
+        self.swaps = Counter("mu2net_hot_swaps_total", "Snapshots swapped in.", registry=r)
+        self.swap_seconds = Histogram("mu2net_hot_swap_load_seconds", "Time to load, compile and warm a version.",
+                                      buckets=(.01, .05, .1, .5, 1, 2, 5, 10, 30, 60), registry=r)
+        self.tasks = Gauge("mu2net_tasks", "Tasks by state.", ["state"], registry=r)
+        self.iterations = Gauge("mu2net_evolver_task_iterations", "Completed task iterations, all tasks.", registry=r)
+        self.evolver_restarts = Counter("mu2net_evolver_restarts_total", "Evolver process restarts.", registry=r)
+        self.load_failures = Gauge("mu2net_snapshot_load_failures", "Failed snapshot loads.", registry=r)
+
+    def on_swap(self, old: Any, new: Any, seconds: float) -> None:
+        self.version.set(new.version)
+        self.swaps.inc()
+        self.swap_seconds.observe(seconds)
+
+    def on_batch(self, size: int) -> None:
+        self.batch.observe(size)
+
+    def render(self, tasks: list[dict[str, Any]], failures: int) -> bytes:
+        for state in ("queued", "training", "serving", "failed"):
+            self.tasks.labels(state).set(sum(1 for t in tasks if t["state"] == state))
+        self.iterations.set(sum(t["iterations_done"] for t in tasks))
+        self.load_failures.set(failures)
+        return generate_latest(self.registry)
+
+    def observe(self, api: str, method: str) -> Callable[[str, float], None]:
+        def done(code: str, seconds: float) -> None:
+            self.requests.labels(api, method, code).inc()
+            self.latency.labels(api, method).observe(seconds)
+        return done

@@ -1,0 +1,279 @@
+"""The service: domain logic shared by the gRPC and HTTP front ends.
+
+Reads the current snapshot once per request, decodes and validates images, batches the
+forward pass, and exposes tasks, uploads, deletion and system information. Blocking work
+(store, dataset ingestion, image decoding of large batches) runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import os
+import shutil
+import tempfile
+from pathlib import Path as FsPath
+from typing import Any, Sequence
+
+import numpy as np
+
+from mu2net import datasets as D
+from mu2net.evolver.loop import add_task_arrays
+from mu2net.store import Store
+from mu2net.server import errors as E
+from mu2net.server.batcher import Batcher
+from mu2net.server.snapshot import ServedPath, Snapshot, SnapshotManager
+
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGES_PER_REQUEST = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceConfig:
+    """Server limits.
+
+    Attributes:
+      max_batch_size: most images per forward call (dynamic batching).
+      max_delay_ms: longest wait for more requests to fill a batch.
+      max_upload_bytes: cap of an uploaded dataset body.
+      max_message_bytes: cap of a gRPC message / classify body.
+      max_archive_bytes: cap of an uploaded archive's uncompressed size (zip bomb guard).
+      admin_token: bearer token required by upload and delete (None: no auth).
+    """
+
+    max_batch_size: int = 64
+    max_delay_ms: float = 2.0
+    max_upload_bytes: int = 512 << 20
+    max_message_bytes: int = 64 << 20
+    max_archive_bytes: int = D.MAX_ARCHIVE_BYTES
+    admin_token: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyResult:
+    """Top-k per image, and the version/path that answered."""
+
+    label_ids: np.ndarray   # [N, k] int32
+    scores: np.ndarray      # [N, k] float32, decreasing
+    labels: list[list[str]]
+    probabilities: np.ndarray  # [N, classes] float32
+    system_version: int
+    path_id: str
+
+
+def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.ndarray:
+    """Decodes encoded images to ``[N, H, W, C] uint8`` at the task's stored shape.
+
+    Raises:
+      InvalidArgument: naming the index of an undecodable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    h, w, c = shape
+    out = np.empty((len(encoded), h, w, c), np.uint8)
+    for i, data in enumerate(encoded):
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                im.load()
+                if im.width > MAX_IMAGE_SIDE or im.height > MAX_IMAGE_SIDE:
+                    raise E.InvalidArgument(f"image {i} is {im.width}x{im.height}; at most {MAX_IMAGE_SIDE} per side")
+                im = im.convert("L" if c == 1 else "RGB")
+                if im.size != (w, h):
+                    im = im.resize((w, h), Image.BILINEAR)
+                arr = np.asarray(im, np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is not a decodable image: {e}") from e
+        out[i] = arr.reshape(h, w, -1)[..., :c] if c in (1, 3) else np.repeat(arr.reshape(h, w, -1)[..., :1], c, -1)
+    return out
+
+
+def check_raw(images: np.ndarray) -> np.ndarray:
+    """Validates a raw uint8 tensor ``[N, H, W, C]`` (C in 1..4)."""
+    if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4) or 0 in images.shape:
+        raise E.InvalidArgument(f"raw images have shape {list(images.shape)}; allowed: [N, H, W, C] with "
+                                "N, H, W >= 1 and C in 1..4")
+    if max(images.shape[1:3]) > MAX_IMAGE_SIDE:
+        raise E.InvalidArgument(f"raw images are {images.shape[1]}x{images.shape[2]}; at most {MAX_IMAGE_SIDE} per side")
+    return images
+
+
+class Service:
+    """Everything the front ends call.
+
+    Args:
+      store: the store shared with the evolver process.
+      config: limits and auth.
+      manager: snapshot manager (created if not given).
+      metrics: optional metrics sink (see :mod:`server.metrics`).
+    """
+
+    def __init__(self, store: Store, config: ServiceConfig = ServiceConfig(), manager: SnapshotManager | None = None,
+                 metrics: Any = None) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.manager = manager or SnapshotManager(store, config.max_batch_size,
+                                                  on_swap=metrics.on_swap if metrics else None)
+        self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
+                               on_batch=metrics.on_batch if metrics else None)
+
+    # ---- classify -----------------------------------------------------------------------
+
+    def served(self, task: str, snapshot: Snapshot | None = None) -> ServedPath:
+        """The task's served path in ``snapshot`` (read once by the caller)."""
+        snap = snapshot or self.manager.snapshot
+        sp = snap.paths.get(task)
+        if sp is not None:
+            return sp
+        try:
+            record = self.store.get_task(task)
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        raise E.NotReady(f"task {task!r} is {record.state} and has no served path yet; retry when it is serving")
+
+    async def classify(self, task: str, *, encoded: Sequence[bytes] = (), raw: np.ndarray | None = None,
+                       top_k: int = 1) -> ClassifyResult:
+        """Classifies images with the task's served path.
+
+        Raises:
+          NotFound, NotReady, InvalidArgument (see :mod:`server.errors`).
+        """
+        served = self.served(task)  # one snapshot read: the request finishes on this version
+        n_classes = served.path.architecture.num_classes
+        if top_k == 0:
+            top_k = 1
+        if not 1 <= top_k <= n_classes:
+            raise E.InvalidArgument(f"top_k={top_k}; allowed: 1..{n_classes} for task {task!r}")
+        if bool(encoded) == (raw is not None):
+            raise E.InvalidArgument("give either encoded images or one raw uint8 tensor (exactly one of them)")
+        count = len(encoded) if encoded else (len(raw) if raw is not None else 0)
+        if count > MAX_IMAGES_PER_REQUEST:
+            raise E.InvalidArgument(f"{count} images in one request; at most {MAX_IMAGES_PER_REQUEST}")
+        if encoded:
+            images = await asyncio.to_thread(decode_images, list(encoded), served.task.image_shape)
+        else:
+            images = check_raw(np.asarray(raw))
+        probs = await self.batcher.predict(served, images)
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
+        scores = np.take_along_axis(probs, order, axis=-1)
+        names = served.task.label_names
+        return ClassifyResult(label_ids=order, scores=scores, labels=[[names[i] for i in row] for row in order],
+                              probabilities=probs, system_version=served.version, path_id=served.path.id)
+
+    # ---- tasks --------------------------------------------------------------------------
+
+    def task_view(self, name: str, snapshot: Snapshot | None = None) -> dict[str, Any]:
+        """The task resource (state queued | training | serving | failed)."""
+        try:
+            t = self.store.get_task(name)
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        snap = snapshot or self.manager.snapshot
+        sp = snap.paths.get(name)
+        state = "serving" if sp is not None else ("training" if t.state == "serving" else t.state)
+        view: dict[str, Any] = {
+            "name": t.name, "state": state, "private": t.private, "acl_group": t.acl_group,
+            "labels": list(t.label_names), "image_shape": list(t.image_shape), "num_examples": dict(t.num_examples),
+            "splits": dict(t.splits), "iterations_done": t.iterations_done, "error": t.error,
+            "system_version": sp.version if sp else 0, "path_id": sp.path.id if sp else None, "metrics": {},
+        }
+        if sp is not None:
+            m = sp.path.metrics
+            view["metrics"] = {k: m[k] for k in ("validation_accuracy", "test_accuracy", "activated_params",
+                                                 "trainable_params") if k in m}
+            view["metrics"]["score"] = sp.path.score
+            view["path_length"] = len(sp.path.component_ids)
+        return view
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        snap = self.manager.snapshot
+        return [self.task_view(t.name, snap) for t in self.store.list_tasks()]
+
+    def upload_file(self, name: str, body_path: str, private: bool, acl_group: str | None) -> dict[str, Any]:
+        """Validates and stores an uploaded dataset (blocking; run in a thread).
+
+        Raises:
+          InvalidArgument: bad name or rejected dataset; AlreadyExists.
+        """
+        try:
+            D.validate_task_name(name)
+            if any(t.name == name for t in self.store.list_tasks()):
+                raise E.AlreadyExists(f"task {name!r} already exists; delete it first or choose another name")
+            with open(body_path, "rb") as f:
+                magic = f.read(4)
+            if magic[:2] == b"PK" and _is_npz(body_path):
+                splits, names = D.load_npz(body_path)
+                names = names or [str(i) for i in range(int(max(y.max() for _, y in splits.values())) + 1)]
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    D.safe_extract(FsPath(body_path), FsPath(tmp), self.config.max_archive_bytes)
+                    splits, names = D.load_image_folder(tmp)
+            add_task_arrays(self.store, name, splits, names, source="upload", private=private, acl_group=acl_group)
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        return self.task_view(name)
+
+    def delete_task(self, name: str) -> dict[str, Any]:
+        try:
+            requeued = self.store.delete_task(name)
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        return {"deleted": name, "requeued": requeued}
+
+    def check_admin(self, token: str | None) -> None:
+        if self.config.admin_token is not None and token != self.config.admin_token:
+            raise E.Unauthenticated("this call needs the server's admin bearer token (Authorization: Bearer ...)")
+
+    # ---- system -------------------------------------------------------------------------
+
+    def system(self) -> dict[str, Any]:
+        """Parameter totals, activated parameters per task, and the layer pool graph."""
+        comps = {c.id: c for c in self.store.list_components()}
+        snap = self.manager.snapshot
+        tasks, usage = {}, {}
+        for name, sp in snap.paths.items():
+            ids = [c for c in sp.path.component_ids if c in comps]
+            tasks[name] = {"path_id": sp.path.id, "components": ids,
+                           "activated_params": sum(comps[c].num_params for c in ids), "version": sp.version}
+            for c in ids:
+                usage.setdefault(c, []).append(name)
+        sharing = {a: {b: len(set(tasks[a]["components"]) & set(tasks[b]["components"])) for b in tasks if b != a}
+                   for a in tasks}
+        return {
+            "system_version": snap.version, "store_version": self.store.system_version(),
+            "total_params": sum(c.num_params for c in comps.values()),
+            "loaded_unique_params": self.manager.unique_params(),
+            "tasks": tasks, "sharing": sharing,
+            "components": [{"id": c.id, "kind": c.kind, "task": c.task, "num_params": c.num_params,
+                            "private": c.acl_group is not None, "parent_id": c.parent_id,
+                            "used_by": usage.get(c.id, [])} for c in comps.values()],
+            "last_load_error": self.manager.last_error,
+        }
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.manager.stop()
+
+
+def _is_npz(path: str) -> bool:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except zipfile.BadZipFile:
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def save_stream_limit(size: int, limit: int) -> None:
+    if size > limit:
+        raise E.TooLarge(f"body is larger than the limit of {limit} bytes")
+
+
+def remove(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.unlink(path)
