@@ -167,6 +167,20 @@ def predict_fn(arch: Architecture) -> Callable[[Sequence[C.Params], jax.Array], 
     return jax.jit(predict)
 
 
+@functools.lru_cache(maxsize=256)
+def probabilities_fn(arch: Architecture) -> Callable[[Sequence[C.Params], jax.Array], jax.Array]:
+    """Jitted ``(params, images uint8 [B,H,W,C]) -> softmax probabilities [B, classes] float32``.
+
+    The serving entry point: the same :func:`forward` as training, softmax inside the jit.
+    """
+
+    def probabilities(params: Sequence[C.Params], images: jax.Array) -> jax.Array:
+        TRACES.hit("probabilities")
+        return jax.nn.softmax(forward(arch, params, preprocess(images, arch.config.image_size)), axis=-1)
+
+    return jax.jit(probabilities)
+
+
 def predict(arch: Architecture, params: Sequence[C.Params], images: np.ndarray,
             batch_size: int = 256) -> np.ndarray:
     """Logits for a whole array of images, in fixed-size batches (the last one padded).

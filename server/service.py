@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path as FsPath
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from mu2net import datasets as D
@@ -244,6 +245,8 @@ class Service:
             "system_version": snap.version, "store_version": self.store.system_version(),
             "total_params": sum(c.num_params for c in comps.values()),
             "loaded_unique_params": self.manager.unique_params(),
+            "loaded_param_bytes": self.manager.param_bytes(),
+            "live_array_bytes": int(sum(a.nbytes for a in jax.live_arrays())),
             "tasks": tasks, "sharing": sharing,
             "components": [{"id": c.id, "kind": c.kind, "task": c.task, "num_params": c.num_params,
                             "private": c.acl_group is not None, "parent_id": c.parent_id,

@@ -44,8 +44,7 @@ class ServedPath:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[B, classes] float32`` for ``images [B,H,W,C] uint8``."""
-        logits = P.predict_fn(self.path.architecture)(list(self.params), images)
-        return np.asarray(jax.nn.softmax(logits, axis=-1))
+        return np.asarray(P.probabilities_fn(self.path.architecture)(self.params, images))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +100,10 @@ class SnapshotManager:
     def unique_params(self) -> int:
         """Scalar parameters held in memory (unique components)."""
         return int(sum(x.size for p in self._components.values() for x in jax.tree_util.tree_leaves(p)))
+
+    def param_bytes(self) -> int:
+        """Bytes of the component parameters held on device (each unique component once)."""
+        return int(sum(x.nbytes for p in self._components.values() for x in jax.tree_util.tree_leaves(p)))
 
     def refresh(self) -> bool:
         """Builds and swaps in the store's current version if it is newer. Returns True on a swap."""

@@ -24,8 +24,12 @@ from mu2net_client import (AlreadyExistsError, AuthenticationError, Client, Inva
                            NotReadyError, TooLargeError)
 from mu2net_client._proto import mu2net_pb2 as pb
 from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
-from server_harness import RunningServer
+from mu2net.server.launcher import RunningServer
 
+TINY_SERVE_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
+                   "--generations", "2", "--children", "2", "--cycles", "4", "--sample-cap", "512",
+                   "--batch-size", "32", "--quiet", "--iterations", "1", "--root-hparam", "flip=false",
+                   "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05"]
 TOKEN = "s3cret"
 
 
@@ -46,7 +50,7 @@ def static_server(tmp_path_factory):
     add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
     add_task_arrays(store, "pending", digits_splits(lambda y: y % 2), ["even", "odd"], source="test")
     Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
-    server = RunningServer(str(data), ["--no-evolver", "--max-message-bytes", str(1 << 20),
+    server = RunningServer(str(data), [*TINY_SERVE_ARGS, "--no-evolver", "--max-message-bytes", str(1 << 20),
                                        "--max-upload-bytes", str(4 << 20), "--max-archive-bytes", str(8 << 20),
                                        "--admin-token", TOKEN, "--max-batch-size", "16"])
     yield server, store
@@ -55,7 +59,7 @@ def static_server(tmp_path_factory):
 
 
 def test_end_to_end_upload_wait_classify_with_the_sdk(tmp_path):
-    server = RunningServer(str(tmp_path / "store"))
+    server = RunningServer(str(tmp_path / "store"), TINY_SERVE_ARGS)
     try:
         splits = digits_splits(limit=900)
         with Client(server.grpc, server.http, timeout=60) as client:
@@ -317,3 +321,62 @@ def test_hot_swap_under_load(static_server):
     assert len(answers) > 20
     assert set(answers) <= published, (set(answers), published)
     assert answers[-1] == store.system_version()  # the newest version was swapped in
+
+
+def test_async_client(static_server):
+    import asyncio
+
+    from mu2net_client import AsyncClient
+
+    server, _ = static_server
+    x, _ = digits_splits()["test"]
+
+    async def main():
+        async with AsyncClient(server.grpc, server.http) as client:
+            tasks = await client.tasks()
+            assert [t.name for t in tasks] == ["digits", "pending"]
+            task = await client.wait_until_serving("digits", timeout=10)
+            result = await client.classify("digits", x[:3], top_k=2)
+            assert len(result) == 3 and result.system_version == task.system_version
+            with pytest.raises(NotFoundError):
+                await client.classify("nope", x[:1])
+            with pytest.raises(NotReadyError):
+                await client.classify("pending", x[:1])
+
+    asyncio.run(main())
+
+
+def test_cli_client_commands(static_server, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    server, store = static_server
+    common = ["--grpc", server.grpc, "--http", server.http]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    tasks = cli("tasks", *common, "--json")
+    assert tasks.returncode == 0, tasks.stderr[-2000:]
+    assert [t["name"] for t in json.loads(tasks.stdout)] == ["digits", "pending"]
+    x, _ = digits_splits()["test"]
+    png = tmp_path / "seven.png"
+    Image.fromarray(x[0][..., 0]).save(png)
+    out = cli("classify", "digits", str(png), "--top-k", "2", *common)
+    assert out.returncode == 0 and "system version" in out.stdout, out.stderr[-2000:]
+    status = cli("status", *common, "--json")
+    assert json.loads(status.stdout)["tasks"] == {"serving": 1, "queued": 1}
+    s = digits_splits()
+    np.savez(tmp_path / "up.npz", **_npz_dict(s))
+    denied = cli("upload", "cli_task", str(tmp_path / "up.npz"), *common)
+    assert denied.returncode == 1 and "token" in denied.stderr
+    up = cli("upload", "cli_task", str(tmp_path / "up.npz"), "--token", TOKEN, *common)
+    assert up.returncode == 0 and "queued" in up.stdout, up.stderr[-2000:]
+    missing = cli("classify", "nope", str(png), *common)
+    assert missing.returncode == 1 and "unknown task 'nope'" in missing.stderr
+    with Client(server.grpc, server.http, token=TOKEN) as client:
+        assert client.delete("cli_task") == {"deleted": "cli_task", "requeued": []}
+        with pytest.raises(NotFoundError):
+            client.task("cli_task")

@@ -1,4 +1,4 @@
-"""Starts the real ``mu2net serve`` in a subprocess on 127.0.0.1 for tests."""
+"""Starts the real ``mu2net serve`` in a subprocess (tests and benchmarks)."""
 
 from __future__ import annotations
 
@@ -10,19 +10,13 @@ import sys
 import threading
 from typing import Sequence
 
-TINY_SERVE_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
-                   "--generations", "2", "--children", "2", "--cycles", "4", "--sample-cap", "512",
-                   "--batch-size", "32", "--quiet", "--iterations", "1", "--root-hparam", "flip=false",
-                   "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05"]
-
-
 class RunningServer:
     """A ``mu2net serve`` subprocess; ``grpc`` is host:port, ``http`` the base URL."""
 
-    def __init__(self, data_dir: str, extra: Sequence[str] = ()) -> None:
+    def __init__(self, data_dir: str, args: Sequence[str] = ()) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mu2net.cli", "serve", "--data-dir", data_dir, "--grpc-port", "0",
-             "--http-port", "0", *TINY_SERVE_ARGS, *extra],
+             "--http-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.output: list[str] = []
         while True:
@@ -40,6 +34,14 @@ class RunningServer:
     def _drain(self) -> None:
         for line in self.proc.stdout:
             self.output.append(line)
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (Linux ``/proc``)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("VmRSS not found")
 
     def stop(self, timeout: float = 60) -> int:
         if self.proc.poll() is None:

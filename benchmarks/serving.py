@@ -1,0 +1,255 @@
+"""Serving benchmarks, each measured side by side in one run.
+
+1. Routed forward (the server's ServedPath: per-component params through the shared
+   forward function) against a plain jitted Flax forward of the same architecture (one
+   module, one parameter tree), at the same batch sizes.
+2. End-to-end gRPC Classify throughput (real server subprocess, raw uint8 tensors,
+   concurrent clients) against the in-process routed forward at batch 64.
+3. Sparse activation: a server with 50 published tasks (sharing the embeddings and
+   blocks, each with its own head, as mu2Net paths do) against one with 1 task:
+   per-task throughput and server memory (RSS) against the added unique parameters.
+4. Hot-swap: time from a publish to the first answer from the new version, and classify
+   latency p50/p99 during swaps against steady state.
+
+    python benchmarks/serving.py --out docs/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from mu2net import components as C
+from mu2net import paths as P
+from mu2net import root as R
+from mu2net.evolver import add_task_arrays, init_root
+from mu2net.evolver.loop import _digest
+from mu2net.server.launcher import RunningServer
+from mu2net.server.snapshot import ServedPath
+from mu2net.store import ComponentRecord, Store, new_id
+
+
+class PlainViT(nn.Module):
+    """The same ViT as one Flax module (the baseline of benchmark 1)."""
+
+    arch: P.Architecture
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = P.preprocess(images, self.arch.config.image_size)
+        for i, kind in enumerate(self.arch.kinds):
+            x = C.module(kind, self.arch.config, self.arch.num_classes).copy(name=f"c{i}")(x)
+        return x
+
+
+def throughput(fn: Callable[[], Any], seconds: float) -> float:
+    """Calls per second of ``fn`` (after one warm-up call) over about ``seconds``."""
+    fn()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def make_store(path: str, arch: P.Architecture, params: list, n_tasks: int, seed: int = 0) -> Store:
+    """A store whose ``n_tasks`` tasks share every component but the head (published directly)."""
+    store = Store(path)
+    init_root(store, arch, params)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 255, (200, arch.config.image_size, arch.config.image_size, 1), dtype=np.uint8)
+    root = store.root_path()
+    for t in range(n_tasks):
+        name = f"task{t:02d}"
+        add_task_arrays(store, name, {"train": (x, rng.integers(0, 10, 200))}, [str(i) for i in range(10)],
+                        source="benchmark")
+        head = jax.device_get(C.init_component(C.HEAD, arch.config, jax.random.PRNGKey(1000 + t), 10))
+        head = jax.tree_util.tree_map(lambda a: a + rng.normal(0, 0.01, a.shape).astype(np.float32), head)
+        pd, od = store.write_component_files(head, None)
+        rec = ComponentRecord(id=_digest(head), kind=C.HEAD, params_digest=pd, opt_digest=od, parent_id=None,
+                              task=name, acl_group=None, steps={name: 1}, num_params=C.num_params(head),
+                              num_classes=10)
+        path = P.Path(id=new_id(), task=name, component_ids=root.component_ids[:-1] + (rec.id,),
+                      architecture=P.Architecture(arch.config, arch.kinds, 10), hparams=dict(root.hparams),
+                      score=0.5, parent_id=root.id, metrics={})
+        store.publish(path, [rec], task=name, iteration_done=True)
+    return store
+
+
+def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, seconds: float, clients: int) -> float:
+    from mu2net_client import Client
+
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def run(i: int) -> None:
+        with Client(server.grpc, server.http) as c:
+            c.classify(task, images)
+            while time.perf_counter() < stop:
+                c.classify(task, images)
+                counts[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) * len(images) / (time.perf_counter() - t0)
+
+
+def latency_run(server: RunningServer, task: str, images: np.ndarray, seconds: float,
+                during: Callable[[], None] | None = None) -> dict[str, float]:
+    from mu2net_client import Client
+
+    lat: list[float] = []
+    stop = threading.Event()
+
+    def run() -> None:
+        with Client(server.grpc, server.http) as c:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                c.classify(task, images)
+                lat.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    if during is not None:
+        during()
+    else:
+        time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join()
+    arr = np.array(lat) * 1000
+    return {"requests": len(arr), "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="docs/serving.json")
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--width", type=int, default=64)
+    ap.add_argument("--swaps", type=int, default=5)
+    args = ap.parse_args()
+    out: dict[str, Any] = {"config": vars(args), "devices": [str(d) for d in jax.devices()]}
+    config = C.ViTConfig(28, 7, args.width, 2 * args.width, 4)
+    arch, params = R.random_root(config, args.blocks, seed=0, num_classes=10)
+    rng = np.random.default_rng(0)
+
+    # 1. routed vs plain forward
+    plain = PlainViT(arch)
+    x1 = rng.integers(0, 255, (1, 28, 28, 1), dtype=np.uint8)
+    plain_params = plain.init(jax.random.PRNGKey(0), x1)
+    plain_fn = jax.jit(lambda p, x: jax.nn.softmax(plain.apply(p, x), axis=-1))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(tmp, arch, params, 1)
+        task = store.get_task("task00")
+        path = store.best_path("task00")
+        served = ServedPath(task=task, path=path, params=tuple(jax.device_put(store.load_params(path.component_ids))),
+                            version=store.system_version())
+        rows = []
+        for b in (1, 8, 64):
+            xb = rng.integers(0, 255, (b, 28, 28, 1), dtype=np.uint8)
+            ratios = []
+            for _ in range(3):  # alternate to share the machine's state
+                p_ips = throughput(lambda: np.asarray(plain_fn(plain_params, xb)), args.seconds / 3) * b
+                r_ips = throughput(lambda: served.predict(xb), args.seconds / 3) * b
+                ratios.append((r_ips, p_ips))
+            r_ips, p_ips = np.median([r for r, _ in ratios]), np.median([p for _, p in ratios])
+            rows.append({"batch": b, "routed_images_per_s": float(r_ips), "plain_images_per_s": float(p_ips),
+                         "ratio": float(r_ips / p_ips)})
+        out["routed_vs_plain"] = rows
+        print(json.dumps(rows, indent=1))
+        x64 = rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
+        inproc = throughput(lambda: served.predict(x64), args.seconds) * 64
+        store.close()
+
+    # 2 + 3: one task vs 50 tasks, end-to-end gRPC
+    results = {}
+    for n_tasks in (1, 50):
+        with tempfile.TemporaryDirectory() as tmp:
+            store = make_store(tmp, arch, params, n_tasks)
+            unique = sum(c.num_params for c in store.list_components())
+            store.close()
+            server = RunningServer(tmp, ["--no-evolver", "--max-batch-size", "64"])
+            try:
+                import httpx
+
+                rss = server.rss_bytes()
+                system = httpx.get(server.http + "/v1/system").json()
+                e2e = grpc_throughput(server, "task00", x64, args.seconds, clients=2)
+                last = grpc_throughput(server, f"task{n_tasks - 1:02d}", x64, args.seconds / 2, clients=2)
+                results[n_tasks] = {"unique_params": unique, "rss_bytes": rss,
+                                    "loaded_param_bytes": system["loaded_param_bytes"],
+                                    "live_array_bytes": system["live_array_bytes"], "grpc_images_per_s": e2e,
+                                    "grpc_images_per_s_last_task": last}
+            finally:
+                server.stop()
+    out["e2e_grpc_vs_inprocess_batch64"] = {"grpc_images_per_s": results[1]["grpc_images_per_s"],
+                                            "inprocess_images_per_s": inproc,
+                                            "ratio": results[1]["grpc_images_per_s"] / inproc}
+    added = results[50]["unique_params"] - results[1]["unique_params"]
+    out["sparse_activation"] = {
+        "one_task": results[1], "fifty_tasks": results[50],
+        "throughput_ratio": results[50]["grpc_images_per_s"] / results[1]["grpc_images_per_s"],
+        "added_unique_params": added, "added_unique_param_bytes": added * 4,
+        "rss_growth_bytes": results[50]["rss_bytes"] - results[1]["rss_bytes"],
+        "live_array_growth_bytes": results[50]["live_array_bytes"] - results[1]["live_array_bytes"],
+        "loaded_param_growth_bytes": results[50]["loaded_param_bytes"] - results[1]["loaded_param_bytes"]}
+    print(json.dumps(out["e2e_grpc_vs_inprocess_batch64"], indent=1))
+    print(json.dumps(out["sparse_activation"], indent=1))
+
+    # 4. hot-swap
+    with tempfile.TemporaryDirectory() as tmp:
+        store = make_store(tmp, arch, params, 1)
+        server = RunningServer(tmp, ["--no-evolver", "--max-batch-size", "64"])
+        x8 = x64[:8]
+        try:
+            steady = latency_run(server, "task00", x8, args.seconds)
+            swap_times: list[float] = []
+
+            def swaps() -> None:
+                from mu2net_client import Client
+
+                with Client(server.grpc, server.http) as c:
+                    for i in range(args.swaps):
+                        old = store.best_path("task00")
+                        head = jax.device_get(C.init_component(C.HEAD, config, jax.random.PRNGKey(5000 + i), 10))
+                        pd, od = store.write_component_files(head, None)
+                        rec = ComponentRecord(id=_digest(head), kind=C.HEAD, params_digest=pd, opt_digest=od,
+                                              parent_id=None, task="task00", acl_group=None, steps={"task00": 1},
+                                              num_params=C.num_params(head), num_classes=10)
+                        new = P.Path(id=new_id(), task="task00", component_ids=old.component_ids[:-1] + (rec.id,),
+                                     architecture=old.architecture, hparams=dict(old.hparams), score=0.5,
+                                     parent_id=old.id, metrics={})
+                        t0 = time.perf_counter()
+                        version = store.publish(new, [rec], task="task00", iteration_done=True)
+                        while c.classify("task00", x8[:1]).system_version != version:
+                            time.sleep(0.005)
+                        swap_times.append(time.perf_counter() - t0)
+                        time.sleep(0.5)
+
+            during = latency_run(server, "task00", x8, 0, during=swaps)
+        finally:
+            server.stop()
+            store.close()
+    out["hot_swap"] = {"publish_to_serving_s": {"p50": float(np.median(swap_times)), "max": float(max(swap_times))},
+                       "steady": steady, "during_swaps": during}
+    print(json.dumps(out["hot_swap"], indent=1))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
