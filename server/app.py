@@ -42,9 +42,9 @@ class EvolverSupervisor:
 
     argv: list[str]
     metrics: Metrics | None = None
-    process: subprocess.Popen | None = None
+    process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
-    _task: asyncio.Task | None = None
+    _task: asyncio.Task[None] | None = None
     _stopping: bool = False
 
     def start(self) -> None:
@@ -110,7 +110,7 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
           f"system_version={service.manager.snapshot.version}", flush=True)
     await stop.wait()
     log.info("shutting down: draining in-flight requests")
-    await grpc_server.health_servicer.enter_graceful_shutdown()  # type: ignore[attr-defined]
+    await grpc_server.health_servicer.enter_graceful_shutdown()
     uv.should_exit = True
     await http_task
     await grpc_server.stop(grace=30)

@@ -24,7 +24,7 @@ from mu2net.server.snapshot import ServedPath, bucket_for
 class _Request:
     served: ServedPath
     images: np.ndarray
-    future: asyncio.Future
+    future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
 
     @property
@@ -54,7 +54,7 @@ class Batcher:
         """Probabilities ``[N, classes] float32`` for ``images [N,H,W,C] uint8`` on ``served``."""
         loop = asyncio.get_running_loop()
         chunks = [images[i:i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
-        futures = []
+        futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:
             fut = loop.create_future()
             self._queue.put(_Request(served, chunk, fut, loop))
@@ -112,11 +112,11 @@ class Batcher:
         self._thread.join(timeout=10)
 
 
-def _set_result(fut: asyncio.Future, value: np.ndarray) -> None:
+def _set_result(fut: asyncio.Future[np.ndarray], value: np.ndarray) -> None:
     if not fut.done():
         fut.set_result(value)
 
 
-def _set_exception(fut: asyncio.Future, error: Exception) -> None:
+def _set_exception(fut: asyncio.Future[np.ndarray], error: Exception) -> None:
     if not fut.done():
         fut.set_exception(error)

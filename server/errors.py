@@ -55,8 +55,8 @@ TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
 def codes(error: ServiceError) -> tuple[grpc.StatusCode, int]:
     """The (gRPC code, HTTP status) of an error (INTERNAL/500 if unmapped)."""
     for cls in type(error).__mro__:
-        if cls in TABLE:
-            return TABLE[cls]  # type: ignore[index]
+        if issubclass(cls, ServiceError) and cls in TABLE:
+            return TABLE[cls]
     return grpc.StatusCode.INTERNAL, 500
 
 

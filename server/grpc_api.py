@@ -60,7 +60,7 @@ def _task_message(view: dict[str, Any]) -> pb.Task:
                    error=view["error"] or "", activated_params=m.get("activated_params") or 0)
 
 
-class Mu2NetServicer(pbgrpc.Mu2NetServicer):
+class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
     def __init__(self, service: Service) -> None:
         self.service = service
 
@@ -128,7 +128,7 @@ def model_metadata(service: Service, name: str) -> dict[str, Any]:
             "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, served.path.architecture.num_classes]}]}
 
 
-class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):
+class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """``inference.GRPCInferenceService``: model name = task name."""
 
     def __init__(self, service: Service) -> None:
@@ -249,5 +249,5 @@ async def start_grpc(service: Service, host: str, port: int, max_message_bytes: 
     await server.start()
     for name in ("", names[0], names[1]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    server.health_servicer = health_servicer
     return server, bound

@@ -9,7 +9,7 @@ import json
 import os
 import tempfile
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 from starlette.applications import Starlette
@@ -34,8 +34,10 @@ def _error(err: E.ServiceError) -> JSONResponse:
 def build_app(service: Service, upload_dir: str) -> Starlette:
     """The starlette application over ``service``; uploads are spooled in ``upload_dir``."""
 
-    def endpoint(method_name: str):  # noqa: ANN202
-        def deco(fn):  # noqa: ANN001, ANN202
+    Handler = Callable[[Request], Awaitable[Response]]
+
+    def endpoint(method_name: str) -> Callable[[Handler], Handler]:
+        def deco(fn: Handler) -> Handler:
             async def handler(request: Request) -> Response:
                 t0 = time.perf_counter()
                 try:

@@ -19,8 +19,10 @@ class RunningServer:
              "--http-port", "0", *args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
         self.output: list[str] = []
+        assert self.proc.stdout is not None  # stdout=PIPE above
+        self._stdout = self.proc.stdout
         while True:
-            line = self.proc.stdout.readline()
+            line = self._stdout.readline()
             if not line:
                 raise RuntimeError("server exited before serving:\n" + "".join(self.output[-50:]))
             self.output.append(line)
@@ -32,7 +34,7 @@ class RunningServer:
         self._reader.start()
 
     def _drain(self) -> None:
-        for line in self.proc.stdout:
+        for line in self._stdout:
             self.output.append(line)
 
     def rss_bytes(self) -> int:

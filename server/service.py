@@ -79,10 +79,10 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
                 im.load()
                 if im.width > MAX_IMAGE_SIDE or im.height > MAX_IMAGE_SIDE:
                     raise E.InvalidArgument(f"image {i} is {im.width}x{im.height}; at most {MAX_IMAGE_SIDE} per side")
-                im = im.convert("L" if c == 1 else "RGB")
-                if im.size != (w, h):
-                    im = im.resize((w, h), Image.BILINEAR)
-                arr = np.asarray(im, np.uint8)
+                converted = im.convert("L" if c == 1 else "RGB")
+                if converted.size != (w, h):
+                    converted = converted.resize((w, h), Image.Resampling.BILINEAR)
+                arr = np.asarray(converted, np.uint8)
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is not a decodable image: {e}") from e
         out[i] = arr.reshape(h, w, -1)[..., :c] if c in (1, 3) else np.repeat(arr.reshape(h, w, -1)[..., :1], c, -1)
@@ -232,7 +232,8 @@ class Service:
         """Parameter totals, activated parameters per task, and the layer pool graph."""
         comps = {c.id: c for c in self.store.list_components()}
         snap = self.manager.snapshot
-        tasks, usage = {}, {}
+        tasks: dict[str, dict[str, Any]] = {}
+        usage: dict[str, list[str]] = {}
         for name, sp in snap.paths.items():
             ids = [c for c in sp.path.component_ids if c in comps]
             tasks[name] = {"path_id": sp.path.id, "components": ids,
@@ -246,7 +247,7 @@ class Service:
             "total_params": sum(c.num_params for c in comps.values()),
             "loaded_unique_params": self.manager.unique_params(),
             "loaded_param_bytes": self.manager.param_bytes(),
-            "live_array_bytes": int(sum(a.nbytes for a in jax.live_arrays())),
+            "live_array_bytes": int(sum(a.nbytes for a in jax.live_arrays())),  # type: ignore[no-untyped-call]
             "tasks": tasks, "sharing": sharing,
             "components": [{"id": c.id, "kind": c.kind, "task": c.task, "num_params": c.num_params,
                             "private": c.acl_group is not None, "parent_id": c.parent_id,

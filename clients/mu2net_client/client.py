@@ -85,7 +85,8 @@ def dataset_body(data: DatasetLike) -> tuple[Any, str]:
     """
     if isinstance(data, Mapping):
         buf = io.BytesIO()
-        np.savez(buf, **{k: np.asarray(v) for k, v in data.items()})
+        arrays: dict[str, Any] = {str(k): np.asarray(v) for k, v in data.items()}
+        np.savez(buf, **arrays)
         return buf.getvalue(), "arrays"
     path = os.fspath(data)
     if os.path.isdir(path):
@@ -180,7 +181,8 @@ class Client:
         return Task.from_json(self._get(f"/v1/tasks/{name}"))
 
     def system(self) -> dict[str, Any]:
-        return self._get("/v1/system")
+        doc: dict[str, Any] = self._get("/v1/system")
+        return doc
 
     def upload(self, name: str, data: DatasetLike, *, private: bool = False, acl_group: str | None = None) -> Task:
         """Uploads a labeled dataset as a new task (not retried: not idempotent).
@@ -214,7 +216,8 @@ class Client:
             r = self._http.delete(f"/v1/tasks/{name}")
         if r.status_code >= 400:
             raise E.from_http(r)
-        return r.json()
+        doc: dict[str, Any] = r.json()
+        return doc
 
     def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
                            progress: bool = True) -> Task:
@@ -291,7 +294,8 @@ class AsyncClient:
         return Task.from_json(await self._get(f"/v1/tasks/{name}"))
 
     async def system(self) -> dict[str, Any]:
-        return await self._get("/v1/system")
+        doc: dict[str, Any] = await self._get("/v1/system")
+        return doc
 
     async def upload(self, name: str, data: DatasetLike, *, private: bool = False,
                      acl_group: str | None = None) -> Task:
@@ -315,7 +319,8 @@ class AsyncClient:
             r = await self._http.delete(f"/v1/tasks/{name}")
         if r.status_code >= 400:
             raise E.from_http(r)
-        return r.json()
+        doc: dict[str, Any] = r.json()
+        return doc
 
     async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0) -> Task:
         deadline = None if timeout is None else time.monotonic() + timeout
