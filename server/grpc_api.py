@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import struct
 import time
@@ -82,11 +83,12 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
 
     @_handle("grpc")
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:
-        return pb.ListTasksResponse(tasks=[_task_message(v) for v in self.service.list_tasks()])
+        views = await asyncio.to_thread(self.service.list_tasks)  # SQLite reads off the event loop
+        return pb.ListTasksResponse(tasks=[_task_message(v) for v in views])
 
     @_handle("grpc")
     async def GetTask(self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
-        return _task_message(self.service.task_view(request.name))
+        return _task_message(await asyncio.to_thread(self.service.task_view, request.name))
 
 
 # ---- Open Inference Protocol helpers (shared with the REST front end) -------------------
@@ -144,7 +146,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
 
     @_handle("kserve_grpc")
     async def ModelReady(self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
-        self.service.task_view(request.name)  # NOT_FOUND for an unknown task
+        await asyncio.to_thread(self.service.task_view, request.name)  # NOT_FOUND for an unknown task
         return kpb.ModelReadyResponse(ready=request.name in self.service.manager.snapshot.paths)
 
     @_handle("kserve_grpc")

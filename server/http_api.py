@@ -169,7 +169,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
     @endpoint("v2_model_ready")
     async def v2_model_ready(request: Request) -> Response:
         name = request.path_params["name"]
-        service.task_view(name)  # 404 for an unknown task
+        await asyncio.to_thread(service.task_view, name)  # 404 for an unknown task
         ready = name in service.manager.snapshot.paths
         return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 

@@ -1,0 +1,47 @@
+"""Snapshot loading: shared components loaded once, failed loads keep the old version."""
+
+import numpy as np
+
+from conftest import TINY_EVOLVER, digits_splits
+from mu2net.evolver import Evolver
+from mu2net.server.snapshot import SnapshotManager, bucket_for, bucket_sizes
+
+
+def test_buckets():
+    assert bucket_sizes(64) == [1, 2, 4, 8, 16, 32, 64] and bucket_sizes(48)[-1] == 48
+    assert bucket_for(5, 64) == 8 and bucket_for(64, 64) == 64
+
+
+def test_swap_loads_only_missing_components_and_a_failed_load_keeps_serving(tiny_store):
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    manager = SnapshotManager(tiny_store, max_batch_size=4)
+    assert manager.refresh()
+    first = manager.snapshot
+    x, _ = digits_splits()["test"]
+    probs = first.paths["digits"].predict(x[:4])
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(-1), 1, atol=1e-5)
+
+    ev.active_phase("small")
+    loaded_before = set(manager._components)
+    assert manager.refresh()
+    second = manager.snapshot
+    assert second.version > first.version and set(second.paths) == {"digits", "small"}
+    assert second.paths["digits"] is not first.paths["digits"]  # re-wrapped, same path
+    assert second.paths["digits"].path.id == first.paths["digits"].path.id
+    shared = set(second.paths["digits"].path.component_ids) & set(second.paths["small"].path.component_ids)
+    for cid in shared:  # a component shared by two paths is one array in memory
+        i = second.paths["digits"].path.component_ids.index(cid)
+        j = second.paths["small"].path.component_ids.index(cid)
+        assert second.paths["digits"].params[i] is second.paths["small"].params[j]
+    assert loaded_before <= set(manager._components)
+    np.testing.assert_array_equal(second.paths["digits"].predict(x[:4]), probs)  # old version intact
+
+    # a publish whose array file vanished cannot be loaded: the old snapshot keeps serving
+    ev.active_phase("parity")
+    new_path = tiny_store.best_path("parity")
+    comp = tiny_store.get_components([new_path.component_ids[-1]])[0]
+    (tiny_store.data_dir / "arrays" / comp.params_digest[:2] / f"{comp.params_digest}.npz").unlink()
+    assert not manager.refresh()
+    assert manager.snapshot is second and manager.load_failures == 1
+    assert "missing" in manager.last_error
