@@ -114,6 +114,32 @@ def _grpc_call(fn: Callable[[], T], retries: int, backoff: float) -> T:
     raise AssertionError("unreachable")
 
 
+def _check_serving(t: Task, deadline: float | None, timeout: float | None) -> bool:
+    """True when ``t`` serves; raises when it failed or the deadline passed."""
+    if t.state == "serving":
+        return True
+    if t.state == "failed":
+        raise E.ServerError(f"task {t.name!r} failed: {t.error}")
+    if deadline is not None and time.monotonic() > deadline:
+        raise E.TimeoutError(f"task {t.name!r} still {t.state} after {timeout}s")
+    return False
+
+
+def _json(r: httpx.Response) -> dict[str, Any]:
+    """The JSON body of a successful response; the mapped SDK error otherwise."""
+    if r.status_code >= 400:
+        raise E.from_http(r)
+    doc: dict[str, Any] = r.json()
+    return doc
+
+
+def _upload_params(name: str, private: bool, acl_group: str | None) -> dict[str, str]:
+    params = {"name": name, "private": str(private).lower()}
+    if acl_group:
+        params["acl_group"] = acl_group
+    return params
+
+
 class Client:
     """Synchronous client.
 
@@ -196,9 +222,7 @@ class Client:
           acl_group: ACL group of a private task.
         """
         body, _ = dataset_body(data)
-        params = {"name": name, "private": str(private).lower()}
-        if acl_group:
-            params["acl_group"] = acl_group
+        params = _upload_params(name, private, acl_group)
         try:
             with E.map_exceptions():
                 r = self._http.post("/v1/tasks", params=params, content=body,
@@ -207,17 +231,12 @@ class Client:
         finally:
             if hasattr(body, "close"):
                 body.close()
-        if r.status_code >= 400:
-            raise E.from_http(r)
-        return Task.from_json(r.json())
+        return Task.from_json(_json(r))
 
     def delete(self, name: str) -> dict[str, Any]:
         with E.map_exceptions():
             r = self._http.delete(f"/v1/tasks/{name}")
-        if r.status_code >= 400:
-            raise E.from_http(r)
-        doc: dict[str, Any] = r.json()
-        return doc
+        return _json(r)
 
     def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
                            progress: bool = True) -> Task:
@@ -234,12 +253,8 @@ class Client:
             while True:
                 t = self.task(name)
                 bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
-                if t.state == "serving":
+                if _check_serving(t, deadline, timeout):
                     return t
-                if t.state == "failed":
-                    raise E.ServerError(f"task {name!r} failed: {t.error}")
-                if deadline is not None and time.monotonic() > deadline:
-                    raise E.TimeoutError(f"task {name!r} still {t.state} after {timeout}s")
                 time.sleep(poll)
                 bar.update(0)
 
@@ -303,35 +318,24 @@ class AsyncClient:
         if hasattr(body, "read"):
             with body:
                 body = body.read()
-        params = {"name": name, "private": str(private).lower()}
-        if acl_group:
-            params["acl_group"] = acl_group
+        params = _upload_params(name, private, acl_group)
         with E.map_exceptions():
             r = await self._http.post("/v1/tasks", params=params, content=body,
                                       headers={"Content-Type": "application/octet-stream"},
                                       timeout=max(self.timeout, 600.0))
-        if r.status_code >= 400:
-            raise E.from_http(r)
-        return Task.from_json(r.json())
+        return Task.from_json(_json(r))
 
     async def delete(self, name: str) -> dict[str, Any]:
         with E.map_exceptions():
             r = await self._http.delete(f"/v1/tasks/{name}")
-        if r.status_code >= 400:
-            raise E.from_http(r)
-        doc: dict[str, Any] = r.json()
-        return doc
+        return _json(r)
 
     async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0) -> Task:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             t = await self.task(name)
-            if t.state == "serving":
+            if _check_serving(t, deadline, timeout):
                 return t
-            if t.state == "failed":
-                raise E.ServerError(f"task {name!r} failed: {t.error}")
-            if deadline is not None and time.monotonic() > deadline:
-                raise E.TimeoutError(f"task {name!r} still {t.state} after {timeout}s")
             await asyncio.sleep(poll)
 
 
