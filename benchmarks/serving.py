@@ -84,17 +84,33 @@ def make_store(path: str, arch: P.Architecture, params: list, n_tasks: int, seed
     return store
 
 
-def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, seconds: float, clients: int) -> float:
+def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, seconds: float, clients: int,
+                    sdk: bool = True) -> float:
+    """Images/s of Classify from ``clients`` threads: through the SDK (typed results) or, with
+    ``sdk=False``, the bare generated stub (the server's cost with the least client work)."""
+    import grpc
+
     from mu2net_client import Client
+    from mu2net_client._proto import mu2net_pb2_grpc
+    from mu2net_client.client import classify_request
 
     counts = [0] * clients
     stop = time.perf_counter() + seconds
 
     def run(i: int) -> None:
-        with Client(server.grpc, server.http) as c:
-            c.classify(task, images)
-            while time.perf_counter() < stop:
+        if sdk:
+            with Client(server.grpc, server.http) as c:
                 c.classify(task, images)
+                while time.perf_counter() < stop:
+                    c.classify(task, images)
+                    counts[i] += 1
+            return
+        request = classify_request(task, images, 1)
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = mu2net_pb2_grpc.Mu2NetStub(channel)
+            stub.Classify(request)
+            while time.perf_counter() < stop:
+                stub.Classify(request)
                 counts[i] += 1
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
@@ -172,33 +188,53 @@ def main() -> None:
         out["routed_vs_plain"] = rows
         print(json.dumps(rows, indent=1))
         x64 = rng.integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
-        inproc = throughput(lambda: served.predict(x64), args.seconds) * 64
         store.close()
 
-    # 2 + 3: one task vs 50 tasks, end-to-end gRPC
-    results = {}
-    for n_tasks in (1, 50):
-        with tempfile.TemporaryDirectory() as tmp:
-            store = make_store(tmp, arch, params, n_tasks)
+    # 2 + 3: one task vs 50 tasks, end-to-end gRPC; both servers up, rounds alternated
+    results: dict[int, dict[str, Any]] = {}
+    servers: dict[int, RunningServer] = {}
+    tmps = {n: tempfile.TemporaryDirectory() for n in (1, 50)}
+    e2e_rounds: list[dict[str, float]] = []
+    try:
+        import httpx
+
+        for n_tasks in (1, 50):
+            store = make_store(tmps[n_tasks].name, arch, params, n_tasks)
             unique = sum(c.num_params for c in store.list_components())
             store.close()
-            server = RunningServer(tmp, ["--no-evolver", "--max-batch-size", "64"])
-            try:
-                import httpx
-
-                rss = server.rss_bytes()
-                system = httpx.get(server.http + "/v1/system").json()
-                e2e = grpc_throughput(server, "task00", x64, args.seconds, clients=2)
-                last = grpc_throughput(server, f"task{n_tasks - 1:02d}", x64, args.seconds / 2, clients=2)
-                results[n_tasks] = {"unique_params": unique, "rss_bytes": rss,
-                                    "loaded_param_bytes": system["loaded_param_bytes"],
-                                    "live_array_bytes": system["live_array_bytes"], "grpc_images_per_s": e2e,
-                                    "grpc_images_per_s_last_task": last}
-            finally:
-                server.stop()
-    out["e2e_grpc_vs_inprocess_batch64"] = {"grpc_images_per_s": results[1]["grpc_images_per_s"],
-                                            "inprocess_images_per_s": inproc,
-                                            "ratio": results[1]["grpc_images_per_s"] / inproc}
+            servers[n_tasks] = RunningServer(tmps[n_tasks].name, ["--no-evolver", "--max-batch-size", "64"])
+            system = httpx.get(servers[n_tasks].http + "/v1/system").json()
+            results[n_tasks] = {"unique_params": unique, "rss_bytes": servers[n_tasks].rss_bytes(),
+                                "loaded_param_bytes": system["loaded_param_bytes"],
+                                "live_array_bytes": system["live_array_bytes"], "rounds": []}
+        with tempfile.TemporaryDirectory() as tmp2:
+            s2 = make_store(tmp2, arch, params, 1)
+            p2 = s2.best_path("task00")
+            served = ServedPath(task=s2.get_task("task00"), path=p2,
+                                params=tuple(jax.device_put(s2.load_params(p2.component_ids))),
+                                version=s2.system_version())
+            s2.close()
+        for _ in range(3):
+            for n_tasks in (1, 50):  # per-task throughput, round-robin over the server's tasks' first and last
+                results[n_tasks]["rounds"].append(
+                    grpc_throughput(servers[n_tasks], "task00", x64, args.seconds / 2, clients=2))
+            e2e_rounds.append({
+                "inprocess": throughput(lambda: served.predict(x64), args.seconds / 2) * 64,
+                "grpc_sdk": grpc_throughput(servers[1], "task00", x64, args.seconds / 2, clients=2),
+                "grpc_stub": grpc_throughput(servers[1], "task00", x64, args.seconds / 2, clients=2, sdk=False)})
+        results[50]["last_task_images_per_s"] = grpc_throughput(servers[50], "task49", x64, args.seconds / 2, 2)
+        for n_tasks in (1, 50):
+            results[n_tasks]["grpc_images_per_s"] = float(np.median(results[n_tasks]["rounds"]))
+    finally:
+        for server in servers.values():
+            server.stop()
+        for t in tmps.values():
+            t.cleanup()
+    med = {k: float(np.median([r[k] for r in e2e_rounds])) for k in e2e_rounds[0]}
+    out["e2e_grpc_vs_inprocess_batch64"] = {
+        "rounds": e2e_rounds, "inprocess_images_per_s": med["inprocess"],
+        "grpc_sdk_images_per_s": med["grpc_sdk"], "grpc_stub_images_per_s": med["grpc_stub"],
+        "ratio_sdk": med["grpc_sdk"] / med["inprocess"], "ratio_stub": med["grpc_stub"] / med["inprocess"]}
     added = results[50]["unique_params"] - results[1]["unique_params"]
     out["sparse_activation"] = {
         "one_task": results[1], "fifty_tasks": results[50],

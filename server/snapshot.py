@@ -44,7 +44,7 @@ class ServedPath:
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[B, classes] float32`` for ``images [B,H,W,C] uint8``."""
-        return np.asarray(P.probabilities_fn(self.path.architecture)(self.params, jax.numpy.asarray(images)))
+        return np.asarray(P.probabilities_fn(self.path.architecture)(self.params, images))  # type: ignore[arg-type]
 
 
 @dataclasses.dataclass(frozen=True)
