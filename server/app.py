@@ -1,7 +1,8 @@
 """``mu2net serve``: gRPC and HTTP in one process, plus a supervised evolver process.
 
 SIGTERM (or SIGINT) stops accepting work, drains in-flight HTTP and gRPC requests, stops
-the evolver process and exits 0.
+the evolver process and exits 0. Further SIGTERM/SIGINT during the drain are ignored; the
+drain is bounded (30 s for HTTP, 30 s for gRPC, 15 s for the evolver before SIGKILL).
 """
 
 from __future__ import annotations
@@ -109,6 +110,11 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     print(f"mu2net serving: grpc={host}:{grpc_bound} http=http://{host}:{http_bound} "
           f"system_version={service.manager.snapshot.version}", flush=True)
     await stop.wait()
+    # shutdown has begun: a repeated SIGTERM must not cut the drain short (or the exit code)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     log.info("shutting down: draining in-flight requests")
     await grpc_server.health_servicer.enter_graceful_shutdown()
     uv.should_exit = True

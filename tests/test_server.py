@@ -380,3 +380,44 @@ def test_cli_client_commands(static_server, tmp_path):
         assert client.delete("cli_task") == {"deleted": "cli_task", "requeued": []}
         with pytest.raises(NotFoundError):
             client.task("cli_task")
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    """A classify call in flight when SIGTERM arrives still completes; the server exits 0."""
+    import signal
+    import time
+
+    store = Store(tmp_path / "store")
+    arch, params = R.random_root(TINY, 0, seed=0)
+    init_root(store, arch, params, {"flip": False, "crop": False})
+    add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
+    Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
+    store.close()
+    server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver"])
+    big = np.random.default_rng(0).integers(0, 255, (1024, 160, 160, 1), dtype=np.uint8)  # slow to resize
+    outcome = {}
+    started = threading.Event()
+
+    def call():
+        with Client(server.grpc, server.http, retries=0, timeout=120) as client:
+            client.classify("digits", big[:64])  # compiles the 64-image chunk shape
+            started.set()
+            try:
+                outcome["result"] = client.classify("digits", big)
+            except Exception as e:  # noqa: BLE001 - recorded and asserted below
+                outcome["error"] = repr(e)
+            outcome["finished"] = time.perf_counter()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    assert started.wait(120)
+    time.sleep(0.2)
+    sigterm_at = time.perf_counter()
+    server.proc.send_signal(signal.SIGTERM)
+    thread.join(120)
+    code = server.stop()
+    time.sleep(0.5)
+    assert code == 0, f"exit {code}: " + "".join(server.output[-40:])
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["finished"] > sigterm_at, "the request ended before SIGTERM: nothing was drained"
+    assert len(outcome["result"]) == 1024
