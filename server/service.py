@@ -27,7 +27,7 @@ from mu2net.server.batcher import Batcher
 from mu2net.server.snapshot import ServedPath, Snapshot, SnapshotManager
 
 MAX_IMAGE_SIDE = 4096
-MAX_IMAGES_PER_REQUEST = 1024
+MAX_IMAGES_PER_REQUEST = 8192
 
 
 @dataclasses.dataclass(frozen=True)

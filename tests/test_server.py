@@ -393,25 +393,29 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
     Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
     store.close()
-    server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver"])
-    big = np.random.default_rng(0).integers(0, 255, (1024, 160, 160, 1), dtype=np.uint8)  # slow to resize
+    limit = str(256 << 20)
+    server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver", "--max-message-bytes", limit])
+    # ~100 MB of large images: resizing them takes the server well over a second
+    big = np.random.default_rng(0).integers(0, 255, (4096, 160, 160, 1), dtype=np.uint8)
     outcome = {}
     started = threading.Event()
 
     def call():
-        with Client(server.grpc, server.http, retries=0, timeout=120) as client:
+        with Client(server.grpc, server.http, retries=0, timeout=120, max_message_bytes=256 << 20) as client:
             client.classify("digits", big[:64])  # compiles the 64-image chunk shape
             started.set()
+            t0 = time.perf_counter()
             try:
                 outcome["result"] = client.classify("digits", big)
             except Exception as e:  # noqa: BLE001 - recorded and asserted below
                 outcome["error"] = repr(e)
             outcome["finished"] = time.perf_counter()
+            outcome["seconds"] = outcome["finished"] - t0
 
     thread = threading.Thread(target=call)
     thread.start()
     assert started.wait(120)
-    time.sleep(0.2)
+    time.sleep(0.3)
     sigterm_at = time.perf_counter()
     server.proc.send_signal(signal.SIGTERM)
     thread.join(120)
@@ -419,5 +423,5 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     time.sleep(0.5)
     assert code == 0, f"exit {code}: " + "".join(server.output[-40:])
     assert "error" not in outcome, outcome.get("error")
-    assert outcome["finished"] > sigterm_at, "the request ended before SIGTERM: nothing was drained"
-    assert len(outcome["result"]) == 1024
+    assert outcome["finished"] > sigterm_at, f"the request took {outcome['seconds']:.2f}s and ended before SIGTERM"
+    assert len(outcome["result"]) == 4096
