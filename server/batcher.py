@@ -53,6 +53,10 @@ class Batcher:
     async def predict(self, served: ServedPath, images: np.ndarray) -> np.ndarray:
         """Probabilities ``[N, classes] float32`` for ``images [N,H,W,C] uint8`` on ``served``."""
         loop = asyncio.get_running_loop()
+        if len(images) <= self.max_batch_size:  # the common case: one chunk, no gather/concatenate
+            fut: asyncio.Future[np.ndarray] = loop.create_future()
+            self._queue.put(_Request(served, images, fut, loop))
+            return await fut
         chunks = [images[i:i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
         futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:

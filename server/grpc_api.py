@@ -76,10 +76,11 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
             raw = np.frombuffer(request.raw.data, np.uint8).reshape(shape)
         result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
                                              top_k=request.top_k or 1)
-        return pb.ClassifyResponse(
-            results=[pb.Classification(labels=labels, label_ids=ids.tolist(), scores=scores.tolist())
-                     for labels, ids, scores in zip(result.labels, result.label_ids, result.scores)],
-            system_version=result.system_version, path_id=result.path_id)
+        resp = pb.ClassifyResponse(system_version=result.system_version, path_id=result.path_id)
+        add = resp.results.add
+        for labels, ids, scores in zip(result.labels, result.label_ids.tolist(), result.scores.tolist()):
+            add(labels=labels, label_ids=ids, scores=scores)
+        return resp
 
     @_handle("grpc")
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:

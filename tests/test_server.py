@@ -395,8 +395,12 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     store.close()
     limit = str(256 << 20)
     server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver", "--max-message-bytes", limit])
-    # ~100 MB of large images: resizing them takes the server well over a second
-    big = np.random.default_rng(0).integers(0, 255, (4096, 160, 160, 1), dtype=np.uint8)
+    # 8192 copies of one small PNG: a few MB on the wire (received at once), while decoding
+    # and resizing them keeps the server busy for over a second
+    gradient = (np.add.outer(np.arange(160), np.arange(160)) % 256).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(gradient).save(buf, format="PNG")
+    big = [buf.getvalue()] * 8192
     outcome = {}
     started = threading.Event()
 
@@ -424,4 +428,4 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     assert code == 0, f"exit {code}: " + "".join(server.output[-40:])
     assert "error" not in outcome, outcome.get("error")
     assert outcome["finished"] > sigterm_at, f"the request took {outcome['seconds']:.2f}s and ended before SIGTERM"
-    assert len(outcome["result"]) == 4096
+    assert len(outcome["result"]) == 8192
