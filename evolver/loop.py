@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import math
+import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -134,7 +135,7 @@ def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names:
     try:
         return store.add_task(record)
     except BaseException:
-        D.remove_tree(str(ds_root))
+        shutil.rmtree(ds_root, ignore_errors=True)
         raise
 
 
@@ -236,12 +237,11 @@ class Evolver:
         """One task iteration of Algorithm 1 for ``task_name``; returns the task's best path."""
         cfg = self.config
         task = self.store.get_task(task_name)
-        self.store.set_task_state(task.name, "training" if task.iterations_done == 0 or
-                                  self.store.best_path(task.name) is None else "serving")
+        best_stored = self.store.best_path(task.name)
+        self.store.set_task_state(task.name, "training" if best_stored is None else "serving")
         train = D.read_split(task.dataset_dir, task.splits["train"])
         validation = D.read_split(task.dataset_dir, task.splits["validation"])
         rng = np.random.default_rng([cfg.seed, task.seq, task.iterations_done])
-        best_stored = self.store.best_path(task.name)
         population: list[P.Path] = [best_stored] if best_stored is not None else []
         others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -196,7 +197,6 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
     best: TrainResult | None = None
     history: list[float] = []
     step, images, seconds = 0, 0, 0.0
-    import time
     for _ in range(budget.cycles):
         t0 = time.perf_counter()
         for _ in range(steps_per_cycle):

@@ -25,7 +25,6 @@ import gzip
 import io
 import os
 import re
-import shutil
 import struct
 import tarfile
 import tempfile
@@ -440,19 +439,9 @@ def read_split(dataset_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return out
 
 
-def forget(dataset_dir: str) -> None:
-    """Drops cached splits of a dataset (after its task is deleted)."""
-    with _CACHE_LOCK:
-        for k in [k for k in _CACHE if k[0] == dataset_dir]:
-            del _CACHE[k]
-
-
 def validate_task_name(name: str) -> str:
     if not TASK_NAME_RE.match(name):
         raise DatasetError(f"task name {name!r} is invalid; allowed: 1-64 of [A-Za-z0-9_.-], "
                            "starting with a letter or digit")
     return name
 
-
-def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -25,7 +25,6 @@ import os
 import shutil
 import sqlite3
 import threading
-import time
 import uuid
 from pathlib import Path as FsPath
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -551,6 +550,3 @@ def new_id() -> str:
     """A fresh path id."""
     return uuid.uuid4().hex
 
-
-def now() -> float:
-    return time.time()

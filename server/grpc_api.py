@@ -172,9 +172,9 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
                                       list(inp.contents.uint_contents), list(inp.contents.bytes_contents))
         outputs = [(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs]
         k = requested_classification(outputs)
-        n_classes = self.service.served(request.model_name).path.architecture.num_classes
-        result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels,
-                                             top_k=min(k, n_classes) if k else 1)
+        result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels, top_k=k or 1,
+                                             clip_top_k=True)
+        n_classes = result.probabilities.shape[1]
         resp = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(result.system_version),
                                       id=request.id)
         resp.parameters["system_version"].int64_param = result.system_version

@@ -19,8 +19,7 @@ from starlette.routing import Route
 
 from mu2net.server import errors as E
 from mu2net.server.grpc_api import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
-                                    deserialize_bytes_tensor, infer_input, model_metadata, requested_classification,
-                                    serialize_bytes_tensor)
+                                    infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
 from mu2net.server.page import render_page
 from mu2net.server.service import Service
 
@@ -201,8 +200,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         k = requested_classification(outputs)
         want_binary = any(p.get("binary_data", False) for _, p in outputs) or \
             bool((doc.get("parameters") or {}).get("binary_data_output", False))
-        n_classes = service.served(name).path.architecture.num_classes
-        result = await service.classify(name, encoded=encoded, raw=pixels, top_k=min(k, n_classes) if k else 1)
+        result = await service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True)
+        n_classes = result.probabilities.shape[1]
         rows = len(result.probabilities)
         if k:
             strings = classification_strings(result, k)
@@ -257,5 +256,3 @@ async def _read_limited(request: Request, limit: int) -> bytes:
         chunks.append(chunk)
     return b"".join(chunks)
 
-
-__all__ = ["build_app", "deserialize_bytes_tensor"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import io
-import os
-import shutil
 import tempfile
 from pathlib import Path as FsPath
 from typing import Any, Sequence
@@ -134,8 +132,11 @@ class Service:
         raise E.NotReady(f"task {task!r} is {record.state} and has no served path yet; retry when it is serving")
 
     async def classify(self, task: str, *, encoded: Sequence[bytes] = (), raw: np.ndarray | None = None,
-                       top_k: int = 1) -> ClassifyResult:
+                       top_k: int = 1, clip_top_k: bool = False) -> ClassifyResult:
         """Classifies images with the task's served path.
+
+        ``clip_top_k`` caps ``top_k`` at the served path's class count (the Open Inference
+        Protocol's classification extension) instead of rejecting a larger value.
 
         Raises:
           NotFound, NotReady, InvalidArgument (see :mod:`server.errors`).
@@ -144,6 +145,8 @@ class Service:
         n_classes = served.path.architecture.num_classes
         if top_k == 0:
             top_k = 1
+        if clip_top_k:
+            top_k = min(top_k, n_classes)
         if not 1 <= top_k <= n_classes:
             raise E.InvalidArgument(f"top_k={top_k}; allowed: 1..{n_classes} for task {task!r}")
         if bool(encoded) == (raw is not None):
@@ -270,14 +273,3 @@ def _is_npz(path: str) -> bool:
         return False
     return bool(names) and all(n.endswith(".npy") for n in names)
 
-
-def save_stream_limit(size: int, limit: int) -> None:
-    if size > limit:
-        raise E.TooLarge(f"body is larger than the limit of {limit} bytes")
-
-
-def remove(path: str) -> None:
-    if os.path.isdir(path):
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.exists(path):
-        os.unlink(path)

@@ -131,9 +131,10 @@ class SnapshotManager:
     def _build(self, version: int) -> Snapshot:
         current = self.snapshot
         tasks = {t.name: t for t in self.store.list_tasks()}
+        best = {p.task: p for p in self.store.list_paths() if p.task is not None}
         paths: dict[str, ServedPath] = {}
         for name, task in tasks.items():
-            path = self.store.best_path(name)
+            path = best.get(name)
             if path is None:
                 continue
             old = current.paths.get(name)
