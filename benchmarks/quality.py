@@ -28,7 +28,8 @@ from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_r
 from mu2net.evolver.scoring import accuracy_scorer
 from mu2net.store import Store
 
-TASKS = (("fashion_mnist", "builtin:fashion_mnist", False), ("mnist5k", "builtin:mnist5k", False),
+#: (name, source, private), in the order the tasks are introduced.
+TASKS = (("mnist5k", "builtin:mnist5k", False), ("fashion_mnist", "builtin:fashion_mnist", False),
          ("digits", "builtin:digits", True))
 ROOT_HPARAMS = {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop_area_min": 0.5}
 
@@ -38,13 +39,15 @@ def main() -> None:
     ap.add_argument("--data-dir", required=True)
     ap.add_argument("--out", default="docs/quality.json")
     ap.add_argument("--iterations", type=int, default=2)
-    ap.add_argument("--generations", type=int, default=4)
-    ap.add_argument("--children", type=int, default=4)
-    ap.add_argument("--cycles", type=int, default=4)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--children", type=int, default=2)
+    ap.add_argument("--cycles", type=int, default=24)
     ap.add_argument("--sample-cap", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
-    ap.add_argument("--patch-size", type=int, default=4)
+    ap.add_argument("--patch-size", type=int, default=7)
+    ap.add_argument("--order", default=",".join(t[0] for t in TASKS),
+                    help="comma-separated task introduction order")
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
 
@@ -54,7 +57,11 @@ def main() -> None:
     arch, params = R.random_root(config, num_blocks=0, seed=0)
     init_root(store, arch, params, ROOT_HPARAMS)
     known = {t.name for t in store.list_tasks()}
-    for name, source, private in TASKS:
+    by_name = {t[0]: t for t in TASKS}
+    order = args.order.split(",")
+    if sorted(order) != sorted(by_name):
+        raise SystemExit(f"--order {args.order!r} must list each of {sorted(by_name)} once")
+    for name, source, private in (by_name[n] for n in order):
         if name not in known:
             add_task(store, name, source, private=private)
     ev_config = EvolverConfig(generations=args.generations, children=args.children,

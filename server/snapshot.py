@@ -12,6 +12,7 @@ on the version it started with; a failed load keeps the old snapshot serving.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -42,9 +43,15 @@ class ServedPath:
     params: tuple[Any, ...]
     version: int
 
+    @functools.cached_property
+    def _probabilities(self) -> Callable[[Any, Any], jax.Array]:
+        # Looked up once per served path, not per request (the lru_cache lookup hashes the
+        # architecture, which is measurable at batch 1).
+        return P.probabilities_fn(self.path.architecture)
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Softmax probabilities ``[B, classes] float32`` for ``images [B,H,W,C] uint8``."""
-        return np.asarray(P.probabilities_fn(self.path.architecture)(self.params, images))  # type: ignore[arg-type]
+        return np.asarray(self._probabilities(self.params, images))
 
 
 @dataclasses.dataclass(frozen=True)
