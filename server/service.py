@@ -162,7 +162,7 @@ class Service:
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
         scores = np.take_along_axis(probs, order, axis=-1)
         names = served.task.label_names
-        return ClassifyResult(label_ids=order, scores=scores, labels=[[names[i] for i in row] for row in order],
+        return ClassifyResult(label_ids=order, scores=scores, labels=[[names[i] for i in row] for row in order.tolist()],
                               probabilities=probs, system_version=served.version, path_id=served.path.id)
 
     # ---- tasks --------------------------------------------------------------------------
