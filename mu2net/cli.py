@@ -262,7 +262,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def report(store: Any) -> dict[str, Any]:
     """Per task: accuracies, path length, parameters, parent tasks, knowledge transfer;
-    and the pool totals (the paper's Table 7 / Figure 2 columns)."""
+    and the pool totals (the paper's Table 7 / Figure 2 columns).
+
+    ``parent_tasks``: the other tasks the path inherits from (any task that trained one of
+    its components or their ancestors); ``shares_components_of``: the tasks whose frozen
+    components it shares; ``knowledge_transfer``: the share of the path's training steps,
+    over all ancestors, spent on each task (Section 5)."""
     comps = {c.id: c for c in store.list_components()}
     tasks = []
     for t in store.list_tasks():
@@ -275,8 +280,10 @@ def report(store: Any) -> dict[str, Any]:
                 for k, v in comps[cid].steps.items():
                     steps[k] = steps.get(k, 0) + v
             total_steps = sum(steps.values()) or 1
-            parent_tasks = sorted({comps[c].task for c in path.component_ids
-                                   if comps[c].task not in (None, t.name)})
+            # tasks it inherits knowledge from: any other task that trained one of its
+            # components or their ancestors; and the tasks whose frozen components it shares
+            parent_tasks = sorted(k for k in steps if k != t.name)
+            shared_from = sorted({comps[c].task for c in path.component_ids if comps[c].task not in (None, t.name)})
             row.update({
                 "path_id": path.id, "score": path.score,
                 "validation_accuracy": path.metrics.get("validation_accuracy"),
@@ -285,7 +292,7 @@ def report(store: Any) -> dict[str, Any]:
                 "transformer_blocks": path.architecture.num_blocks,
                 "activated_params": sum(comps[c].num_params for c in path.component_ids),
                 "trainable_params": sum(comps[c].num_params for c in path.component_ids if comps[c].task == t.name),
-                "parent_tasks": parent_tasks,
+                "parent_tasks": parent_tasks, "shares_components_of": shared_from,
                 "knowledge_transfer": {k: round(100.0 * v / total_steps, 1) for k, v in sorted(steps.items())},
                 "hparams": dict(path.hparams),
             })

@@ -35,6 +35,7 @@ def test_evolve_then_report(tmp_path):
     assert task["task"] == "d" and task["private"] and task["iterations_done"] == 1
     assert 0 <= task["test_accuracy"] <= 1 and task["transformer_blocks"] >= 1
     assert task["knowledge_transfer"] == {"d": 100.0}
+    assert task["parent_tasks"] == [] and task["shares_components_of"] == []  # the only task
     assert doc["pool"]["total_params"] > 0
     # a second run continues the same store: one more task iteration
     proc = _cli("evolve", "--data-dir", data, "--iterations", "2", *TINY_ARGS)
