@@ -23,7 +23,7 @@ from mu2net import components as C
 from mu2net import datasets as D
 from mu2net import paths as P
 from mu2net import root as R
-from mu2net.cli import format_report, report
+from mu2net.cli import _root_hparam, format_report, report
 from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_root, train_child
 from mu2net.evolver.scoring import accuracy_scorer
 from mu2net.store import Store
@@ -47,20 +47,23 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--patch-size", type=int, default=7)
     ap.add_argument("--order", default=",".join(t[0] for t in TASKS),
-                    help="comma-separated task introduction order")
+                    help="comma-separated task introduction order (a subset runs only those tasks)")
+    ap.add_argument("--root-hparam", action="append", type=_root_hparam, default=[], metavar="NAME=VALUE",
+                    help=f"overrides a root hyperparameter of {ROOT_HPARAMS} (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
+    root_hparams = {**ROOT_HPARAMS, **dict(args.root_hparam)}
+    by_name = {t[0]: t for t in TASKS}
+    order = args.order.split(",")
+    if len(set(order)) != len(order) or not set(order) <= set(by_name):
+        raise SystemExit(f"--order {args.order!r} must list tasks of {sorted(by_name)}, each at most once")
 
     store = Store(args.data_dir)
     config = C.ViTConfig(image_size=28, patch_size=args.patch_size, width=args.width, mlp_dim=2 * args.width,
                          num_heads=4)
     arch, params = R.random_root(config, num_blocks=0, seed=0)
-    init_root(store, arch, params, ROOT_HPARAMS)
+    init_root(store, arch, params, root_hparams)
     known = {t.name for t in store.list_tasks()}
-    by_name = {t[0]: t for t in TASKS}
-    order = args.order.split(",")
-    if sorted(order) != sorted(by_name):
-        raise SystemExit(f"--order {args.order!r} must list each of {sorted(by_name)} once")
     for name, source, private in (by_name[n] for n in order):
         if name not in known:
             add_task(store, name, source, private=private)
@@ -73,7 +76,7 @@ def main() -> None:
     rep = report(store)
     print(format_report(rep))
 
-    results = {"evolve_seconds": evolve_seconds, "config": vars(args), "root_hparams": ROOT_HPARAMS,
+    results = {"evolve_seconds": evolve_seconds, "config": vars(args), "root_hparams": root_hparams,
                "report": rep, "baselines": {}}
     comps = {c.id: c for c in store.list_components()}
     for t in store.list_tasks():
@@ -94,7 +97,7 @@ def main() -> None:
         cycles = max(1, math.ceil(samples / per_cycle))
         tb = time.time()
         res = train_child(b_arch, b_params, [None] * len(b_params), (True,) * len(b_params),
-                          R.root_hparams(ROOT_HPARAMS), train, val, TrainBudget(cycles, args.sample_cap, args.batch_size),
+                          R.root_hparams(root_hparams), train, val, TrainBudget(cycles, args.sample_cap, args.batch_size),
                           accuracy_scorer(), seed=1)
         full = [res.params[i] for i in range(len(b_params))]
         acc = P.accuracy(b_arch, full, *test)
