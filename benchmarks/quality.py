@@ -23,7 +23,7 @@ from mu2net import components as C
 from mu2net import datasets as D
 from mu2net import paths as P
 from mu2net import root as R
-from mu2net.cli import _root_hparam, format_report, report
+from mu2net.cli import parse_root_hparam, format_report, report
 from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_root, train_child
 from mu2net.evolver.scoring import accuracy_scorer
 from mu2net.store import Store
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--patch-size", type=int, default=7)
     ap.add_argument("--order", default=",".join(t[0] for t in TASKS),
                     help="comma-separated task introduction order (a subset runs only those tasks)")
-    ap.add_argument("--root-hparam", action="append", type=_root_hparam, default=[], metavar="NAME=VALUE",
+    ap.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                     help=f"overrides a root hyperparameter of {ROOT_HPARAMS} (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()

@@ -12,7 +12,12 @@ from typing import Any, Sequence
 from mu2net import hparams as H
 
 
-def _root_hparam(text: str) -> tuple[str, Any]:
+def parse_root_hparam(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` -> (name, Table 1 value); argparse type of ``--root-hparam``.
+
+    Raises:
+      argparse.ArgumentTypeError: naming the bad name or value and the allowed ones.
+    """
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--root-hparam {text!r} must be NAME=VALUE")
     name, raw = text.split("=", 1)
@@ -53,7 +58,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     root.add_argument("--mlp-dim", type=int, default=128)
     root.add_argument("--num-heads", type=int, default=4)
     root.add_argument("--root-blocks", type=int, default=0, help="transformer blocks of a random root")
-    root.add_argument("--root-hparam", action="append", type=_root_hparam, default=[], metavar="NAME=VALUE",
+    root.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                       help="override a Table 1 default for the root path, e.g. flip=false")
 
 
