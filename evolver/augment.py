@@ -11,14 +11,17 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 #: Hyperparameters read by :func:`augment` (names of :mod:`mu2net.hparams`).
 AUGMENT_HPARAMS = ("crop", "crop_area_min", "crop_aspect_min", "flip", "brightness", "contrast",
                    "saturation", "hue")
 
 # RGB <-> YIQ: a hue shift is a rotation of the (I, Q) chroma plane.
-_RGB2YIQ = jnp.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-_YIQ2RGB = jnp.linalg.inv(_RGB2YIQ)
+# numpy, not jax, constants: importing this module must not initialise the JAX backend
+# (the server sizes XLA's thread pool before that, see mu2net.server.compute)
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
 
 
 def _random_resized_crop(x: jax.Array, rng: jax.Array, area_min: jax.Array,

@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
     sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
+    sv.add_argument("--compute-threads", type=int, default=None, metavar="N",
+                    help="XLA CPU compute threads of the server process (default: CPUs - 1, at least 1, leaving "
+                         "a core to the gRPC/HTTP threads; 0: one per CPU, JAX's default)")
     sv.add_argument("--task", action="append", type=_task_arg, default=[], metavar="NAME=SOURCE",
                     help="add a task before serving (as in evolve); repeatable")
     sv.add_argument("--private", action="append", default=[], metavar="NAME")
@@ -191,8 +194,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from mu2net.evolver import add_task
     from mu2net.server import ServiceConfig, serve
+    from mu2net.server.compute import default_compute_threads, limit_compute_threads
     from mu2net.store import Store, TaskExists
 
+    if args.compute_threads is not None and args.compute_threads < 0:
+        raise SystemExit(f"mu2net serve: --compute-threads {args.compute_threads}; allowed: 0 (one per CPU) or "
+                         "a positive count")
+    # before anything creates the JAX backend (ensure_root may initialise a root model)
+    limit_compute_threads(default_compute_threads() if args.compute_threads is None else args.compute_threads)
     store = Store(args.data_dir)
     ensure_root(store, args)
     _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)

@@ -1,0 +1,70 @@
+"""The size of XLA's CPU compute thread pool in the server process.
+
+JAX sizes the CPU client's intra-op thread pool from the process's CPU affinity mask when
+the backend is created (the JAX maintainers' recommended way to bound it:
+https://github.com/jax-ml/jax/issues/1539). The server's gRPC event loop, batcher and
+HTTP threads need CPU too: with as many compute threads as cores, the compute threads
+take the cores those threads need (and for the small models of this project, XLA's
+second thread costs more CPU than it saves wall time; see docs/benchmarks.md). The
+server therefore creates the backend with one core fewer than the process may use, then
+gives every thread the full mask back, so only the pool's size is bounded, not where any
+thread runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger("mu2net.server.compute")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` elsewhere)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_compute_threads() -> int:
+    """One core for the server's own threads, the rest for XLA: ``max(1, cpus - 1)``."""
+    return max(1, available_cpus() - 1)
+
+
+def limit_compute_threads(threads: int) -> int:
+    """Creates the JAX backend with a CPU compute pool of ``threads`` threads.
+
+    Must run before anything in the process initialises the JAX backend (the first
+    ``jax.devices()``, array creation or jitted call); the pool's size is fixed then.
+
+    Args:
+      threads: pool size; ``0`` (or at least the available CPUs) keeps JAX's default,
+        one thread per available CPU.
+
+    Returns:
+      The pool size in effect (the available CPUs when the default is kept or the
+      platform has no affinity masks).
+
+    Raises:
+      ValueError: for a negative ``threads``.
+    """
+    if threads < 0:
+        raise ValueError(f"compute threads = {threads}; allowed: 0 (one per CPU) or a positive count")
+    import jax
+
+    cpus = available_cpus()
+    if threads == 0 or threads >= cpus or not hasattr(os, "sched_setaffinity"):
+        jax.devices()
+        return cpus
+    full = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(full)[:threads])
+    try:
+        jax.devices()  # creates the CPU client, sizing its pool from the mask above
+    finally:
+        for tid in os.listdir("/proc/self/task"):  # the pool's threads inherited the narrow mask
+            try:
+                os.sched_setaffinity(int(tid), full)
+            except OSError:  # a thread that exited meanwhile
+                pass
+    log.info("XLA CPU compute pool: %d thread(s) of %d CPUs", threads, cpus)
+    return threads
