@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import math
 import struct
 import time
 from typing import Any, Awaitable, Callable
@@ -69,17 +70,20 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         raw = None
         if request.HasField("raw"):
-            shape = tuple(request.raw.shape)
-            if len(shape) != 4 or int(np.prod(shape)) != len(request.raw.data):
-                raise E.InvalidArgument(f"raw tensor shape {list(shape)} does not match its {len(request.raw.data)} "
+            shape, data = tuple(request.raw.shape), request.raw.data  # one copy of the bytes
+            if len(shape) != 4 or min(shape) < 0 or math.prod(shape) != len(data):
+                raise E.InvalidArgument(f"raw tensor shape {list(shape)} does not match its {len(data)} "
                                         "bytes; allowed: [N, H, W, C] uint8 row-major")
-            raw = np.frombuffer(request.raw.data, np.uint8).reshape(shape)
+            raw = np.frombuffer(data, np.uint8).reshape(shape)
         result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
                                              top_k=request.top_k or 1)
         resp = pb.ClassifyResponse(system_version=result.system_version, path_id=result.path_id)
-        add = resp.results.add
+        results = resp.results
         for labels, ids, scores in zip(result.labels, result.label_ids.tolist(), result.scores.tolist()):
-            add(labels=labels, label_ids=ids, scores=scores)
+            r = results.add()  # filling the repeated fields in place is faster than keyword construction
+            r.labels.extend(labels)
+            r.label_ids.extend(ids)
+            r.scores.extend(scores)
         return resp
 
     @_handle("grpc")

@@ -230,6 +230,20 @@ BAD_DATASETS = {
 }
 
 
+def test_server_bounds_the_xla_compute_pool(static_server, tmp_path):
+    """``mu2net serve`` sizes XLA's CPU compute pool (default: CPUs - 1, at least 1) and
+    rejects a negative size. XLA names its pool threads ``tf_XLAEigen`` (jaxlib 0.10.2)."""
+    from mu2net.server.compute import default_compute_threads
+
+    server, _ = static_server
+    task_dir = f"/proc/{server.proc.pid}/task"
+    names = [open(f"{task_dir}/{t}/comm").read().strip() for t in os.listdir(task_dir)]
+    assert names.count("tf_XLAEigen") == default_compute_threads(), names
+    with pytest.raises(RuntimeError, match=r"--compute-threads -1; allowed: 0 \(one per CPU\) or a positive count"):
+        RunningServer(str(tmp_path / "store"), ["--no-evolver", "--compute-threads", "-1"])
+    assert not (tmp_path / "store").exists()  # rejected before the store was created
+
+
 @pytest.mark.parametrize("problem", sorted(BAD_DATASETS))
 def test_bad_uploads_are_rejected_and_nothing_stored_is_lost(static_server, problem):
     server, store = static_server
@@ -268,9 +282,11 @@ def test_request_errors_map_to_the_right_codes(static_server):
             anonymous.delete("digits")
     with grpc.insecure_channel(server.grpc) as ch:
         stub = pbgrpc.Mu2NetStub(ch)
-        with pytest.raises(grpc.RpcError) as e:
-            stub.Classify(pb.ClassifyRequest(task="digits", raw=pb.RawTensor(shape=[1, 8, 8], data=b"\0" * 64)))
-        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "[N, H, W, C]" in e.value.details()
+        for shape, size in (([1, 8, 8], 64), ([-1, 8, 8, -1], 64), ([2, 8, 8, 1], 64)):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Classify(pb.ClassifyRequest(task="digits", raw=pb.RawTensor(shape=shape, data=b"\0" * size)))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shape
+            assert str(shape) in e.value.details() and "[N, H, W, C]" in e.value.details()
     r = httpx.post(server.http + "/v1/tasks/digits/classify", content=b"x" * (2 << 20))
     assert r.status_code == 413 and "limit" in r.json()["error"]
     r = httpx.post(server.http + "/v1/tasks", params={"name": "big"}, content=b"x" * (5 << 20),
