@@ -10,6 +10,9 @@
    per-task throughput and server memory (RSS) against the added unique parameters.
 4. Hot-swap: time from a publish to the first answer from the new version, and classify
    latency p50/p99 during swaps against steady state.
+5. XLA's CPU compute pool: the in-process forward at batch 64 in fresh processes whose
+   pool has one thread against JAX's default (one per CPU), rounds alternated: images/s
+   and CPU time per image (why ``mu2net serve`` leaves a core to its own threads).
 
     python benchmarks/serving.py --out docs/serving.json
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +38,7 @@ from mu2net import paths as P
 from mu2net import root as R
 from mu2net.evolver import add_task_arrays, init_root
 from mu2net.evolver.loop import _digest
+from mu2net.server.compute import available_cpus, default_compute_threads, limit_compute_threads
 from mu2net.server.launcher import RunningServer
 from mu2net.server.snapshot import ServedPath
 from mu2net.store import ComponentRecord, Store, new_id
@@ -185,17 +191,62 @@ def latency_run(server: RunningServer, task: str, images: np.ndarray, seconds: f
     return {"requests": len(arr), "p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 
+def compute_pool_probe(threads: int, width: int, blocks: int, seconds: float) -> dict[str, float]:
+    """Benchmark 5, run in a fresh process: the in-process forward at batch 64 with an XLA
+    compute pool of ``threads`` (0: JAX's default), images/s and CPU microseconds per image."""
+    pool = limit_compute_threads(threads)
+    arch, params = R.random_root(C.ViTConfig(28, 7, width, 2 * width, 4), blocks, seed=0, num_classes=10)
+    fn, dev_params = P.probabilities_fn(arch), jax.device_put(params)
+    x64 = np.random.default_rng(0).integers(0, 255, (64, 28, 28, 1), dtype=np.uint8)
+    np.asarray(fn(dev_params, x64))
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - t0 < seconds:
+        np.asarray(fn(dev_params, x64))
+        n += 1
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"pool_threads": pool, "images_per_s": 64 * n / wall, "cpu_us_per_image": 1e6 * cpu / (64 * n)}
+
+
+def compute_pool_rounds(args: argparse.Namespace, rounds: int = 4) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    for r in range(rounds):
+        row = {}
+        for threads in ((1, 0) if r % 2 == 0 else (0, 1)):
+            proc = subprocess.run([sys.executable, __file__, "--probe-compute-threads", str(threads), "--width",
+                                   str(args.width), "--blocks", str(args.blocks), "--seconds", str(args.seconds / 2)],
+                                  capture_output=True, text=True, check=True)
+            row["one_thread" if threads == 1 else "default"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+    med = {k: {m: float(np.median([r[k][m] for r in rows])) for m in ("images_per_s", "cpu_us_per_image")}
+           for k in ("one_thread", "default")}
+    return {"cpus": available_cpus(), "rounds": rows, "median": med,
+            "throughput_ratio_one_thread_vs_default": float(np.median(
+                [r["one_thread"]["images_per_s"] / r["default"]["images_per_s"] for r in rows]))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/serving.json")
     ap.add_argument("--seconds", type=float, default=5.0, help="seconds per measured configuration")
+    ap.add_argument("--clients", type=int, default=2, help="concurrent client threads of benchmarks 2 and 3")
     ap.add_argument("--e2e-rounds", type=int, default=8, help="alternating rounds of benchmarks 2 and 3")
     ap.add_argument("--only-routed", action="store_true", help="run benchmark 1 only")
     ap.add_argument("--blocks", type=int, default=3)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--swaps", type=int, default=5)
+    ap.add_argument("--server-compute-threads", type=int, default=None,
+                    help="--compute-threads of the benchmarked servers (default: the server's default)")
+    ap.add_argument("--probe-compute-threads", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    out: dict[str, Any] = {"config": vars(args), "devices": [str(d) for d in jax.devices()]}
+    if args.probe_compute_threads is not None:  # benchmark 5's child process
+        print(json.dumps(compute_pool_probe(args.probe_compute_threads, args.width, args.blocks, args.seconds)))
+        return
+    server_args = ["--no-evolver", "--max-batch-size", "64"]
+    if args.server_compute_threads is not None:
+        server_args += ["--compute-threads", str(args.server_compute_threads)]
+    out: dict[str, Any] = {"config": vars(args), "devices": [str(d) for d in jax.devices()],
+                           "server_compute_threads": default_compute_threads() if args.server_compute_threads is None
+                           else args.server_compute_threads}
     config = C.ViTConfig(28, 7, args.width, 2 * args.width, 4)
     arch, params = R.random_root(config, args.blocks, seed=0, num_classes=10)
     rng = np.random.default_rng(0)
@@ -241,7 +292,7 @@ def main() -> None:
             store = make_store(tmps[n_tasks].name, arch, params, n_tasks)
             unique = sum(c.num_params for c in store.list_components())
             store.close()
-            servers[n_tasks] = RunningServer(tmps[n_tasks].name, ["--no-evolver", "--max-batch-size", "64"])
+            servers[n_tasks] = RunningServer(tmps[n_tasks].name, server_args)
             system = httpx.get(servers[n_tasks].http + "/v1/system").json()
             results[n_tasks] = {"unique_params": unique, "rss_bytes": servers[n_tasks].rss_bytes(),
                                 "loaded_param_bytes": system["loaded_param_bytes"],
@@ -254,19 +305,18 @@ def main() -> None:
                                 version=s2.system_version())
             s2.close()
         measures: dict[str, Callable[[], float]] = {
-            "one_task": lambda: grpc_throughput(servers[1], "task00", x64, args.seconds / 4, clients=2),
-            "fifty_tasks": lambda: grpc_throughput(servers[50], "task00", x64, args.seconds / 4, clients=2),
+            "fifty_tasks": lambda: grpc_throughput(servers[50], "task00", x64, args.seconds / 4, args.clients),
             "inprocess": lambda: throughput(lambda: served.predict(x64), args.seconds / 4) * 64,
-            "grpc_sdk": lambda: grpc_throughput(servers[1], "task00", x64, args.seconds / 4, clients=2),
-            "grpc_stub": lambda: grpc_throughput(servers[1], "task00", x64, args.seconds / 4, clients=2, sdk=False)}
+            "grpc_sdk": lambda: grpc_throughput(servers[1], "task00", x64, args.seconds / 4, args.clients),
+            "grpc_stub": lambda: grpc_throughput(servers[1], "task00", x64, args.seconds / 4, args.clients, sdk=False)}
         names = list(measures)
         for r in range(args.e2e_rounds):  # short rounds, order rotated each round; ratios taken per round
             order = names[r % len(names):] + names[:r % len(names)]
             row = {k: measures[k]() for k in order}
             e2e_rounds.append(row)
-            results[1]["rounds"].append(row["one_task"])
+            results[1]["rounds"].append(row["grpc_sdk"])  # the 1-task server's SDK throughput
             results[50]["rounds"].append(row["fifty_tasks"])
-        results[50]["last_task_images_per_s"] = grpc_throughput(servers[50], "task49", x64, args.seconds / 2, 2)
+        results[50]["last_task_images_per_s"] = grpc_throughput(servers[50], "task49", x64, args.seconds / 2, args.clients)
         for n_tasks in (1, 50):
             results[n_tasks]["grpc_images_per_s"] = float(np.median(results[n_tasks]["rounds"]))
     finally:
@@ -286,7 +336,7 @@ def main() -> None:
     added = results[50]["unique_params"] - results[1]["unique_params"]
     out["sparse_activation"] = {
         "one_task": results[1], "fifty_tasks": results[50],
-        "throughput_ratio": ratio("fifty_tasks", "one_task"),
+        "throughput_ratio": ratio("fifty_tasks", "grpc_sdk"),
         "added_unique_params": added, "added_unique_param_bytes": added * 4,
         "rss_growth_bytes": results[50]["rss_bytes"] - results[1]["rss_bytes"],
         "live_array_growth_bytes": results[50]["live_array_bytes"] - results[1]["live_array_bytes"],
@@ -297,7 +347,7 @@ def main() -> None:
     # 4. hot-swap
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(tmp, arch, params, 1)
-        server = RunningServer(tmp, ["--no-evolver", "--max-batch-size", "64"])
+        server = RunningServer(tmp, server_args)
         x8 = x64[:8]
         try:
             steady = latency_run(server, "task00", x8, args.seconds)
@@ -331,6 +381,10 @@ def main() -> None:
     out["hot_swap"] = {"publish_to_serving_s": {"p50": float(np.median(swap_times)), "max": float(max(swap_times))},
                        "steady": steady, "during_swaps": during}
     print(json.dumps(out["hot_swap"], indent=1))
+
+    # 5. XLA compute pool: one thread vs JAX's default, in fresh processes
+    out["compute_pool"] = compute_pool_rounds(args)
+    print(json.dumps(out["compute_pool"]["median"], indent=1))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
 
