@@ -23,7 +23,7 @@ from mu2net import components as C
 from mu2net import datasets as D
 from mu2net import paths as P
 from mu2net import root as R
-from mu2net.cli import parse_root_hparam, format_report, report
+from mu2net.cli import format_report, parse_root_hparam, report
 from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_root, train_child
 from mu2net.evolver.scoring import accuracy_scorer
 from mu2net.store import Store

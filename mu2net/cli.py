@@ -30,6 +30,18 @@ def parse_root_hparam(text: str) -> tuple[str, Any]:
     return name, value
 
 
+def _compute_threads_arg(text: str) -> int:
+    """argparse type of ``serve --compute-threads``: an int >= 0."""
+    allowed = "allowed: 0 (one per CPU) or a positive count"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {allowed}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}; {allowed}")
+    return value
+
+
 def _task_arg(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--task {text!r} must be NAME=SOURCE")
@@ -134,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
     sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
-    sv.add_argument("--compute-threads", type=int, default=None, metavar="N",
+    sv.add_argument("--compute-threads", type=_compute_threads_arg, default=None, metavar="N",
                     help="XLA CPU compute threads of the server process (default: CPUs - 1, at least 1, leaving "
                          "a core to the gRPC/HTTP threads; 0: one per CPU, JAX's default)")
     sv.add_argument("--task", action="append", type=_task_arg, default=[], metavar="NAME=SOURCE",
@@ -194,14 +206,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from mu2net.evolver import add_task
     from mu2net.server import ServiceConfig, serve
-    from mu2net.server.compute import default_compute_threads, limit_compute_threads
+    from mu2net.server.compute import limit_compute_threads
     from mu2net.store import Store, TaskExists
 
-    if args.compute_threads is not None and args.compute_threads < 0:
-        raise SystemExit(f"mu2net serve: --compute-threads {args.compute_threads}; allowed: 0 (one per CPU) or "
-                         "a positive count")
     # before anything creates the JAX backend (ensure_root may initialise a root model)
-    limit_compute_threads(default_compute_threads() if args.compute_threads is None else args.compute_threads)
+    limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)
     ensure_root(store, args)
     _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)

@@ -31,15 +31,15 @@ def default_compute_threads() -> int:
     return max(1, available_cpus() - 1)
 
 
-def limit_compute_threads(threads: int) -> int:
+def limit_compute_threads(threads: int | None = None) -> int:
     """Creates the JAX backend with a CPU compute pool of ``threads`` threads.
 
     Must run before anything in the process initialises the JAX backend (the first
     ``jax.devices()``, array creation or jitted call); the pool's size is fixed then.
 
     Args:
-      threads: pool size; ``0`` (or at least the available CPUs) keeps JAX's default,
-        one thread per available CPU.
+      threads: pool size; ``None``: :func:`default_compute_threads`; ``0`` (or at least
+        the available CPUs) keeps JAX's default, one thread per available CPU.
 
     Returns:
       The pool size in effect (the available CPUs when the default is kept or the
@@ -48,6 +48,8 @@ def limit_compute_threads(threads: int) -> int:
     Raises:
       ValueError: for a negative ``threads``.
     """
+    if threads is None:
+        threads = default_compute_threads()
     if threads < 0:
         raise ValueError(f"compute threads = {threads}; allowed: 0 (one per CPU) or a positive count")
     import jax

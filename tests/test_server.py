@@ -239,7 +239,7 @@ def test_server_bounds_the_xla_compute_pool(static_server, tmp_path):
     task_dir = f"/proc/{server.proc.pid}/task"
     names = [open(f"{task_dir}/{t}/comm").read().strip() for t in os.listdir(task_dir)]
     assert names.count("tf_XLAEigen") == default_compute_threads(), names
-    with pytest.raises(RuntimeError, match=r"--compute-threads -1; allowed: 0 \(one per CPU\) or a positive count"):
+    with pytest.raises(RuntimeError, match=r"argument --compute-threads: -1; allowed: 0 \(one per CPU\) or a positive count"):
         RunningServer(str(tmp_path / "store"), ["--no-evolver", "--compute-threads", "-1"])
     assert not (tmp_path / "store").exists()  # rejected before the store was created
 
