@@ -94,16 +94,42 @@ def test_npz_source_split_rules_and_tfds_round_trip(tmp_path):
              label_names=np.array(["a", "b", "c"]))
     splits, names = D.load_source(str(tmp_path / "d.npz"))
     stored, exprs = D.finalize_splits(splits, names)
-    assert exprs == {"train": "train[:90%]", "validation": "train[90%:]", "test": "test"}
+    # a small train split gives 20% to validation (the paper's Table 9, cmaterdb)
+    assert exprs == {"train": "train[20%:]", "validation": "train[:20%]", "test": "test"}
     ds_dir = D.write_tfds(stored, names, tmp_path / "tfds")
     xt, yt = D.read_split(ds_dir, exprs["train"])
     xv, yv = D.read_split(ds_dir, exprs["validation"])
-    assert xt.shape == (135, 5, 7, 1) and xv.shape == (15, 5, 7, 1)
+    assert xt.shape == (120, 5, 7, 1) and xv.shape == (30, 5, 7, 1)
     # TFDS orders examples by a deterministic hash of their keys: same examples, fixed order
     xs = np.concatenate([xt, xv])
     assert sorted(map(bytes, xs)) == sorted(map(bytes, stored["train"][0]))
     again = D.write_tfds(stored, names, tmp_path / "tfds2")
     np.testing.assert_array_equal(D.read_split(again, exprs["validation"])[1], yv)
+
+
+def test_validation_fraction_follows_the_train_split_size():
+    def exprs_for(n_train, with_test=True, with_val=False):
+        x = np.zeros((n_train, 2, 2, 1), np.uint8)
+        y = np.arange(n_train) % 2
+        splits = {"train": (x, y)}
+        if with_test:
+            splits["test"] = (x[:20], y[:20])
+        if with_val:
+            splits["validation"] = (x[:20], y[:20])
+        return D.finalize_splits(splits, ["a", "b"])[1]
+
+    # the paper's Table 9: mnist-sized train splits give 5% to validation, small ones 20%
+    assert exprs_for(D.LARGE_TRAIN_SPLIT) == {"train": "train[5%:]", "validation": "train[:5%]", "test": "test"}
+    assert exprs_for(D.LARGE_TRAIN_SPLIT - 1)["validation"] == "train[:20%]"
+    # train only: the last 10% is test, the size rule applies to the other 90%
+    assert exprs_for(12_000, with_test=False) == {
+        "train": "train[5%:90%]", "validation": "train[:5%]", "test": "train[90%:]"}
+    assert exprs_for(11_000, with_test=False) == {
+        "train": "train[20%:90%]", "validation": "train[:20%]", "test": "train[90%:]"}
+    assert exprs_for(100, with_test=False, with_val=True) == {
+        "train": "train[:90%]", "validation": "validation", "test": "train[90%:]"}
+    with pytest.raises(D.DatasetError, match=r"no 'train' split"):
+        D.finalize_splits({"test": (np.zeros((20, 2, 2, 1), np.uint8), np.arange(20) % 2)}, ["a", "b"])
 
 
 def test_npz_with_pickled_objects_is_refused(tmp_path):
