@@ -12,7 +12,8 @@ Sources (``SOURCE`` in ``mu2net evolve --task NAME=SOURCE``):
 Split rules (fixed, documented; TFDS split syntax as in the paper's Tables 8-9). The stored
 dataset keeps the source's own splits, shuffled once with seed 0. A validation split taken
 from train is its first V% with V = 20 for a train split of fewer than
-:data:`LARGE_TRAIN_SPLIT` examples and V = 5 otherwise, the paper's choices for its small
+:data:`LARGE_TRAIN_SPLIT` examples (not counting the last 10% when that becomes test) and
+V = 5 otherwise, the paper's choices for its small
 numeral datasets (cmaterdb: ``train[:20%]``) and for MNIST-sized ones (mnist, kmnist,
 emnist: ``train[:5%]``), Table 9:
 
