@@ -30,16 +30,24 @@ def parse_root_hparam(text: str) -> tuple[str, Any]:
     return name, value
 
 
-def _compute_threads_arg(text: str) -> int:
-    """argparse type of ``serve --compute-threads``: an int >= 0."""
-    allowed = "allowed: 0 (one per CPU) or a positive count"
+def _count_arg(text: str, minimum: int, allowed: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer; {allowed}") from None
-    if value < 0:
+    if value < minimum:
         raise argparse.ArgumentTypeError(f"{value}; {allowed}")
     return value
+
+
+def _compute_threads_arg(text: str) -> int:
+    """argparse type of ``serve --compute-threads``: an int >= 0."""
+    return _count_arg(text, 0, "allowed: 0 (one per CPU) or a positive count")
+
+
+def _cpu_devices_arg(text: str) -> int:
+    """argparse type of ``--cpu-devices``: an int >= 1."""
+    return _count_arg(text, 1, "allowed: a positive count")
 
 
 def _task_arg(text: str) -> tuple[str, str]:
@@ -61,6 +69,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer", choices=("accuracy", "size_penalty"), default="accuracy")
     p.add_argument("--max-blocks", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-devices", type=_cpu_devices_arg, default=None, metavar="N",
+                   help="devices the CPU platform exposes; the evolver trains one child per device at "
+                        "once (default: one per CPU; unused on a GPU/TPU host)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -75,14 +86,15 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 
 
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "scorer",
-                 "max_blocks", "seed")
+                 "max_blocks", "seed", "cpu_devices")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
     """The evolver flags of ``args`` as a command line (for the evolver process)."""
     argv = []
     for name in EVOLVER_FLAGS:
-        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        if getattr(args, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.paper_preset:
         argv.append("--paper-preset")
     if args.quiet:
@@ -176,13 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_evolve(args: argparse.Namespace) -> int:
     from mu2net.evolver import Evolver, add_task
+    from mu2net.server.compute import split_cpu_devices
     from mu2net.store import Store, TaskExists
 
+    # before anything creates the JAX backend (ensure_root may initialise a root model)
+    split_cpu_devices(args.cpu_devices)
     store = Store(args.data_dir)
     ensure_root(store, args)
     groups = dict(g.split("=", 1) for g in args.acl_group)
     _add_tasks(store, args.task, args.private, groups, add_task, TaskExists)
-    Evolver(store, evolver_config(args), progress=not args.quiet).run(args.iterations)
+    evolver = Evolver(store, evolver_config(args), progress=not args.quiet)
+    print(f"training children on {len(evolver.devices)} device(s): "
+          f"{', '.join(str(d) for d in evolver.devices)}", file=sys.stderr)
+    evolver.run(args.iterations)
     print(format_report(report(store)))
     return 0
 

@@ -18,6 +18,7 @@ from typing import Sequence
 def main(argv: Sequence[str] | None = None) -> int:
     from mu2net import cli
     from mu2net.evolver import Evolver
+    from mu2net.server.compute import split_cpu_devices
     from mu2net.store import Store
 
     parser = argparse.ArgumentParser(prog="mu2net-evolver")
@@ -27,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s evolver %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
+    split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
     store = Store(args.data_dir)
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
     while True:

@@ -43,6 +43,27 @@ def test_evolve_then_report(tmp_path):
     assert json.loads(_cli("report", "--data-dir", data, "--json").stdout)["tasks"][0]["iterations_done"] == 2
 
 
+def test_children_trained_in_parallel_on_cpu_devices_match_one_device(tmp_path):
+    """--cpu-devices 2 trains the two children of a generation at once, one per CPU device,
+    and publishes exactly what one device training them in turn publishes."""
+    s = digits_splits()
+    np.savez(tmp_path / "d.npz", x_train=s["train"][0], y_train=s["train"][1], x_test=s["test"][0],
+             y_test=s["test"][1])
+    reports = {}
+    for devices in ("1", "2"):
+        data = str(tmp_path / f"store{devices}")
+        proc = _cli("evolve", "--data-dir", data, "--task", f"d={tmp_path / 'd.npz'}", "--iterations", "1",
+                    "--cpu-devices", devices, *TINY_ARGS)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"training children on {devices} device(s)" in proc.stderr, proc.stderr[-3000:]
+        (task,) = json.loads(_cli("report", "--data-dir", data, "--json").stdout)["tasks"]
+        reports[devices] = {k: task[k] for k in ("validation_accuracy", "test_accuracy", "hparams",
+                                                  "transformer_blocks", "trainable_params")}
+    assert reports["1"] == reports["2"]
+    proc = _cli("evolve", "--data-dir", str(tmp_path / "s"), "--cpu-devices", "0", *TINY_ARGS)
+    assert proc.returncode == 2 and "argument --cpu-devices: 0; allowed: a positive count" in proc.stderr
+
+
 def test_bad_source_and_missing_store_are_clear_errors(tmp_path):
     proc = _cli("evolve", "--data-dir", str(tmp_path / "s"), "--task", "x=builtin:imagenet", *TINY_ARGS)
     assert proc.returncode == 2 and "unknown built-in dataset 'imagenet'" in proc.stderr
