@@ -26,6 +26,7 @@ from mu2net import root as R
 from mu2net.cli import format_report, parse_root_hparam, report
 from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_root, train_child
 from mu2net.evolver.scoring import accuracy_scorer
+from mu2net.server.compute import split_cpu_devices
 from mu2net.store import Store
 
 #: (name, source, private), in the order the tasks are introduced.
@@ -46,12 +47,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--patch-size", type=int, default=7)
+    ap.add_argument("--max-blocks", type=int, default=12,
+                    help="most transformer blocks a path may grow to (layer insertion stops there)")
     ap.add_argument("--order", default=",".join(t[0] for t in TASKS),
                     help="comma-separated task introduction order (a subset runs only those tasks)")
     ap.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                     help=f"overrides a root hyperparameter of {ROOT_HPARAMS} (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="devices the CPU platform exposes, one child trained on each at once (default: one per CPU)")
     args = ap.parse_args()
+    split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
     root_hparams = {**ROOT_HPARAMS, **dict(args.root_hparam)}
     by_name = {t[0]: t for t in TASKS}
     order = args.order.split(",")
@@ -68,7 +74,8 @@ def main() -> None:
         if name not in known:
             add_task(store, name, source, private=private)
     ev_config = EvolverConfig(generations=args.generations, children=args.children,
-                              budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size))
+                              budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
+                              max_blocks=args.max_blocks)
     t0 = time.time()
     evolver = Evolver(store, ev_config)
     evolver.run(args.iterations)
@@ -77,7 +84,8 @@ def main() -> None:
     print(format_report(rep))
 
     results = {"evolve_seconds": evolve_seconds, "config": vars(args), "root_hparams": root_hparams,
-               "report": rep, "baselines": {}}
+               "report": rep, "baselines": {},
+               "devices": [str(d) for d in evolver.devices]}
     comps = {c.id: c for c in store.list_components()}
     for t in store.list_tasks():
         path = store.best_path(t.name)
