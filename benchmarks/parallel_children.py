@@ -25,16 +25,13 @@ def worker(args: argparse.Namespace) -> None:
     from mu2net.server.compute import split_cpu_devices
 
     split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
-    from mu2net import components as C
-    from mu2net import root as R
     from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, add_task, init_root
     from mu2net.store import Store
+    from quality import ROOT_HPARAMS, root_model  # benchmarks/quality.py, beside this script
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(tmp)
-        arch, params = R.random_root(C.ViTConfig(image_size=28, patch_size=7, width=64, mlp_dim=128, num_heads=4),
-                                     num_blocks=0, seed=0)
-        init_root(store, arch, params, {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop_area_min": 0.5})
+        init_root(store, *root_model(), ROOT_HPARAMS)
         add_task(store, args.task, f"builtin:{args.task}")
         evolver = Evolver(store, EvolverConfig(generations=args.generations, children=2,
                                                budget=TrainBudget(args.cycles, 4096, 64)), progress=False)

@@ -35,6 +35,13 @@ TASKS = (("mnist5k", "builtin:mnist5k", False), ("fashion_mnist", "builtin:fashi
 ROOT_HPARAMS = {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop_area_min": 0.5}
 
 
+def root_model(patch_size: int = 7, width: int = 64) -> tuple:
+    """The experiment's root: a random-init ViT without transformer blocks (28x28 input, MLP
+    2 x width, 4 heads, seed 0), as ``(architecture, params)`` of :func:`mu2net.root.random_root`."""
+    config = C.ViTConfig(image_size=28, patch_size=patch_size, width=width, mlp_dim=2 * width, num_heads=4)
+    return R.random_root(config, num_blocks=0, seed=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
@@ -65,9 +72,7 @@ def main() -> None:
         raise SystemExit(f"--order {args.order!r} must list tasks of {sorted(by_name)}, each at most once")
 
     store = Store(args.data_dir)
-    config = C.ViTConfig(image_size=28, patch_size=args.patch_size, width=args.width, mlp_dim=2 * args.width,
-                         num_heads=4)
-    arch, params = R.random_root(config, num_blocks=0, seed=0)
+    arch, params = root_model(args.patch_size, args.width)
     init_root(store, arch, params, root_hparams)
     known = {t.name for t in store.list_tasks()}
     for name, source, private in (by_name[n] for n in order):
