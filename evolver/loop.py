@@ -139,6 +139,18 @@ def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names:
         raise
 
 
+def locked_components(paths: Sequence[P.Path], task: str) -> frozenset[str]:
+    """Ids of the components that are locked while ``task`` is active.
+
+    A component is locked when a retained model other than the active task's uses it: the
+    root model or another task's best path (``paths`` is every retained path of the store).
+    Children share locked components frozen unless the layer-cloning mutation clones them
+    (probability mu, Section 3.2); every other component of a parent is the active task's
+    own and keeps training (see :mod:`mu2net.evolver.mutations`).
+    """
+    return frozenset(c for p in paths if p.task != task for c in p.component_ids)
+
+
 def _digest(tree: Any) -> str:
     return hashlib.sha256(serialize_tree(tree)).hexdigest()
 
@@ -245,6 +257,7 @@ class Evolver:
         population: list[P.Path] = [best_stored] if best_stored is not None else []
         others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))
+        locked = locked_components(self.store.list_paths(), task.name)
         pending: dict[str, _Pending] = {}
         child_index = 0
         for gen in range(cfg.generations):
@@ -252,7 +265,7 @@ class Evolver:
             for _ in range(cfg.children):
                 parent, _rule = sample_parent(population, others, selections, rng)
                 selections[parent.id] = selections.get(parent.id, 0) + 1
-                specs.append(mutate(parent, task.name, task.num_classes, rng,
+                specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
                                     allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
             bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} gen {gen + 1}/{cfg.generations}",
                        disable=not self.progress, leave=False)

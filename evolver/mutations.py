@@ -6,12 +6,22 @@ neighbouring value of Table 1's sorted list. A component not cloned is shared fr
 cloned one is trainable and starts from the parent's parameters and optimizer state. The
 head is always trainable, and is new when the parent belongs to another task. The
 layer-insertion mutation adds a new transformer block just before the head.
+
+Which components the layer-cloning mutation applies to: the *locked* ones, i.e. those of
+the models the multitask system retains for other purposes than the active task (the root
+model and every other task's best path). Section 3.2 freezes a shared layer "to guarantee
+immutability of pre-existing models"; a component that only the active task's own models
+use (made by its earlier children, or only in its own best path) is cloned by every child
+and keeps training, as the official mu2Net code does with its per-task *train locks*
+(locks are added to a task's retained path at the end of its active phase and lifted at
+the start of its next one). Cloning copies, so the parent itself is never changed either
+way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import AbstractSet, Any, Mapping
 
 import numpy as np
 
@@ -64,9 +74,12 @@ def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator) 
 
 
 def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, *,
-           allow_insertion: bool = True, max_blocks: int = 12) -> ChildSpec:
+           locked: AbstractSet[str] | None = None, allow_insertion: bool = True,
+           max_blocks: int = 12) -> ChildSpec:
     """Samples a child of ``parent`` for the active ``task``.
 
+    Each locked component below the head is cloned (trainable) with probability mu and
+    otherwise shared frozen; an unlocked one is always cloned (see the module docstring).
     Layer insertion is sampled with probability mu while the path has fewer than
     ``max_blocks`` transformer blocks, and always applied when the parent has none: a ViT
     without blocks reads only the class token, which does not depend on the image.
@@ -76,6 +89,8 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
       task: the active task name.
       num_classes: the active task's classes (size of a new head).
       rng: numpy random generator.
+      locked: ids of the locked components (the root model's and other tasks' best
+        paths'); None locks every component, so every clone is a mutation.
       allow_insertion: enables the layer-insertion mutation.
       max_blocks: most transformer blocks a child may have.
 
@@ -88,7 +103,9 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
     sources: list[str | None] = list(parent.component_ids)
     trainable = [False] * len(kinds)
     for i in range(len(kinds) - 1):
-        if rng.random() < mu:
+        if locked is not None and sources[i] not in locked:
+            trainable[i] = True  # the active task's own component keeps training
+        elif rng.random() < mu:
             trainable[i] = True
             applied.append(f"clone:{i}:{kinds[i]}")
     trainable[-1] = True

@@ -9,7 +9,7 @@ import numpy as np
 from conftest import TINY_EVOLVER
 from mu2net import datasets as D
 from mu2net import paths as P
-from mu2net.evolver import Evolver
+from mu2net.evolver import Evolver, locked_components
 
 
 def _test_predictions(store, task):
@@ -60,6 +60,27 @@ def test_privacy_and_deletion_of_a_private_task(tiny_store):
     assert tiny_store.best_path("digits") is not None and tiny_store.best_path("small") is not None
 
 
+def test_locked_components_are_the_root_and_other_tasks_best_paths(tiny_store):
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    ev.active_phase("small")
+    root = set(tiny_store.root_path().component_ids)
+    digits, small = (set(tiny_store.best_path(t).component_ids) for t in ("digits", "small"))
+    locked = locked_components(tiny_store.list_paths(), "digits")
+    assert locked == root | small  # digits' own components keep training in its next phase
+    assert locked_components(tiny_store.list_paths(), "small") == root | digits
+    assert locked_components(tiny_store.list_paths(), "parity") == root | digits | small
+    # digits' second phase: every child clones (retrains) the components only digits uses, so
+    # none of them is shared frozen by the path it publishes
+    first = tiny_store.best_path("digits")
+    for _ in range(3):  # until a phase publishes a better path (the first later one does, seeded)
+        best = ev.active_phase("digits")
+        if best.id != first.id:
+            break
+    assert best.id != first.id, "no later digits phase improved on the first"
+    assert digits - root - small and not set(best.component_ids) & (digits - root - small)
+
+
 def test_provenance_counts_steps_per_task(tiny_store):
     ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
     ev.run(iterations=1)
@@ -84,7 +105,7 @@ RESUME = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from conftest import TINY_EVOLVER
     from mu2net.store import Store
-    from mu2net.evolver import Evolver
+    from mu2net.evolver import Evolver, locked_components
     import mu2net.evolver.loop as loop
     store = Store({data!r})
     real = loop.train_child

@@ -23,7 +23,7 @@ def _many(parent, task="t", n=2000, **kw):
     return [mutate(parent, task, 3 if task == "t" else 7, rng, **kw) for _ in range(n)]
 
 
-@pytest.mark.parametrize("operator", ["hparam", "clone", "same_task_head", "new_head", "insert", "forced_insert"])
+@pytest.mark.parametrize("operator", ["hparam", "clone", "own_components", "same_task_head", "new_head", "insert", "forced_insert"])
 def test_mutation_operator(operator):
     mu = 0.3
     if operator == "hparam":
@@ -43,6 +43,14 @@ def test_mutation_operator(operator):
         assert np.all(np.abs(rate - mu) < 0.05), rate
         for c in children:  # cloned components start from the parent's; frozen ones are shared
             assert c.sources == _parent().component_ids
+    elif operator == "own_components":
+        # c0, c3 belong to retained models (root, other tasks): cloned with probability mu;
+        # c1, c2 only to the active task's own models: always cloned, i.e. they keep training
+        children = _many(_parent(mu=mu), allow_insertion=False, locked=frozenset({"c0", "c3"}))
+        rate = np.mean([c.trainable[:-1] for c in children], axis=0)
+        assert np.all(np.abs(rate[[0, 3]] - mu) < 0.05) and np.all(rate[[1, 2]] == 1.0), rate
+        for c in children:
+            assert c.sources == _parent().component_ids and c.trainable[-1]
     elif operator == "same_task_head":
         for c in _many(_parent(), n=50, allow_insertion=False):
             assert c.trainable[-1] and c.sources[-1] == "c4" and c.architecture.num_classes == 3
