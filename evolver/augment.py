@@ -46,6 +46,26 @@ def _random_resized_crop(x: jax.Array, rng: jax.Array, area_min: jax.Array,
                                          antialias=True)
 
 
+def _hue_rotation(angle: jax.Array) -> jax.Array:
+    """``[B, 3, 3]`` RGB->RGB matrices rotating the YIQ chroma plane (I, Q) by ``angle`` [B] radians."""
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    one, zero = jnp.ones_like(cos), jnp.zeros_like(cos)
+    rot = jnp.stack([jnp.stack([one, zero, zero], -1),
+                     jnp.stack([zero, cos, -sin], -1),
+                     jnp.stack([zero, sin, cos], -1)], -2)
+    return _YIQ2RGB @ rot @ _RGB2YIQ
+
+
+def _apply_color_matrix(x: jax.Array, m: jax.Array) -> jax.Array:
+    """``x [B, H, W, 3]`` times per-image ``m [B, 3, 3]`` along channels.
+
+    Written as three broadcast multiply-adds, which XLA fuses with the surrounding
+    elementwise ops; a channel matmul with a contraction of 3 is about 5x slower on CPU.
+    """
+    m = m[:, None, None]  # [B, 1, 1, 3, 3]
+    return x[..., 0:1] * m[..., :, 0] + x[..., 1:2] * m[..., :, 1] + x[..., 2:3] * m[..., :, 2]
+
+
 def augment(images: jax.Array, hp: Mapping[str, jax.Array], rng: jax.Array) -> jax.Array:
     """Applies crop, flip, brightness, contrast, saturation and hue jitter (Table 1).
 
@@ -61,9 +81,15 @@ def augment(images: jax.Array, hp: Mapping[str, jax.Array], rng: jax.Array) -> j
     b = images.shape[0]
     keys = jax.random.split(rng, 7)
     crop_keys = jax.random.split(keys[0], b)
-    cropped = jax.vmap(_random_resized_crop, in_axes=(0, 0, None, None))(
-        images, crop_keys, hp["crop_area_min"], hp["crop_aspect_min"])
-    x = jnp.where(hp["crop"] > 0.5, cropped, images)
+
+    def crop_all(x: jax.Array) -> jax.Array:
+        return jax.vmap(_random_resized_crop, in_axes=(0, 0, None, None))(
+            x, crop_keys, hp["crop_area_min"], hp["crop_aspect_min"])
+
+    # lax.cond, not jnp.where: with crop off (Table 1's other value) the resampling is
+    # skipped at run time instead of computed and discarded (about 6 ms of a 33 ms step
+    # at batch 64 on this CPU)
+    x = jax.lax.cond(hp["crop"] > 0.5, crop_all, lambda x: x, images)
     do_flip = (jax.random.uniform(keys[1], (b, 1, 1, 1)) < 0.5) & (hp["flip"] > 0.5)
     x = jnp.where(do_flip, x[:, :, ::-1, :], x)
     x = (x + 1.0) / 2.0  # to [0, 1] where the deltas are defined
@@ -75,9 +101,5 @@ def augment(images: jax.Array, hp: Mapping[str, jax.Array], rng: jax.Array) -> j
     s = 1.0 + jax.random.uniform(keys[4], (b, 1, 1, 1), minval=-1.0, maxval=1.0) * hp["saturation"]
     x = gray + (x - gray) * s
     angle = jax.random.uniform(keys[5], (b,), minval=-1.0, maxval=1.0) * hp["hue"] * 2 * jnp.pi
-    yiq = x @ _RGB2YIQ.T
-    cos, sin = jnp.cos(angle)[:, None, None], jnp.sin(angle)[:, None, None]
-    i = yiq[..., 1] * cos - yiq[..., 2] * sin
-    q = yiq[..., 1] * sin + yiq[..., 2] * cos
-    x = jnp.stack([yiq[..., 0], i, q], -1) @ _YIQ2RGB.T
+    x = _apply_color_matrix(x, _hue_rotation(angle))
     return jnp.clip(x, 0.0, 1.0) * 2.0 - 1.0
