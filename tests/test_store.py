@@ -36,7 +36,7 @@ CRASH = textwrap.dedent("""
     from conftest import TINY_EVOLVER
     Store._commit_publish = lambda self, *a, **k: os._exit(137)  # killed between files and transaction
     store = Store({data!r})
-    Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
+    Evolver(store, TINY_EVOLVER, progress=False).active_phase("small")
 """)
 
 
@@ -54,9 +54,12 @@ def test_publish_interrupted_between_files_and_transaction_keeps_old_state(tiny_
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 137, proc.stderr[-2000:]
     files_after = set((tiny_store.data_dir / "arrays").rglob("*.npz"))
-    assert files_after > files_before  # the new files were written, then the process died
+    # a task's first phase always publishes new components (at least its new head): their
+    # files were written, then the process died before the transaction
+    assert files_after > files_before
     reopened = Store(tiny_store.data_dir)
     assert reopened.system_version() == before_version
+    assert reopened.best_path("small") is None and reopened.get_task("small").iterations_done == 0
     after = reopened.best_path("digits")
     assert after.id == before.id and after.metrics == before.metrics
     assert reopened.get_task("digits").iterations_done == 1
