@@ -87,8 +87,8 @@ def augment(images: jax.Array, hp: Mapping[str, jax.Array], rng: jax.Array) -> j
             x, crop_keys, hp["crop_area_min"], hp["crop_aspect_min"])
 
     # lax.cond, not jnp.where: with crop off (Table 1's other value) the resampling is
-    # skipped at run time instead of computed and discarded (about 6 ms of a 33 ms step
-    # at batch 64 on this CPU)
+    # skipped at run time instead of computed and discarded (about 1.2 ms per batch of 64
+    # 28x28 images on this CPU)
     x = jax.lax.cond(hp["crop"] > 0.5, crop_all, lambda x: x, images)
     do_flip = (jax.random.uniform(keys[1], (b, 1, 1, 1)) < 0.5) & (hp["flip"] > 0.5)
     x = jnp.where(do_flip, x[:, :, ::-1, :], x)
