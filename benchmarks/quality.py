@@ -42,6 +42,32 @@ def root_model(patch_size: int = 7, width: int = 64) -> tuple:
     return R.random_root(config, num_blocks=0, seed=0)
 
 
+def baseline(task, arch, samples: int, root_hparams: dict, args: argparse.Namespace, seed: int) -> dict:
+    """Trains ``arch`` from random initialisation (seed ``seed``), every component trainable,
+    on ``task`` alone for at least ``samples`` training examples (whole cycles of
+    min(1 epoch, sample cap)), with the root hyperparameters; returns its best-validation
+    checkpoint's accuracies."""
+    import jax
+
+    train = D.read_split(task.dataset_dir, task.splits["train"])
+    val = D.read_split(task.dataset_dir, task.splits["validation"])
+    test = D.read_split(task.dataset_dir, task.splits["test"])
+    keys = np.random.default_rng(seed)
+    params = [jax.device_get(C.init_component(k, arch.config, jax.random.PRNGKey(int(keys.integers(2**31))),
+                                              arch.num_classes)) for k in arch.kinds]
+    per_cycle = min(len(train[0]), args.sample_cap)
+    cycles = max(1, math.ceil(samples / per_cycle))
+    tb = time.time()
+    res = train_child(arch, params, [None] * len(params), (True,) * len(params), R.root_hparams(root_hparams),
+                      train, val, TrainBudget(cycles, args.sample_cap, args.batch_size), accuracy_scorer(), seed=seed)
+    acc = P.accuracy(arch, [res.params[i] for i in range(len(params))], *test)
+    seconds = time.time() - tb
+    print(f"baseline {task.name} seed {seed}: test {acc:.4f} ({cycles * per_cycle} samples, {seconds:.0f}s)")
+    return {"seed": seed, "train_samples": cycles * per_cycle, "mu2net_lineage_samples": samples,
+            "validation_accuracy": res.validation_accuracy, "test_accuracy": acc, "seconds": seconds,
+            "blocks": arch.num_blocks}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
@@ -61,6 +87,11 @@ def main() -> None:
     ap.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                     help=f"overrides a root hyperparameter of {ROOT_HPARAMS} (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="evolver seed (parent sampling, mutations, initialisation, batch order, augmentation)")
+    ap.add_argument("--baseline-seeds", default="1",
+                    help="comma-separated seeds of the baselines; one baseline per task and seed (the first "
+                         "is reported as the task's baseline, all of them under baseline_seeds)")
     ap.add_argument("--cpu-devices", type=int, default=None,
                     help="devices the CPU platform exposes, one child trained on each at once (default: one per CPU)")
     args = ap.parse_args()
@@ -68,6 +99,10 @@ def main() -> None:
     root_hparams = {**ROOT_HPARAMS, **dict(args.root_hparam)}
     by_name = {t[0]: t for t in TASKS}
     order = args.order.split(",")
+    try:
+        baseline_seeds = [int(s) for s in args.baseline_seeds.split(",")]
+    except ValueError:
+        raise SystemExit(f"--baseline-seeds {args.baseline_seeds!r} must be comma-separated integers") from None
     if len(set(order)) != len(order) or not set(order) <= set(by_name):
         raise SystemExit(f"--order {args.order!r} must list tasks of {sorted(by_name)}, each at most once")
 
@@ -80,16 +115,17 @@ def main() -> None:
             add_task(store, name, source, private=private)
     ev_config = EvolverConfig(generations=args.generations, children=args.children,
                               budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
-                              max_blocks=args.max_blocks)
+                              max_blocks=args.max_blocks, seed=args.seed)
     t0 = time.time()
     evolver = Evolver(store, ev_config)
-    evolver.run(args.iterations)
+    phases = evolver.run(args.iterations)
     evolve_seconds = time.time() - t0
     rep = report(store)
     print(format_report(rep))
 
-    results = {"evolve_seconds": evolve_seconds, "config": vars(args), "root_hparams": root_hparams,
-               "report": rep, "baselines": {},
+    # phases_run 0: the store had finished already (e.g. a re-run for more baseline seeds)
+    results = {"evolve_seconds": evolve_seconds, "phases_run": phases, "config": vars(args),
+               "root_hparams": root_hparams, "report": rep, "baselines": {}, "baseline_seeds": {},
                "devices": [str(d) for d in evolver.devices]}
     comps = {c.id: c for c in store.list_components()}
     for t in store.list_tasks():
@@ -97,27 +133,10 @@ def main() -> None:
         if path is None or args.skip_baseline:
             continue
         steps = max(comps[c].steps.get(t.name, 0) for c in path.component_ids)
-        samples = steps * args.batch_size
-        train = D.read_split(t.dataset_dir, t.splits["train"])
-        val = D.read_split(t.dataset_dir, t.splits["validation"])
-        test = D.read_split(t.dataset_dir, t.splits["test"])
-        b_arch = path.architecture
-        keys = np.random.default_rng(1)
-        import jax
-        b_params = [jax.device_get(C.init_component(k, b_arch.config, jax.random.PRNGKey(int(keys.integers(2**31))),
-                                                    b_arch.num_classes)) for k in b_arch.kinds]
-        per_cycle = min(len(train[0]), args.sample_cap)
-        cycles = max(1, math.ceil(samples / per_cycle))
-        tb = time.time()
-        res = train_child(b_arch, b_params, [None] * len(b_params), (True,) * len(b_params),
-                          R.root_hparams(root_hparams), train, val, TrainBudget(cycles, args.sample_cap, args.batch_size),
-                          accuracy_scorer(), seed=1)
-        full = [res.params[i] for i in range(len(b_params))]
-        acc = P.accuracy(b_arch, full, *test)
-        results["baselines"][t.name] = {"train_samples": cycles * per_cycle, "mu2net_lineage_samples": samples,
-                                        "validation_accuracy": res.validation_accuracy, "test_accuracy": acc,
-                                        "seconds": time.time() - tb, "blocks": b_arch.num_blocks}
-        print(f"baseline {t.name}: test {acc:.4f} ({cycles * per_cycle} samples, {time.time() - tb:.0f}s)")
+        runs = [baseline(t, path.architecture, steps * args.batch_size, root_hparams, args, seed)
+                for seed in baseline_seeds]
+        results["baselines"][t.name] = runs[0]
+        results["baseline_seeds"][t.name] = runs
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
 
