@@ -17,6 +17,7 @@ import json
 import math
 import time
 
+import jax
 import numpy as np
 
 from mu2net import components as C
@@ -42,16 +43,13 @@ def root_model(patch_size: int = 7, width: int = 64) -> tuple:
     return R.random_root(config, num_blocks=0, seed=0)
 
 
-def baseline(task, arch, samples: int, root_hparams: dict, args: argparse.Namespace, seed: int) -> dict:
+def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, args: argparse.Namespace,
+             seed: int) -> dict:
     """Trains ``arch`` from random initialisation (seed ``seed``), every component trainable,
-    on ``task`` alone for at least ``samples`` training examples (whole cycles of
-    min(1 epoch, sample cap)), with the root hyperparameters; returns its best-validation
-    checkpoint's accuracies."""
-    import jax
-
-    train = D.read_split(task.dataset_dir, task.splits["train"])
-    val = D.read_split(task.dataset_dir, task.splits["validation"])
-    test = D.read_split(task.dataset_dir, task.splits["test"])
+    on task ``name`` alone (``splits``: its train, validation and test arrays) for at least
+    ``samples`` training examples (whole cycles of min(1 epoch, sample cap)), with the root
+    hyperparameters; returns its best-validation checkpoint's accuracies."""
+    train, val, test = splits
     keys = np.random.default_rng(seed)
     params = [jax.device_get(C.init_component(k, arch.config, jax.random.PRNGKey(int(keys.integers(2**31))),
                                               arch.num_classes)) for k in arch.kinds]
@@ -62,7 +60,7 @@ def baseline(task, arch, samples: int, root_hparams: dict, args: argparse.Namesp
                       train, val, TrainBudget(cycles, args.sample_cap, args.batch_size), accuracy_scorer(), seed=seed)
     acc = P.accuracy(arch, [res.params[i] for i in range(len(params))], *test)
     seconds = time.time() - tb
-    print(f"baseline {task.name} seed {seed}: test {acc:.4f} ({cycles * per_cycle} samples, {seconds:.0f}s)")
+    print(f"baseline {name} seed {seed}: test {acc:.4f} ({cycles * per_cycle} samples, {seconds:.0f}s)")
     return {"seed": seed, "train_samples": cycles * per_cycle, "mu2net_lineage_samples": samples,
             "validation_accuracy": res.validation_accuracy, "test_accuracy": acc, "seconds": seconds,
             "blocks": arch.num_blocks}
@@ -133,7 +131,8 @@ def main() -> None:
         if path is None or args.skip_baseline:
             continue
         steps = max(comps[c].steps.get(t.name, 0) for c in path.component_ids)
-        runs = [baseline(t, path.architecture, steps * args.batch_size, root_hparams, args, seed)
+        splits = tuple(D.read_split(t.dataset_dir, t.splits[s]) for s in ("train", "validation", "test"))
+        runs = [baseline(t.name, splits, path.architecture, steps * args.batch_size, root_hparams, args, seed)
                 for seed in baseline_seeds]
         results["baselines"][t.name] = runs[0]
         results["baseline_seeds"][t.name] = runs
