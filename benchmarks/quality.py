@@ -19,6 +19,7 @@ import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from mu2net import components as C
 from mu2net import datasets as D
@@ -56,11 +57,17 @@ def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, a
     per_cycle = min(len(train[0]), args.sample_cap)
     cycles = max(1, math.ceil(samples / per_cycle))
     tb = time.time()
-    res = train_child(arch, params, [None] * len(params), (True,) * len(params), R.root_hparams(root_hparams),
-                      train, val, TrainBudget(cycles, args.sample_cap, args.batch_size), accuracy_scorer(), seed=seed)
+    with tqdm(total=cycles, desc=f"baseline {name} seed {seed}", unit="cycle") as bar:
+        def on_cycle(done: int, acc: float) -> None:
+            bar.update()
+            bar.set_postfix(val=f"{acc:.4f}")
+        res = train_child(arch, params, [None] * len(params), (True,) * len(params),
+                          R.root_hparams(root_hparams), train, val,
+                          TrainBudget(cycles, args.sample_cap, args.batch_size), accuracy_scorer(), seed=seed,
+                          on_cycle=on_cycle)
     acc = P.accuracy(arch, [res.params[i] for i in range(len(params))], *test)
     seconds = time.time() - tb
-    print(f"baseline {name} seed {seed}: test {acc:.4f} ({cycles * per_cycle} samples, {seconds:.0f}s)")
+    tqdm.write(f"baseline {name} seed {seed}: test {acc:.4f} ({cycles * per_cycle} samples, {seconds:.0f}s)")
     return {"seed": seed, "train_samples": cycles * per_cycle, "mu2net_lineage_samples": samples,
             "validation_accuracy": res.validation_accuracy, "test_accuracy": acc, "seconds": seconds,
             "blocks": arch.num_blocks}

@@ -153,7 +153,8 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
                 mask: tuple[bool, ...], hparams: Mapping[str, Any],
                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                 budget: TrainBudget, scorer: Callable[[float, int], float], seed: int,
-                device: jax.Device | None = None) -> TrainResult:
+                device: jax.Device | None = None,
+                on_cycle: Callable[[int, float], None] | None = None) -> TrainResult:
     """Trains a child's trainable components and keeps its best checkpoint (Section 3.3).
 
     Args:
@@ -168,6 +169,8 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
       scorer: ``(validation accuracy, activated params) -> score``.
       seed: seeds batch order and augmentation.
       device: device to train on (default: JAX's default device).
+      on_cycle: called after each cycle's validation with (cycles done, validation
+        accuracy), e.g. to advance a progress bar.
 
     Returns:
       The :class:`TrainResult` of the best-scoring cycle.
@@ -214,6 +217,8 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
         seconds += time.perf_counter() - t0
         acc = P.accuracy(arch, list(prefix) + list(suffix), *validation)
         history.append(acc)
+        if on_cycle is not None:
+            on_cycle(len(history), acc)
         score = scorer(acc, activated)
         if best is None or score > best.score:
             host_p, host_m = jax.device_get(([suffix[i - first] for i in positions],

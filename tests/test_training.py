@@ -74,3 +74,12 @@ def test_cosine_schedule_with_warmup():
     lrs = [float(cosine_with_warmup(np.int32(s), total, peak, 0.1)) for s in range(100)]
     assert abs(lrs[9] - peak) < 1e-6 and lrs[0] < lrs[5] < lrs[9]
     assert lrs[50] < lrs[20] and lrs[99] < 1e-3
+
+
+def test_on_cycle_reports_every_cycles_validation_accuracy():
+    arch, params = R.random_root(TINY, num_blocks=1, seed=4, num_classes=3)
+    calls: list[tuple[int, float]] = []
+    res = train_child(arch, params, [None] * 5, (False, False, False, True, True), H.with_defaults({}), _data(),
+                      _data(32), TrainBudget(3, 32, 32), lambda a, p: a, seed=0,
+                      on_cycle=lambda done, acc: calls.append((done, acc)))
+    assert calls == list(enumerate(res.history, start=1)) and len(calls) == 3
