@@ -19,15 +19,14 @@ import argparse
 import json
 import time
 
-from quality import ROOT_HPARAMS, TASKS, baseline, root_model
+from quality import ROOT_HPARAMS, TASKS, baseline, parse_order, root_model, task_splits
 
 from mu2net import components as C
-from mu2net import datasets as D
 from mu2net.evolver import add_task
 from mu2net.paths import Architecture
 from mu2net.store import Store
 
-#: Default training samples per task: about 45 epochs of Fashion-MNIST's 57,000 training
+#: Default training samples per task: about 42 epochs of Fashion-MNIST's 57,000 training
 #: images, 375 of MNIST-5k's 3,200 and 350 of digits' 1,150 (their budget cycles are whole
 #: epochs, so the counts are rounded up to whole cycles).
 DEFAULT_SAMPLES = {"mnist5k": 1_200_000, "fashion_mnist": 2_400_000, "digits": 400_000}
@@ -39,13 +38,9 @@ def parse_samples(text: str) -> tuple[str, int]:
     names = [t[0] for t in TASKS]
     if not sep or name not in names:
         raise argparse.ArgumentTypeError(f"{text!r} must be TASK=N with TASK one of {names}")
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n <= 0:
+    if not value.isdigit() or int(value) == 0:
         raise argparse.ArgumentTypeError(f"{text!r}: N must be a positive integer, got {value!r}")
-    return name, n
+    return name, int(value)
 
 
 def main() -> None:
@@ -64,13 +59,12 @@ def main() -> None:
     if args.blocks < 0:
         raise SystemExit(f"--blocks must be >= 0, got {args.blocks}")
     by_name = {t[0]: t for t in TASKS}
-    order = args.order.split(",")
-    if len(set(order)) != len(order) or not set(order) <= set(by_name):
-        raise SystemExit(f"--order {args.order!r} must list tasks of {sorted(by_name)}, each at most once")
+    order = parse_order(args.order)
     samples = {**DEFAULT_SAMPLES, **dict(args.samples)}
 
     store = Store(args.data_dir)
     root_arch, _ = root_model()
+    kinds = root_arch.kinds[:3] + (C.TRANSFORMER_BLOCK,) * args.blocks + (C.HEAD,)
     known = {t.name for t in store.list_tasks()}
     results: dict = {"config": vars(args), "root_hparams": ROOT_HPARAMS, "runs": {}}
     t0 = time.time()
@@ -79,10 +73,8 @@ def main() -> None:
         if name not in known:
             add_task(store, name, source, private=private)
         task = store.get_task(name)
-        kinds = root_arch.kinds[:3] + (C.TRANSFORMER_BLOCK,) * args.blocks + (C.HEAD,)
         arch = Architecture(root_arch.config, kinds, task.num_classes)
-        splits = tuple(D.read_split(task.dataset_dir, task.splits[s]) for s in ("train", "validation", "test"))
-        results["runs"][name] = baseline(name, splits, arch, samples[name], ROOT_HPARAMS, args, args.seed)
+        results["runs"][name] = baseline(name, task_splits(task), arch, samples[name], ROOT_HPARAMS, args, args.seed)
     results["seconds"] = time.time() - t0
     print(json.dumps({k: {m: v[m] for m in ("train_samples", "validation_accuracy", "test_accuracy", "seconds")}
                       for k, v in results["runs"].items()}, indent=1))

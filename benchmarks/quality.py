@@ -44,6 +44,20 @@ def root_model(patch_size: int = 7, width: int = 64) -> tuple:
     return R.random_root(config, num_blocks=0, seed=0)
 
 
+def parse_order(text: str) -> list[str]:
+    """``--order``: comma-separated names of :data:`TASKS`, each at most once; exits otherwise."""
+    order = text.split(",")
+    names = sorted(t[0] for t in TASKS)
+    if len(set(order)) != len(order) or not set(order) <= set(names):
+        raise SystemExit(f"--order {text!r} must list tasks of {names}, each at most once")
+    return order
+
+
+def task_splits(task) -> tuple:
+    """A stored task's (train, validation, test) arrays, each ``(images, labels)``."""
+    return tuple(D.read_split(task.dataset_dir, task.splits[s]) for s in ("train", "validation", "test"))
+
+
 def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, args: argparse.Namespace,
              seed: int) -> dict:
     """Trains ``arch`` from random initialisation (seed ``seed``), every component trainable,
@@ -103,13 +117,11 @@ def main() -> None:
     split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
     root_hparams = {**ROOT_HPARAMS, **dict(args.root_hparam)}
     by_name = {t[0]: t for t in TASKS}
-    order = args.order.split(",")
+    order = parse_order(args.order)
     try:
         baseline_seeds = [int(s) for s in args.baseline_seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--baseline-seeds {args.baseline_seeds!r} must be comma-separated integers") from None
-    if len(set(order)) != len(order) or not set(order) <= set(by_name):
-        raise SystemExit(f"--order {args.order!r} must list tasks of {sorted(by_name)}, each at most once")
 
     store = Store(args.data_dir)
     arch, params = root_model(args.patch_size, args.width)
@@ -138,7 +150,7 @@ def main() -> None:
         if path is None or args.skip_baseline:
             continue
         steps = max(comps[c].steps.get(t.name, 0) for c in path.component_ids)
-        splits = tuple(D.read_split(t.dataset_dir, t.splits[s]) for s in ("train", "validation", "test"))
+        splits = task_splits(t)
         runs = [baseline(t.name, splits, path.architecture, steps * args.batch_size, root_hparams, args, seed)
                 for seed in baseline_seeds]
         results["baselines"][t.name] = runs[0]
