@@ -13,7 +13,9 @@ import dataclasses
 import hashlib
 import logging
 import math
+import os
 import shutil
+import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -24,6 +26,7 @@ from mu2net import components as C
 from mu2net import datasets as D
 from mu2net import hparams as H
 from mu2net import paths as P
+from mu2net.evolver import schedule as S
 from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import make_scorer
@@ -49,6 +52,22 @@ class EvolverConfig:
       allow_insertion: enables the layer-insertion mutation (Section 4).
       max_blocks: most transformer blocks a path may grow to.
       seed: seeds parent sampling, mutations, initialisation and training.
+      first_answer: a new task's active phase starts with a short *first-answer
+        generation*: each child reuses an allowed path frozen with a new head (SMART-style
+        reuse of existing modules), or, from a randomly initialised root, clones the root
+        and inserts a block where it has none; see :meth:`Evolver.first_answer_specs`.
+      first_answer_cycles: train cycles of a first-answer child (the sample cap and batch
+        size are :attr:`budget`'s).
+      publish_on_improvement: publish the task's best path after every generation that
+        improves on the published one (Algorithm 1's ``>=``, latest wins), not only at the
+        end of the active phase. A mid-phase publish needs a validation accuracy above
+        chance (the validation split's majority-class share).
+      preempt: end a served task's active phase early, at a generation boundary, when a
+        task that was never served is waiting (``mu2net serve``: a new upload comes
+        first). The preempted phase publishes what it has and is not counted as a task
+        iteration.
+      patience: completed task iterations in a row without improvement after which
+        continual evolution pauses a task (see :mod:`mu2net.evolver.schedule`).
     """
 
     generations: int = 4
@@ -59,9 +78,14 @@ class EvolverConfig:
     allow_insertion: bool = True
     max_blocks: int = 12
     seed: int = 0
+    first_answer: bool = True
+    first_answer_cycles: int = 2
+    publish_on_improvement: bool = True
+    preempt: bool = False
+    patience: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("generations", "children"):
+        for name in ("generations", "children", "first_answer_cycles", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         b = self.budget
@@ -83,8 +107,13 @@ class _Pending:
 
 
 def init_root(store: Store, arch: P.Architecture, params: Sequence[Any],
-              hparams: Mapping[str, Any] | None = None) -> P.Path:
-    """Publishes the root model if the store has none; returns the store's root path."""
+              hparams: Mapping[str, Any] | None = None, *, pretrained: bool = False) -> P.Path:
+    """Publishes the root model if the store has none; returns the store's root path.
+
+    ``pretrained`` records whether the parameters came from a checkpoint (True) or a
+    random initialisation (False): a random root holds no knowledge, so a new task's
+    first-answer child clones and trains it instead of reusing it frozen.
+    """
     existing = store.root_path()
     if existing is not None:
         return existing
@@ -98,7 +127,7 @@ def init_root(store: Store, arch: P.Architecture, params: Sequence[Any],
     total = sum(r.num_params for r in records)
     root = P.Path(id=ROOT_PATH_ID, task=None, component_ids=tuple(ids), architecture=arch,
                   hparams=H.with_defaults(hparams), score=None, parent_id=None,
-                  metrics={"activated_params": total})
+                  metrics={"activated_params": total, "pretrained": bool(pretrained)})
     store.publish(root, records)
     return root
 
@@ -176,23 +205,30 @@ class Evolver:
             raise StoreError(f"store {store.data_dir} has no root model; initialise it first")
         self.root = root
         self.scorer = make_scorer(config.scorer, int(root.metrics["activated_params"]), config.size_penalty_base)
-        self.stats: dict[str, Any] = {"children": 0, "phases": 0, "images_per_second": []}
+        self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "images_per_second": []}
 
     # ---- queue --------------------------------------------------------------------------
 
-    def next_task(self, iterations: int) -> TaskRecord | None:
-        """The next active task: fewest completed iterations (< ``iterations``), oldest first."""
-        todo = [t for t in self.store.list_tasks() if t.state != "failed" and t.iterations_done < iterations]
-        return min(todo, key=lambda t: (t.iterations_done, t.seq)) if todo else None
+    def next_task(self, iterations: int, continual: bool = False) -> TaskRecord | None:
+        """The next active task (order in :mod:`mu2net.evolver.schedule`); wakes a paused
+        task that a related task's publish woke."""
+        tasks = self.store.list_tasks()
+        versions = self.store.served_versions()
+        task = S.next_task(tasks, versions, iterations, continual)
+        if task is not None and task.paused_version is not None:
+            log.info("task %s wakes: a related task published after it paused", task.name)
+            self.store.set_evolution(task.name, stale_iterations=0, paused_version=None)
+        return task
 
-    def run(self, iterations: int, stop: Callable[[], bool] | None = None) -> int:
-        """Runs active phases until every task has ``iterations`` task iterations.
+    def run(self, iterations: int, stop: Callable[[], bool] | None = None, *, continual: bool = False) -> int:
+        """Runs active phases until every task has ``iterations`` task iterations; with
+        ``continual``, goes on while any task is awake (see :mod:`mu2net.evolver.schedule`).
 
         Returns:
           Number of active phases run.
         """
         phases = 0
-        while (task := self.next_task(iterations)) is not None:
+        while (task := self.next_task(iterations, continual)) is not None:
             if stop is not None and stop():
                 break
             try:
@@ -204,10 +240,28 @@ class Evolver:
                 if any(t.name == task.name for t in self.store.list_tasks()):
                     log.error("task %s failed: %s", task.name, e)
                     self.store.set_task_state(task.name, "failed", str(e))
-                else:  # deleted during its active phase: nothing was published
+                else:  # deleted during its active phase
                     log.warning("task %s was deleted during its active phase", task.name)
             phases += 1
+        self._status("idle")
         return phases
+
+    def _status(self, state: str, task: TaskRecord | None = None, **fields: Any) -> None:
+        """Writes what the evolver is doing now to the store (read by the server's status)."""
+        now = time.time()
+        status = {"state": state, "task": task.name if task else None, "phase": fields.pop("phase", state),
+                  "updated": now, "pid": os.getpid(), **fields}
+        try:
+            self.store.set_evolver_status(status)
+        except Exception as e:  # status is informative only: never stop evolving for it
+            log.warning("could not record the evolver status: %s", e)
+
+    def _waiting_new_task(self, task: TaskRecord) -> TaskRecord | None:
+        """A never-served task other than ``task`` (preemption, :attr:`EvolverConfig.preempt`)."""
+        versions = self.store.served_versions()
+        waiting = [t for t in self.store.list_tasks()
+                   if t.name != task.name and t.state != "failed" and t.name not in versions]
+        return min(waiting, key=lambda t: t.seq) if waiting else None
 
     # ---- components ---------------------------------------------------------------------
 
@@ -245,52 +299,124 @@ class Evolver:
 
     # ---- one active phase ---------------------------------------------------------------
 
+    def first_answer_specs(self, task: TaskRecord, others: Sequence[P.Path]) -> list[ChildSpec]:
+        """The children of a new task's first-answer generation (:attr:`EvolverConfig.first_answer`).
+
+        Each child reuses one allowed path with every component frozen and trains only a
+        new head: the cheapest child that can transfer what the system knows (SMART's
+        reuse of existing modules). Candidates are the other tasks' served paths, deepest
+        first, then the root model; one per child, repeated when there are fewer
+        candidates than children (each repeat draws its own head and batch order). A
+        randomly initialised root holds no knowledge, so its child clones (trains) every
+        component, and inserts a transformer block if the root has none (a ViT without
+        blocks reads only the class token): on a fresh server that is the cheapest child
+        that can beat chance. Hyperparameters are the candidate's, unmutated.
+        """
+        root = [p for p in others if p.id == ROOT_PATH_ID]
+        trained = sorted((p for p in others if p.id != ROOT_PATH_ID),
+                         key=lambda p: (-p.architecture.num_blocks, -(p.score or 0.0)))
+        candidates = (trained + root)[: self.config.children]
+        specs = []
+        for i in range(self.config.children):
+            parent = candidates[i % len(candidates)]
+            kinds = list(parent.architecture.kinds)
+            sources: list[str | None] = list(parent.component_ids[:-1]) + [None]
+            random_root = parent.id == ROOT_PATH_ID and not parent.metrics.get("pretrained", False)
+            trainable = [random_root] * (len(kinds) - 1) + [True]
+            applied = ["clone_all" if random_root else "reuse_frozen", "new_head"]
+            if random_root and parent.architecture.num_blocks == 0 and self.config.allow_insertion:
+                kinds.insert(len(kinds) - 1, C.TRANSFORMER_BLOCK)
+                sources.insert(len(sources) - 1, None)
+                trainable.insert(len(trainable) - 1, True)
+                applied.append(f"insert_block:{len(kinds) - 2}")
+            arch = P.Architecture(parent.architecture.config, tuple(kinds), task.num_classes)
+            specs.append(ChildSpec(parent=parent, task=task.name, architecture=arch, sources=tuple(sources),
+                                   trainable=tuple(trainable), hparams=dict(parent.hparams),
+                                   mutations=tuple(applied)))
+        return specs
+
     def active_phase(self, task_name: str) -> P.Path:
-        """One task iteration of Algorithm 1 for ``task_name``; returns the task's best path."""
+        """One task iteration of Algorithm 1 for ``task_name``; returns the task's best path.
+
+        A task that was never served starts with the first-answer generation
+        (:meth:`first_answer_specs`). After each generation the best path is published if
+        it improves on the served one (:attr:`EvolverConfig.publish_on_improvement`); with
+        :attr:`EvolverConfig.preempt` a waiting new task ends the phase early.
+        """
         cfg = self.config
         task = self.store.get_task(task_name)
         best_stored = self.store.best_path(task.name)
         self.store.set_task_state(task.name, "training" if best_stored is None else "serving")
         train = D.read_split(task.dataset_dir, task.splits["train"])
         validation = D.read_split(task.dataset_dir, task.splits["validation"])
+        chance = float(np.bincount(validation[1]).max() / len(validation[1])) if len(validation[1]) else 1.0
         rng = np.random.default_rng([cfg.seed, task.seq, task.iterations_done])
         population: list[P.Path] = [best_stored] if best_stored is not None else []
         others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))
         locked = locked_components(self.store.list_paths(), task.name)
         pending: dict[str, _Pending] = {}
+        published = best_stored
+        test_split: list[tuple[np.ndarray, np.ndarray]] = []  # read at the first publish
         child_index = 0
-        for gen in range(cfg.generations):
-            specs = []
-            for _ in range(cfg.children):
-                parent, _rule = sample_parent(population, others, selections, rng)
-                selections[parent.id] = selections.get(parent.id, 0) + 1
-                specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
-                                    allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
-            bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} gen {gen + 1}/{cfg.generations}",
+        started = time.time()
+        first = 0 if (best_stored is None and cfg.first_answer) else 1
+        preempted_by: TaskRecord | None = None
+        for gen in range(first, cfg.generations + 1):
+            if gen == 0:
+                specs = self.first_answer_specs(task, others)
+                budget = dataclasses.replace(cfg.budget, cycles=cfg.first_answer_cycles)
+            else:
+                specs = []
+                for _ in range(cfg.children):
+                    parent, _rule = sample_parent(population, others, selections, rng)
+                    selections[parent.id] = selections.get(parent.id, 0) + 1
+                    specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
+                                        allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
+                budget = cfg.budget
+            phase = "first answer" if gen == 0 else "evolving"
+            self._status("training", task, phase=phase, iteration=task.iterations_done + 1, generation=gen,
+                         generations=cfg.generations, children_running=len(specs), started=started)
+            label = "first answer" if gen == 0 else f"gen {gen}/{cfg.generations}"
+            bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} {label}",
                        disable=not self.progress, leave=False)
-            children = self._train_generation(specs, task, pending, train, validation, rng, child_index, bar)
+            children = self._train_generation(specs, task, pending, train, validation, rng, budget, bar)
             child_index += len(specs)
             for spec, child, new in children:
                 parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
                     else -math.inf
-                # early pruning (Section 3.3): keep only children that beat their parent
-                if child.score is not None and child.score > parent_score:
+                # early pruning (Section 3.3); a tie is kept (Algorithm 1's >=)
+                if child.score is not None and child.score >= parent_score:
                     population.append(child)
                     for rec, p, o in new:
                         pending[rec.id] = _Pending(rec, p, o)
-            best_now = max((p.score or -math.inf) for p in population) if population else float("nan")
+            best = best_of(population)
+            best_now = best.score if best is not None and best.score is not None else float("nan")
             bar.set_postfix(best=f"{best_now:.4f}")
             bar.close()
             if self.progress:
-                tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} generation {gen + 1}: "
+                tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} {label}: "
                            f"best score {best_now:.4f}, population {len(population)}")
+            if (cfg.publish_on_improvement and best is not None and best is not published
+                    and (published is None or (best.score or -math.inf) >= (published.score or -math.inf))
+                    and best.metrics["validation_accuracy"] > chance):
+                published = self._publish(task, best, published, pending, selections, test_split)
+            if cfg.preempt and published is not None and gen < cfg.generations:
+                preempted_by = self._waiting_new_task(task)
+                if preempted_by is not None:
+                    log.info("task %s: ending its active phase after %s for the new task %s",
+                             task.name, label, preempted_by.name)
+                    break
         self.stats["phases"] += 1
-        return self._finish_phase(task, population, pending, selections)
+        if preempted_by is not None:
+            self.stats["preempted"] += 1
+        return self._finish_phase(task, population, published, best_stored, pending, selections, test_split,
+                                  completed=preempted_by is None)
 
     def _train_generation(self, specs: Sequence[ChildSpec], task: TaskRecord, pending: Mapping[str, _Pending],
                           train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-                          rng: np.random.Generator, first_index: int, bar: Any) -> list[tuple[ChildSpec, P.Path, list]]:
+                          rng: np.random.Generator, budget: TrainBudget,
+                          bar: Any) -> list[tuple[ChildSpec, P.Path, list]]:
         jobs = []
         for i, spec in enumerate(specs):
             params, opts, recs = self._materialize(spec, task, pending, rng)
@@ -300,7 +426,7 @@ class Evolver:
         def run(job: tuple) -> tuple[ChildSpec, P.Path, list]:
             spec, params, opts, recs, seed, device = job
             result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
-                                 self.config.budget, self.scorer, seed, device)
+                                 budget, self.scorer, seed, device)
             out = self._child_path(spec, task, params, recs, result)
             bar.update(1)
             return out
@@ -340,14 +466,22 @@ class Evolver:
                                "parent_task": spec.parent.task, "activated_params": activated})
         return spec, path, new
 
-    def _finish_phase(self, task: TaskRecord, population: Sequence[P.Path], pending: Mapping[str, _Pending],
-                      selections: Mapping[str, int]) -> P.Path:
-        """Keeps only the task's best path (end of the active phase) and publishes it."""
-        best = max(population, key=lambda p: p.score if p.score is not None else -math.inf)
-        stored = self.store.best_path(task.name)
-        if stored is not None and best.id == stored.id:
-            self.store.publish(None, [], task=task.name, iteration_done=True, selections=selections)
-            return stored
+    def _publish(self, task: TaskRecord, best: P.Path, published: P.Path | None, pending: dict[str, _Pending],
+                 selections: Mapping[str, int], test_split: list[tuple[np.ndarray, np.ndarray]],
+                 iteration_done: bool = False) -> P.Path:
+        """Publishes ``best`` as the task's served path (one store transaction); returns it
+        with its test accuracy and trainable parameters in ``metrics``.
+
+        The publish garbage-collects the components only the replaced path used; those of
+        ``published`` are kept in ``pending`` first, so the active population can still
+        use that path as a parent.
+        """
+        if published is not None:
+            for cid in published.component_ids:
+                if cid not in pending:
+                    rec, p, o = self._component(cid, pending)
+                    if rec.task == task.name:
+                        pending[cid] = _Pending(rec, p, o)
         records = []
         for cid in best.component_ids:
             if cid in pending:
@@ -362,15 +496,53 @@ class Evolver:
             loaded = self.store.load_params([best.component_ids[i] for i in missing])
             for i, p in zip(missing, loaded):
                 params[i] = p
-        test = D.read_split(task.dataset_dir, task.splits["test"])
-        test_acc = P.accuracy(best.architecture, params, *test)
+        if not test_split:
+            test_split.append(D.read_split(task.dataset_dir, task.splits["test"]))
+        test_acc = P.accuracy(best.architecture, params, *test_split[0])
         comps = {r.id: r for r in records}
         comps.update({c.id: c for c in self.store.get_components([c for c in best.component_ids if c not in comps])})
         trainable = sum(comps[c].num_params for c in best.component_ids if comps[c].task == task.name)
         metrics = {**best.metrics, "test_accuracy": test_acc, "trainable_params": trainable}
         best = dataclasses.replace(best, metrics=metrics)
-        version = self.store.publish(best, records, task=task.name, iteration_done=True, selections=selections)
+        version = self.store.publish(best, records, task=task.name, iteration_done=iteration_done,
+                                     selections=selections)
         if self.progress:
             tqdm.write(f"[{task.name}] published path {best.id[:8]} as system version {version}: "
                        f"validation {best.metrics['validation_accuracy']:.4f}, test {test_acc:.4f}")
         return best
+
+    def _finish_phase(self, task: TaskRecord, population: Sequence[P.Path], published: P.Path | None,
+                      best_stored: P.Path | None, pending: dict[str, _Pending], selections: Mapping[str, int],
+                      test_split: list[tuple[np.ndarray, np.ndarray]], completed: bool) -> P.Path:
+        """End of the active phase: keeps only the task's best path (published if it is not
+        yet), records the iteration and the task's continual-evolution state."""
+        best = best_of(population)
+        assert best is not None  # every generation adds children or the phase began with a path
+        if published is not None and (best.id == published.id or
+                                      (best.score or -math.inf) < (published.score or -math.inf)):
+            self.store.publish(None, [], task=task.name, iteration_done=completed, selections=selections)
+            final = published
+        else:
+            final = self._publish(task, best, published, pending, selections, test_split, iteration_done=completed)
+        if completed:
+            if best_stored is not None and final.id == best_stored.id:  # nothing better this iteration
+                t = self.store.get_task(task.name)
+                stale = t.stale_iterations + 1
+                paused = t.paused_version
+                if stale >= self.config.patience and paused is None:
+                    paused = self.store.system_version()
+                    log.info("task %s: no improvement in %d task iterations; paused until a related task "
+                             "publishes or a user asks", task.name, stale)
+                self.store.set_evolution(task.name, stale_iterations=stale, paused_version=paused)
+        return final
+
+
+def best_of(population: Sequence[P.Path]) -> P.Path | None:
+    """The best-scoring path; on a tie the latest (Algorithm 1 keeps a child whose score is
+    ``>=`` the best)."""
+    best = None
+    for p in population:
+        if best is None or (p.score if p.score is not None else -math.inf) >= \
+                (best.score if best.score is not None else -math.inf):
+            best = p
+    return best

@@ -173,7 +173,7 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
         accuracy), e.g. to advance a progress bar.
 
     Returns:
-      The :class:`TrainResult` of the best-scoring cycle.
+      The :class:`TrainResult` of the best-scoring cycle (the latest of equal scores).
     """
     device = device or jax.devices()[0]
     put = functools.partial(jax.device_put, device=device)
@@ -220,7 +220,7 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
         if on_cycle is not None:
             on_cycle(len(history), acc)
         score = scorer(acc, activated)
-        if best is None or score > best.score:
+        if best is None or score >= best.score:  # a tie keeps the later checkpoint (Algorithm 1's >=)
             host_p, host_m = jax.device_get(([suffix[i - first] for i in positions],
                                              [momentum[i - first] for i in positions]))
             best = TrainResult(params=dict(zip(positions, host_p)), opt_state=dict(zip(positions, host_m)),

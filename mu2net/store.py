@@ -25,6 +25,7 @@ import os
 import shutil
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path as FsPath
 from typing import Any, Iterable, Iterator, Mapping, Sequence
@@ -52,7 +53,10 @@ CREATE TABLE IF NOT EXISTS tasks (
   source TEXT NOT NULL,
   state TEXT NOT NULL,
   iterations_done INTEGER NOT NULL DEFAULT 0,
-  error TEXT
+  error TEXT,
+  improved_at REAL,
+  stale_iterations INTEGER NOT NULL DEFAULT 0,
+  paused_version INTEGER
 );
 CREATE TABLE IF NOT EXISTS components (
   id TEXT PRIMARY KEY,
@@ -78,6 +82,15 @@ CREATE TABLE IF NOT EXISTS paths (
   metrics TEXT NOT NULL,
   system_version INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS history (
+  system_version INTEGER PRIMARY KEY,
+  task TEXT NOT NULL,
+  path_id TEXT NOT NULL,
+  score REAL,
+  validation_accuracy REAL,
+  test_accuracy REAL,
+  time REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS selections (
   path_id TEXT NOT NULL, task TEXT NOT NULL, count INTEGER NOT NULL,
   PRIMARY KEY (path_id, task)
@@ -85,6 +98,10 @@ CREATE TABLE IF NOT EXISTS selections (
 """
 
 ROOT_PATH_ID = "root"
+
+#: Columns added to ``tasks`` after the first release (added to older stores on open).
+_TASK_COLUMNS_ADDED = (("improved_at", "REAL"), ("stale_iterations", "INTEGER NOT NULL DEFAULT 0"),
+                       ("paused_version", "INTEGER"))
 
 
 class StoreError(Exception):
@@ -116,6 +133,10 @@ class TaskRecord:
       state: one of :data:`TASK_STATES`.
       iterations_done: completed task iterations (active phases).
       error: why the task failed, if ``state == "failed"``.
+      improved_at: unix time (seconds) of the task's last publish of a new best path.
+      stale_iterations: completed task iterations in a row that published nothing better.
+      paused_version: system version at which continual evolution paused the task (None
+        while it is evolving); see :meth:`Store.set_evolution`.
     """
 
     name: str
@@ -131,6 +152,9 @@ class TaskRecord:
     iterations_done: int = 0
     error: str | None = None
     seq: int = 0
+    improved_at: float | None = None
+    stale_iterations: int = 0
+    paused_version: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -231,6 +255,10 @@ class Store:
         with self.transaction() as db:
             for stmt in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(stmt)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(tasks)")}
+            for col, decl in _TASK_COLUMNS_ADDED:
+                if col not in have:
+                    db.execute(f"ALTER TABLE tasks ADD COLUMN {col} {decl}")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('system_version', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('task_seq', '0')")
 
@@ -305,7 +333,9 @@ class Store:
             image_shape=tuple(json.loads(row["image_shape"])),  # type: ignore[arg-type]
             num_examples=json.loads(row["num_examples"]), splits=json.loads(row["splits"]),
             dataset_dir=row["dataset_dir"], source=row["source"], state=row["state"],
-            iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"])
+            iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"],
+            improved_at=row["improved_at"], stale_iterations=row["stale_iterations"],
+            paused_version=row["paused_version"])
 
     def add_task(self, task: TaskRecord) -> TaskRecord:
         """Inserts a task at the end of the queue.
@@ -319,7 +349,8 @@ class Store:
             seq = int(db.execute("SELECT value FROM meta WHERE key='task_seq'").fetchone()[0]) + 1
             db.execute("UPDATE meta SET value=? WHERE key='task_seq'", (str(seq),))
             db.execute(
-                "INSERT INTO tasks VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO tasks (name, seq, private, acl_group, label_names, image_shape, num_examples, splits, "
+                "dataset_dir, source, state, iterations_done, error) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (task.name, seq, int(task.private), task.acl_group, json.dumps(list(task.label_names)),
                  json.dumps(list(task.image_shape)), json.dumps(dict(task.num_examples)),
                  json.dumps(dict(task.splits)), task.dataset_dir, task.source, task.state,
@@ -344,6 +375,48 @@ class Store:
             cur = db.execute("UPDATE tasks SET state=?, error=? WHERE name=?", (state, error, name))
             if cur.rowcount == 0:
                 raise TaskNotFound(f"unknown task {name!r}")
+
+    def set_evolution(self, name: str, *, stale_iterations: int, paused_version: int | None) -> None:
+        """Records a task's continual-evolution state (see :class:`mu2net.evolver.Evolver`).
+
+        Raises:
+          TaskNotFound: if there is no such task.
+        """
+        with self.transaction() as db:
+            cur = db.execute("UPDATE tasks SET stale_iterations=?, paused_version=? WHERE name=?",
+                             (stale_iterations, paused_version, name))
+            if cur.rowcount == 0:
+                raise TaskNotFound(f"unknown task {name!r}")
+
+    def wake_task(self, name: str) -> TaskRecord:
+        """Asks the evolver to run the task again (``POST /v1/tasks/{name}/evolve``): clears
+        its pause and its count of iterations without improvement.
+
+        Raises:
+          TaskNotFound: if there is no such task.
+        """
+        self.set_evolution(name, stale_iterations=0, paused_version=None)
+        return self.get_task(name)
+
+    def history(self, task: str | None = None) -> list[dict[str, Any]]:
+        """Every publish of a new best path, oldest first: ``system_version``, ``task``,
+        ``path_id``, ``score``, ``validation_accuracy`` and ``test_accuracy`` (in [0, 1])
+        and ``time`` (unix seconds). ``task`` restricts it to one task."""
+        sql, args = "SELECT * FROM history", ()
+        if task is not None:
+            sql, args = sql + " WHERE task=?", (task,)
+        return [dict(r) for r in self._query(sql + " ORDER BY system_version", args)]
+
+    def set_evolver_status(self, status: Mapping[str, Any]) -> None:
+        """What the evolver is doing now (a JSON object; written by the evolver process)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO meta VALUES ('evolver_status', ?) ON CONFLICT(key) DO UPDATE SET "
+                       "value=excluded.value", (json.dumps(dict(status)),))
+
+    def evolver_status(self) -> dict[str, Any]:
+        """The last :meth:`set_evolver_status` (empty before the evolver's first write)."""
+        rows = self._query("SELECT value FROM meta WHERE key='evolver_status'")
+        return json.loads(rows[0][0]) if rows else {}
 
     # ---- components and paths -----------------------------------------------------------
 
@@ -394,6 +467,11 @@ class Store:
         """Every retained path: the root model and each task's best path."""
         return [self._path(r) for r in self._query("SELECT * FROM paths ORDER BY system_version, id")]
 
+    def served_versions(self) -> dict[str, int]:
+        """Task name -> system version of its retained (served) path's publish."""
+        return {r["task"]: r["system_version"]
+                for r in self._query("SELECT task, system_version FROM paths WHERE task IS NOT NULL")}
+
     def get_path(self, path_id: str) -> Path:
         rows = self._query("SELECT * FROM paths WHERE id=?", (path_id,))
         if not rows:
@@ -427,7 +505,8 @@ class Store:
         """Second half of a publish: one transaction.
 
         Inserts ``new_components`` (whose files must already be written), makes ``path``
-        the best path of ``path.task`` (replacing the previous one), records the task's
+        the best path of ``path.task`` (replacing the previous one; recorded in
+        :meth:`history`, and the task's pause is cleared), records the task's
         ``selections`` counts and, if ``iteration_done``, counts one more task iteration.
         Bumps the system version when ``path`` is given.
 
@@ -465,6 +544,12 @@ class Store:
                     raise StoreError(f"path {path.id} uses components {missing} not in the layer pool")
                 if path.task is not None:
                     db.execute("DELETE FROM paths WHERE task=?", (path.task,))
+                    m = path.metrics
+                    db.execute("INSERT INTO history VALUES (?,?,?,?,?,?,?)", (
+                        version, path.task, path.id, path.score, m.get("validation_accuracy"),
+                        m.get("test_accuracy"), time.time()))
+                    db.execute("UPDATE tasks SET improved_at=?, stale_iterations=0, paused_version=NULL "
+                               "WHERE name=?", (time.time(), path.task))
                 arch = path.architecture
                 db.execute("INSERT INTO paths VALUES (?,?,?,?,?,?,?,?,?)", (
                     path.id, path.task, json.dumps(list(path.component_ids)),
@@ -527,6 +612,7 @@ class Store:
                 raise TaskNotFound(f"unknown task {name!r}")
             db.execute("DELETE FROM paths WHERE task=?", (name,))
             db.execute("DELETE FROM selections WHERE task=?", (name,))
+            db.execute("DELETE FROM history WHERE task=?", (name,))
             tainted = {r["id"] for r in db.execute("SELECT id, steps FROM components")
                        if name in json.loads(r["steps"])}
             requeued = []
@@ -535,7 +621,8 @@ class Store:
                     db.execute("DELETE FROM paths WHERE id=?", (r["id"],))
                     if r["task"] is not None:
                         requeued.append(r["task"])
-                        db.execute("UPDATE tasks SET state='queued', iterations_done=0 WHERE name=?",
+                        db.execute("UPDATE tasks SET state='queued', iterations_done=0, stale_iterations=0, "
+                                   "paused_version=NULL WHERE name=?",
                                    (r["task"],))
             db.execute("DELETE FROM tasks WHERE name=?", (name,))
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])

@@ -1,8 +1,10 @@
 """The evolver process supervised by ``mu2net serve``: runs task iterations forever.
 
 It shares nothing with the server but the store: it picks up tasks uploaded over HTTP
-(queued in the store), runs their task iterations, publishes, and sleeps when every task
-has its iterations. Killed at any moment, the next start continues from the last
+(queued in the store; a new one starts at the next generation boundary of the running
+phase), runs their task iterations, publishes every improvement, and with ``--continual``
+(the default of ``mu2net serve``) keeps evolving the least recently improved awake task
+after every task has its iterations; it sleeps only when every task is done or paused. Killed at any moment, the next start continues from the last
 published state.
 """
 
@@ -24,15 +26,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mu2net-evolver")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument("--continual", action="store_true",
+                        help="keep running task iterations after --iterations while a task is awake")
     cli.add_evolver_args(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s evolver %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
     store = Store(args.data_dir)
+    args.preempt = True  # serving: a new upload starts at the next generation boundary
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
     while True:
-        if evolver.run(args.iterations) == 0:
+        if evolver.run(args.iterations, continual=args.continual) == 0:
             time.sleep(args.poll_seconds)
 
 

@@ -127,13 +127,14 @@ def test_killed_evolver_resumes_without_losing_published_state(tiny_store):
     ev.active_phase("digits")
     published = tiny_store.best_path("digits")
     version = tiny_store.system_version()
-    script = RESUME.format(tests=str(pathlib.Path(__file__).parent), data=str(tiny_store.data_dir), die_at=6)
+    script = RESUME.format(tests=str(pathlib.Path(__file__).parent), data=str(tiny_store.data_dir), die_at=8)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 9, proc.stderr[-2000:]
     from mu2net.store import Store
 
     store = Store(tiny_store.data_dir)
-    # queue order: fewest iterations first, then oldest: parity finished before the kill
+    # queue order: never served first, then oldest: parity (2 first-answer + 4 children) finished
+    # before the kill in the second child of small's first-answer generation
     assert store.system_version() > version
     assert store.get_task("parity").iterations_done == 1
     assert store.get_task("small").iterations_done == 0
