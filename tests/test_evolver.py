@@ -141,3 +141,124 @@ def test_killed_evolver_resumes_without_losing_published_state(tiny_store):
     assert store.best_path("digits").id == published.id
     Evolver(store, TINY_EVOLVER, progress=False).run(1)
     assert [t.iterations_done for t in store.list_tasks()] == [1, 1, 1]
+
+
+def _counting_train_child(monkeypatch):
+    """Counts train_child calls (children trained) of the evolver loop."""
+    import mu2net.evolver.loop as loop
+
+    calls = [0]
+    real = loop.train_child
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "train_child", counted)
+    return calls
+
+
+def test_publish_on_improvement_serves_every_improvement_within_one_phase(tiny_store, monkeypatch):
+    import dataclasses
+
+    from mu2net.store import Store
+
+    calls = _counting_train_child(monkeypatch)
+    served = []  # (version, path id, children trained so far, test predictions of the served path)
+    real_publish = Store.publish
+
+    def publish(self, path, new_components, **kw):
+        version = real_publish(self, path, new_components, **kw)
+        if path is not None:  # what a server loads now: every component must be in the store
+            best = self.best_path("digits")
+            assert best.id == path.id
+            served.append((version, path.id, calls[0], _test_predictions(self, "digits")))
+        return version
+
+    monkeypatch.setattr(Store, "publish", publish)
+    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=3), progress=False)
+    start = tiny_store.system_version()
+    best = ev.active_phase("digits")
+    assert len(served) >= 2, "one active phase published only once"
+    assert [v for v, *_ in served] == list(range(start + 1, start + 1 + len(served)))
+    assert served[0][2] == TINY_EVOLVER.children, "the first answer is published after the first-answer generation"
+    assert served[-1][1] == best.id and tiny_store.get_task("digits").iterations_done == 1
+    history = tiny_store.history("digits")
+    assert [h["path_id"] for h in history] == [p for _, p, *_ in served]
+    scores = [h["score"] for h in history]
+    assert scores == sorted(scores), "a publish never serves a lower-scoring path than the one it replaces"
+    assert all(h["test_accuracy"] is not None for h in history)
+    np.testing.assert_array_equal(served[-1][3], _test_predictions(tiny_store, "digits"))
+
+
+def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, monkeypatch):
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    digits = tiny_store.best_path("digits")
+    small = tiny_store.get_task("small")
+    others = [p for p in tiny_store.list_paths() if p.task != "small"]
+    specs = ev.first_answer_specs(small, others)
+    assert len(specs) == TINY_EVOLVER.children
+    reuse, root = specs  # deepest served path first, then the random root
+    assert reuse.parent.id == digits.id and reuse.sources[:-1] == digits.component_ids[:-1]
+    assert reuse.trainable == (False,) * (len(digits.component_ids) - 1) + (True,)
+    assert reuse.sources[-1] is None and reuse.architecture.num_classes == small.num_classes
+    assert root.parent.id == "root" and all(root.trainable)  # a random root is cloned, with a block
+    assert root.architecture.num_blocks == 1 and "insert_block:3" in root.mutations
+    calls = _counting_train_child(monkeypatch)
+    first_publish = []
+    real = tiny_store.publish
+
+    def publish(path, new_components, **kw):
+        if path is not None and not first_publish:
+            first_publish.append((calls[0], path))
+        return real(path, new_components, **kw)
+
+    monkeypatch.setattr(tiny_store, "publish", publish)
+    ev.active_phase("small")
+    n, path = first_publish[0]
+    assert n == TINY_EVOLVER.children  # served after the first-answer generation alone
+    assert path.metrics["mutations"][0] in ("reuse_frozen", "clone_all")
+    assert path.metrics["validation_accuracy"] > 0.6  # 2 classes, ~balanced: beats chance
+
+
+def test_a_new_task_preempts_a_served_tasks_phase_at_a_generation_boundary(tiny_store, monkeypatch):
+    import dataclasses
+
+    from conftest import digits_splits
+    from mu2net.evolver import add_task_arrays
+
+    Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")
+    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=3, preempt=True), progress=False)
+    before = tiny_store.get_task("digits").iterations_done
+    # parity and small were never served: digits' next phase ends after one generation
+    calls = _counting_train_child(monkeypatch)
+    ev.active_phase("digits")
+    assert calls[0] == TINY_EVOLVER.children and ev.stats["preempted"] == 1
+    assert tiny_store.get_task("digits").iterations_done == before  # not counted as a task iteration
+    assert ev.next_task(iterations=1).name == "parity"  # the waiting new task comes first
+    add_task_arrays(tiny_store, "late", digits_splits(), [str(i) for i in range(10)], source="test")
+    assert ev.next_task(iterations=1).name == "parity"  # new tasks in upload order
+
+
+def test_continual_evolution_runs_past_the_configured_iterations_and_pauses(tiny_store):
+    import dataclasses
+
+    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=1, patience=1), progress=False)
+    assert ev.run(iterations=1) == 3
+    assert ev.next_task(iterations=1) is None  # bounded: done
+    phases = [0]
+
+    def stop():
+        phases[0] += 1
+        return phases[0] > 4
+
+    assert ev.run(iterations=1, stop=stop, continual=True) == 4
+    tasks = {t.name: t for t in tiny_store.list_tasks()}
+    assert sum(t.iterations_done for t in tasks.values()) == 7
+    # patience 1: a completed iteration without improvement pauses the task at that version
+    for t in tasks.values():
+        if t.stale_iterations >= 1:
+            assert t.paused_version is not None and t.paused_version <= tiny_store.system_version()
+        else:
+            assert t.paused_version is None and t.improved_at is not None
