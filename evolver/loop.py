@@ -305,8 +305,9 @@ class Evolver:
         Each child reuses one allowed path with every component frozen and trains only a
         new head: the cheapest child that can transfer what the system knows (SMART's
         reuse of existing modules). Candidates are the other tasks' served paths, deepest
-        first, then the root model; one per child, repeated when there are fewer
-        candidates than children (each repeat draws its own head and batch order). A
+        first, then the root model: one child each, up to :attr:`EvolverConfig.children`,
+        and at least one per device (a candidate is repeated then; each repeat draws its
+        own new components and batch order). A
         randomly initialised root holds no knowledge, so its child clones (trains) every
         component, and inserts a transformer block if the root has none (a ViT without
         blocks reads only the class token): on a fresh server that is the cheapest child
@@ -316,8 +317,10 @@ class Evolver:
         trained = sorted((p for p in others if p.id != ROOT_PATH_ID),
                          key=lambda p: (-p.architecture.num_blocks, -(p.score or 0.0)))
         candidates = (trained + root)[: self.config.children]
+        # one child per candidate, and at least one per device (they train side by side)
+        count = min(self.config.children, max(len(candidates), len(self.devices)))
         specs = []
-        for i in range(self.config.children):
+        for i in range(count):
             parent = candidates[i % len(candidates)]
             kinds = list(parent.architecture.kinds)
             sources: list[str | None] = list(parent.component_ids[:-1]) + [None]

@@ -72,6 +72,10 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", type=_cpu_devices_arg, default=None, metavar="N",
                    help="devices the CPU platform exposes; the evolver trains one child per device at "
                         "once (default: one per CPU; unused on a GPU/TPU host)")
+    p.add_argument("--patience", type=int, default=3,
+                   help="continual evolution pauses a task after this many task iterations in a row "
+                        "without improvement (it wakes when a related task publishes, or on "
+                        "POST /v1/tasks/NAME/evolve)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -86,7 +90,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 
 
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "scorer",
-                 "max_blocks", "seed", "cpu_devices")
+                 "max_blocks", "seed", "cpu_devices", "patience")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -99,17 +103,23 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--paper-preset")
     if args.quiet:
         argv.append("--quiet")
+    if not getattr(args, "no_continual", True):
+        argv.append("--continual")
     return argv
 
 
 def evolver_config(args: argparse.Namespace) -> Any:
     from mu2net.evolver import PAPER_PRESET, EvolverConfig, TrainBudget
 
+    import dataclasses
+
+    preempt = bool(getattr(args, "preempt", False))  # the serving evolver: a new upload comes first
     if args.paper_preset:
-        return PAPER_PRESET
+        return dataclasses.replace(PAPER_PRESET, preempt=preempt, patience=args.patience)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
-                         scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed)
+                         scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
+                         preempt=preempt, patience=args.patience)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:
@@ -125,7 +135,7 @@ def ensure_root(store: Any, args: argparse.Namespace) -> None:
     else:
         config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
         arch, params = R.random_root(config, args.root_blocks, args.seed)
-    init_root(store, arch, params, dict(args.root_hparam))
+    init_root(store, arch, params, dict(args.root_hparam), pretrained=bool(args.root_checkpoint))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
     sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
+    sv.add_argument("--no-continual", action="store_true",
+                    help="stop evolving once every task has --iterations task iterations (default: keep "
+                         "evolving while idle, least recently improved task first)")
     sv.add_argument("--compute-threads", type=_compute_threads_arg, default=None, metavar="N",
                     help="XLA CPU compute threads of the server process (default: CPUs - 1, at least 1, leaving "
                          "a core to the gRPC/HTTP threads; 0: one per CPU, JAX's default)")
@@ -167,23 +180,45 @@ def build_parser() -> argparse.ArgumentParser:
     add_evolver_args(sv)
 
     for name, help_ in (("upload", "upload a labeled dataset as a new task"), ("classify", "classify images"),
-                        ("tasks", "list tasks"), ("status", "server and evolver status")):
+                        ("tasks", "list tasks"), ("status", "server and evolver status"),
+                        ("wake", "resume continual evolution of a paused task")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target host:port")
         c.add_argument("--http", default="http://127.0.0.1:8000", help="HTTP base URL")
         c.add_argument("--token", default=os.environ.get("MU2NET_ADMIN_TOKEN"))
         c.add_argument("--json", action="store_true")
+        c.add_argument("--verbose", action="store_true", help="log at INFO (e.g. each HTTP request)")
         if name == "upload":
             c.add_argument("name")
             c.add_argument("dataset", help="ImageFolder directory, zip/tar archive or .npz file")
             c.add_argument("--private", action="store_true")
-            c.add_argument("--wait", action="store_true", help="wait until the task serves (progress shown)")
-            c.add_argument("--timeout", type=float, default=None)
+            c.add_argument("--wait", action="store_true", help="wait until the task serves its first answer "
+                                                               "(progress shown)")
+            c.add_argument("--accuracy", type=_fraction_arg, default=None, metavar="A",
+                           help="with --wait (implied): then wait until its test accuracy is >= A (in [0, 1])")
+            c.add_argument("--timeout", type=float, default=None, help="seconds to wait at most, in all")
         elif name == "classify":
             c.add_argument("task")
             c.add_argument("images", nargs="+", help="image files")
             c.add_argument("--top-k", type=int, default=1)
+        elif name == "wake":
+            c.add_argument("task")
     return parser
+
+
+#: Commands that talk to a server: they log at WARNING unless ``--verbose``.
+CLIENT_COMMANDS = ("upload", "classify", "tasks", "status", "wake")
+
+
+def _fraction_arg(text: str) -> float:
+    """argparse type of ``upload --accuracy``: a float in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a fraction in [0, 1]") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}; allowed: a fraction in [0, 1]")
+    return value
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
@@ -247,14 +282,32 @@ def _client(args: argparse.Namespace) -> Any:
     return Client(args.grpc, args.http, token=args.token)
 
 
+def _task_json(task: Any) -> dict[str, Any]:
+    import dataclasses
+
+    doc: dict[str, Any] = dataclasses.asdict(task)
+    return doc
+
+
+def _task_line(task: Any) -> str:
+    acc = task.metrics.get("test_accuracy")
+    return f"task {task.name}: {task.state} (system version {task.system_version}" + \
+        ("" if acc is None else f", test accuracy {acc:.4f}") + ")"
+
+
 def cmd_upload(args: argparse.Namespace) -> int:
+    import time
+
+    started = time.monotonic()
     with _client(args) as client:
         print(f"uploading {args.dataset} as task {args.name!r}...", file=sys.stderr)
         task = client.upload(args.name, args.dataset, private=args.private)
-        if args.wait:
+        if args.wait or args.accuracy is not None:
             task = client.wait_until_serving(args.name, timeout=args.timeout)
-    print(json.dumps(task.__dict__, default=list, indent=2) if args.json else
-          f"task {task.name}: {task.state} (system version {task.system_version})")
+            if args.accuracy is not None:
+                left = None if args.timeout is None else max(0.0, args.timeout - (time.monotonic() - started))
+                task = client.wait_until(args.name, args.accuracy, timeout=left)
+    print(json.dumps(_task_json(task), indent=2) if args.json else _task_line(task))
     return 0
 
 
@@ -278,7 +331,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     with _client(args) as client:
         tasks = client.tasks()
     if args.json:
-        print(json.dumps([t.__dict__ for t in tasks], default=list, indent=2))
+        print(json.dumps([_task_json(t) for t in tasks], indent=2))
     for t in [] if args.json else tasks:
         acc = t.metrics.get("test_accuracy")
         print(f"{t.name:<20}{t.state:<10}{len(t.labels):>4} classes  v{t.system_version:<5}"
@@ -287,17 +340,45 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from mu2net.server.page import age, evolver_line
+
     with _client(args) as client:
         system = client.system()
         tasks = client.tasks()
+    now = time.time()
     states: dict[str, int] = {}
     for t in tasks:
         states[t.state] = states.get(t.state, 0) + 1
+    evolver = system.get("evolver") or {}
+    per_task = [{"name": t.name, "state": t.state, "test_accuracy": t.metrics.get("test_accuracy"),
+                 "system_version": t.system_version, "improved_at": t.improved_at,
+                 "seconds_since_improvement": None if t.improved_at is None else round(now - t.improved_at, 1),
+                 "paused": t.paused, "stale_iterations": t.stale_iterations} for t in tasks]
     status = {"system_version": system["system_version"], "store_version": system["store_version"],
               "total_params": system["total_params"], "tasks": states,
               "last_load_error": system["last_load_error"]}
-    print(json.dumps(status, indent=2) if args.json else
-          "\n".join(f"{k}: {v}" for k, v in status.items()))
+    if args.json:
+        print(json.dumps({**status, "evolver": evolver, "per_task": per_task}, indent=2))
+        return 0
+    lines = [f"{k}: {v}" for k, v in status.items()] + [evolver_line(evolver, now)]
+    for row in per_task:
+        acc, since = row["test_accuracy"], row["seconds_since_improvement"]
+        lines.append(f"  {row['name']:<20}{row['state']:<10}"
+                     f"{'test acc -     ' if acc is None else f'test acc {acc:.4f}'}  "
+                     f"{'never improved' if since is None else f'improved {age(since)} ago':<20}"
+                     f"{'  paused' if row['paused'] else ''}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_wake(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        task = client.evolve(args.task)
+    print(json.dumps(_task_json(task), indent=2) if args.json else
+          f"task {task.name}: {task.state}, {'paused' if task.paused else 'evolving'} "
+          f"(system version {task.system_version})")
     return 0
 
 
@@ -375,13 +456,20 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
+    # client commands print results (and a progress bar); an INFO line per HTTP poll would
+    # interleave with them
+    quiet = args.command in CLIENT_COMMANDS and not args.verbose
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    if quiet:
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     from mu2net.datasets import DatasetError
 
     commands = {"evolve": cmd_evolve, "report": cmd_report, "serve": cmd_serve, "upload": cmd_upload,
-                "classify": cmd_classify, "tasks": cmd_tasks, "status": cmd_status}
+                "classify": cmd_classify, "tasks": cmd_tasks, "status": cmd_status, "wake": cmd_wake}
     try:
         return commands[args.command](args)
     except DatasetError as e:

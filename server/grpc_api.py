@@ -55,11 +55,24 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
 
 def _task_message(view: dict[str, Any]) -> pb.Task:
     m = view.get("metrics", {})
+    evolution = view.get("evolution") or {}
+    ev = view.get("evolver")
     return pb.Task(name=view["name"], state=view["state"], private=view["private"], labels=view["labels"],
                    system_version=view["system_version"], path_id=view["path_id"] or "",
                    validation_accuracy=m.get("validation_accuracy") or 0.0,
                    test_accuracy=m.get("test_accuracy") or 0.0, iterations_done=view["iterations_done"],
-                   error=view["error"] or "", activated_params=m.get("activated_params") or 0)
+                   error=view["error"] or "", activated_params=m.get("activated_params") or 0,
+                   improved_at=view.get("improved_at") or 0.0,
+                   history=[pb.AccuracyPoint(system_version=h["system_version"], time=h["time"],
+                                             validation_accuracy=h["validation_accuracy"] or 0.0,
+                                             test_accuracy=h["test_accuracy"] or 0.0)
+                            for h in view.get("history", ())],
+                   paused=bool(evolution.get("paused")), stale_iterations=evolution.get("stale_iterations") or 0,
+                   evolver=None if ev is None else pb.EvolverActivity(
+                       task=ev.get("task") or "", iteration=ev.get("iteration") or 0,
+                       generation=ev.get("generation") or 0, generations=ev.get("generations") or 0,
+                       children_running=ev.get("children_running") or 0, phase=ev.get("phase") or "",
+                       updated=ev.get("updated") or 0.0))
 
 
 class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]

@@ -100,6 +100,11 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         admin(request)
         return JSONResponse(await asyncio.to_thread(service.delete_task, request.path_params["name"]))
 
+    @endpoint("evolve_task")
+    async def evolve_task(request: Request) -> Response:
+        admin(request)
+        return JSONResponse(await asyncio.to_thread(service.evolve, request.path_params["name"]), status_code=202)
+
     @endpoint("classify")
     async def classify(request: Request) -> Response:
         task = request.path_params["name"]
@@ -228,6 +233,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         Route("/v1/tasks", upload, methods=["POST"]), Route("/v1/tasks", list_tasks, methods=["GET"]),
         Route("/v1/tasks/{name}", get_task, methods=["GET"]), Route("/v1/tasks/{name}", delete_task, methods=["DELETE"]),
         Route("/v1/tasks/{name}/classify", classify, methods=["POST"]),
+        Route("/v1/tasks/{name}/evolve", evolve_task, methods=["POST"]),
         Route("/v1/system", system),
         Route("/v2/health/live", v2_live), Route("/v2/health/ready", v2_ready), Route("/v2", v2_metadata),
         Route("/v2/models/{name}", v2_model_metadata), Route("/v2/models/{name}/versions/{version}", v2_model_metadata),

@@ -19,13 +19,15 @@ import numpy as np
 
 from mu2net import datasets as D
 from mu2net.evolver.loop import add_task_arrays
-from mu2net.store import Store
+from mu2net.store import Store, TaskRecord
 from mu2net.server import errors as E
 from mu2net.server.batcher import Batcher
 from mu2net.server.snapshot import ServedPath, Snapshot, SnapshotManager
 
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGES_PER_REQUEST = 8192
+#: Keys of one point of a task resource's ``history``.
+HISTORY_KEYS = ("system_version", "time", "validation_accuracy", "test_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,19 +170,49 @@ class Service:
     # ---- tasks --------------------------------------------------------------------------
 
     def task_view(self, name: str, snapshot: Snapshot | None = None) -> dict[str, Any]:
-        """The task resource (state queued | training | serving | failed)."""
+        """The task resource (state queued | training | serving | failed).
+
+        Besides the served path's metrics it carries ``improved_at`` (unix seconds of the
+        last publish of a new best path, or None), ``history`` (every such publish, oldest
+        first: system version, unix time, validation and test accuracy in [0, 1]),
+        ``evolution`` (``paused``, ``stale_iterations``) and ``evolver`` (the evolver's
+        status while it trains this task, else None).
+
+        Raises:
+          NotFound: for an unknown task.
+        """
         try:
             t = self.store.get_task(name)
+            history = self.store.history(name)
+            evolver = self.store.evolver_status()
         except Exception as e:
             raise E.to_service_error(e) or e
-        snap = snapshot or self.manager.snapshot
-        sp = snap.paths.get(name)
+        return self._view(t, snapshot or self.manager.snapshot, history, evolver)
+
+    def list_tasks(self) -> list[dict[str, Any]]:
+        """Every task resource in queue order (the store's history and evolver status read once)."""
+        snap = self.manager.snapshot
+        records = self.store.list_tasks()
+        by_task: dict[str, list[dict[str, Any]]] = {}
+        for h in self.store.history():
+            by_task.setdefault(h["task"], []).append(h)
+        evolver = self.store.evolver_status()
+        return [self._view(t, snap, by_task.get(t.name, []), evolver) for t in records]
+
+    @staticmethod
+    def _view(t: TaskRecord, snap: Snapshot, history: list[dict[str, Any]], evolver: dict[str, Any]) -> dict[str, Any]:
+        sp = snap.paths.get(t.name)
         state = "serving" if sp is not None else ("training" if t.state == "serving" else t.state)
         view: dict[str, Any] = {
             "name": t.name, "state": state, "private": t.private, "acl_group": t.acl_group,
             "labels": list(t.label_names), "image_shape": list(t.image_shape), "num_examples": dict(t.num_examples),
             "splits": dict(t.splits), "iterations_done": t.iterations_done, "error": t.error,
             "system_version": sp.version if sp else 0, "path_id": sp.path.id if sp else None, "metrics": {},
+            "improved_at": t.improved_at,
+            "history": [{k: h[k] for k in HISTORY_KEYS} for h in history],
+            "evolution": {"paused": t.paused_version is not None, "stale_iterations": t.stale_iterations},
+            "evolver": dict(evolver) if evolver.get("state") == "training" and evolver.get("task") == t.name
+            else None,
         }
         if sp is not None:
             m = sp.path.metrics
@@ -190,9 +222,17 @@ class Service:
             view["path_length"] = len(sp.path.component_ids)
         return view
 
-    def list_tasks(self) -> list[dict[str, Any]]:
-        snap = self.manager.snapshot
-        return [self.task_view(t.name, snap) for t in self.store.list_tasks()]
+    def evolve(self, name: str) -> dict[str, Any]:
+        """Asks the evolver to run a task again (clears a pause of continual evolution).
+
+        Raises:
+          NotFound: for an unknown task.
+        """
+        try:
+            self.store.wake_task(name)
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        return self.task_view(name)
 
     def upload_file(self, name: str, body_path: str, private: bool, acl_group: str | None) -> dict[str, Any]:
         """Validates and stores an uploaded dataset (blocking; run in a thread).
@@ -232,7 +272,7 @@ class Service:
     # ---- system -------------------------------------------------------------------------
 
     def system(self) -> dict[str, Any]:
-        """Parameter totals, activated parameters per task, and the layer pool graph."""
+        """Parameter totals, activated parameters per task, the layer pool graph and the evolver status."""
         comps = {c.id: c for c in self.store.list_components()}
         snap = self.manager.snapshot
         tasks: dict[str, dict[str, Any]] = {}
@@ -256,6 +296,7 @@ class Service:
                             "private": c.acl_group is not None, "parent_id": c.parent_id,
                             "used_by": usage.get(c.id, [])} for c in comps.values()],
             "last_load_error": self.manager.last_error,
+            "evolver": self.store.evolver_status(),
         }
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import os
+import re
 import tarfile
 import threading
 import zipfile
@@ -445,3 +446,209 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
     assert "error" not in outcome, outcome.get("error")
     assert outcome["finished"] > sigterm_at, f"the request took {outcome['seconds']:.2f}s and ended before SIGTERM"
     assert len(outcome["result"]) == 8192
+
+
+def _caught_up(server, store, timeout=60):
+    """Waits until the server serves the store's newest version (hot-swap is asynchronous)."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if httpx.get(server.http + "/v1/system").json()["system_version"] == store.system_version():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the server did not load system version {store.system_version()} in {timeout}s")
+
+
+def test_task_resource_has_history_evolution_and_evolver_activity(static_server):
+    """HTTP and gRPC task resources carry every publish of a new best path (the last one is
+    the served path), when it last improved, the pause state and the evolver's activity."""
+    import time
+
+    server, store = static_server
+    _caught_up(server, store)
+    store.set_evolver_status({})  # the fixture's evolver ran in this process and left its status
+    view = httpx.get(server.http + "/v1/tasks/digits").json()
+    history = store.history("digits")
+    assert history and [p["system_version"] for p in view["history"]] == [h["system_version"] for h in history]
+    last = view["history"][-1]
+    assert set(last) == {"system_version", "time", "validation_accuracy", "test_accuracy"}
+    assert last["system_version"] == view["system_version"] == history[-1]["system_version"]
+    assert history[-1]["path_id"] == view["path_id"]
+    assert last["validation_accuracy"] == view["metrics"]["validation_accuracy"]
+    assert last["test_accuracy"] == view["metrics"]["test_accuracy"]
+    assert abs(view["improved_at"] - last["time"]) < 5 and view["improved_at"] <= time.time()
+    assert view["evolution"] == {"paused": False, "stale_iterations": 0} and view["evolver"] is None
+    pending = httpx.get(server.http + "/v1/tasks/pending").json()
+    assert pending["history"] == [] and pending["improved_at"] is None
+    with grpc.insecure_channel(server.grpc) as ch:
+        task = pbgrpc.Mu2NetStub(ch).GetTask(pb.GetTaskRequest(name="digits"))
+    assert [p.system_version for p in task.history] == [p["system_version"] for p in view["history"]]
+    assert task.history[-1].validation_accuracy == last["validation_accuracy"]
+    assert task.history[-1].test_accuracy == last["test_accuracy"] == task.test_accuracy
+    assert task.history[-1].system_version == task.system_version and task.history[-1].time == last["time"]
+    assert task.improved_at == view["improved_at"] and not task.paused and not task.HasField("evolver")
+    with Client(server.grpc, server.http) as client:
+        sdk = client.task("digits")
+    assert sdk.history[-1].test_accuracy == last["test_accuracy"] and sdk.improved_at == view["improved_at"]
+
+    # the evolver's status shows on the task it trains (and in /v1/system), not on others
+    status = {"state": "training", "task": "digits", "iteration": 3, "generation": 2, "generations": 8,
+              "children_running": 2, "phase": "evolving", "started": time.time() - 9, "updated": time.time() - 3,
+              "pid": 1}
+    store.set_evolver_status(status)
+    try:
+        assert httpx.get(server.http + "/v1/tasks/digits").json()["evolver"] == status
+        listed = {t["name"]: t for t in httpx.get(server.http + "/v1/tasks").json()["tasks"]}
+        assert listed["digits"]["evolver"] == status and listed["pending"]["evolver"] is None
+        assert listed["digits"]["history"] == view["history"]
+        assert httpx.get(server.http + "/v1/system").json()["evolver"] == status
+        with grpc.insecure_channel(server.grpc) as ch:
+            stub = pbgrpc.Mu2NetStub(ch)
+            ev = stub.GetTask(pb.GetTaskRequest(name="digits")).evolver
+            assert not stub.GetTask(pb.GetTaskRequest(name="pending")).HasField("evolver")
+        assert (ev.task, ev.iteration, ev.generation, ev.generations, ev.children_running, ev.phase) == \
+            ("digits", 3, 2, 8, 2, "evolving")
+        assert ev.updated == status["updated"]
+        page = httpx.get(server.http + "/").text
+        assert re.search(r"evolver: training digits \(evolving\), iteration 3, generation 2/8, 2 children running, "
+                         r"updated [3-9] s ago", page), page
+        assert "<th>last improvement</th><th>paused</th>" in page
+        assert page.count("<polyline") == 2 and "minutes since first answer" in page  # digits: val + test
+        store.set_evolver_status({**status, "state": "idle", "task": None})
+        assert httpx.get(server.http + "/v1/tasks/digits").json()["evolver"] is None
+        assert re.search(r"evolver: idle, updated [3-9] s ago", httpx.get(server.http + "/").text)
+        store.set_evolver_status({**status, "task": "<b>x</b>"})  # text on the page is escaped
+        page = httpx.get(server.http + "/").text
+        assert "training &lt;b&gt;x&lt;/b&gt;" in page and "<b>x</b>" not in page
+    finally:
+        store.set_evolver_status({})
+
+
+def test_evolve_wakes_a_paused_task(static_server):
+    server, store = static_server
+    store.set_evolution("digits", stale_iterations=2, paused_version=5)
+    try:
+        view = httpx.get(server.http + "/v1/tasks/digits").json()
+        assert view["evolution"] == {"paused": True, "stale_iterations": 2}
+        with grpc.insecure_channel(server.grpc) as ch:
+            task = pbgrpc.Mu2NetStub(ch).GetTask(pb.GetTaskRequest(name="digits"))
+        assert task.paused and task.stale_iterations == 2
+        r = httpx.post(server.http + "/v1/tasks/digits/evolve")
+        assert r.status_code == 401 and "admin bearer token" in r.json()["error"]
+        assert store.get_task("digits").paused_version == 5
+        with Client(server.grpc, server.http, retries=0) as anonymous:
+            with pytest.raises(AuthenticationError):
+                anonymous.evolve("digits")
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = httpx.post(server.http + "/v1/tasks/digits/evolve", headers=auth)
+        assert r.status_code == 202, r.text
+        assert r.json()["name"] == "digits" and r.json()["evolution"] == {"paused": False, "stale_iterations": 0}
+        record = store.get_task("digits")
+        assert record.paused_version is None and record.stale_iterations == 0
+        r = httpx.post(server.http + "/v1/tasks/nope/evolve", headers=auth)
+        assert r.status_code == 404 and "'nope'" in r.json()["error"]
+        store.set_evolution("digits", stale_iterations=1, paused_version=7)
+        with Client(server.grpc, server.http, token=TOKEN, retries=0) as client:
+            task = client.evolve("digits")
+            assert task.name == "digits" and not task.paused and task.stale_iterations == 0
+            with pytest.raises(NotFoundError):
+                client.evolve("nope")
+        assert store.get_task("digits").paused_version is None
+    finally:
+        store.set_evolution("digits", stale_iterations=0, paused_version=None)
+
+
+def test_wait_until_an_accuracy(static_server):
+    import asyncio
+
+    from mu2net_client import AsyncClient
+    from mu2net_client import TimeoutError as SdkTimeoutError
+
+    server, _ = static_server
+    with Client(server.grpc, server.http) as client:
+        current = client.task("digits").metrics
+        assert current["test_accuracy"] < 1.0, "the tiny model cannot be perfect"
+        task = client.wait_until("digits", current["test_accuracy"], timeout=5, progress=False)
+        assert task.state == "serving" and task.metrics["test_accuracy"] >= current["test_accuracy"]
+        task = client.wait_until("digits", current["validation_accuracy"], metric="validation_accuracy", timeout=5,
+                                 progress=False)
+        assert task.metrics["validation_accuracy"] >= current["validation_accuracy"]
+        last = re.escape(f"has test_accuracy {current['test_accuracy']:.4f} after 1s; target 1.0")
+        with pytest.raises(SdkTimeoutError, match=last):
+            client.wait_until("digits", 1.0, timeout=1, progress=False)
+        with pytest.raises(SdkTimeoutError, match=r"'pending' \(queued\) has test_accuracy none yet"):
+            client.wait_until("pending", 0.5, timeout=0.5, poll=0.1, progress=False)
+        with pytest.raises(NotFoundError):
+            client.wait_until("nope", 0.5, timeout=1, progress=False)
+
+    async def main():
+        async with AsyncClient(server.grpc, server.http) as client:
+            task = await client.wait_until("digits", current["test_accuracy"], timeout=5, progress=False)
+            assert task.metrics["test_accuracy"] >= current["test_accuracy"]
+            with pytest.raises(SdkTimeoutError, match=r"target 1\.0"):
+                await client.wait_until("digits", 1.0, timeout=1, progress=False)
+            with pytest.raises(InvalidArgumentError, match="allowed: 'test_accuracy', 'validation_accuracy'"):
+                await client.wait_until("digits", 0.5, metric="accuracy")
+
+    asyncio.run(main())
+
+
+def test_cli_status_wake_and_wait_log_no_http_requests(static_server, tmp_path):
+    """Client commands print results without httpx's INFO line per request (unless --verbose)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    server, store = static_server
+    common = ["--grpc", server.grpc, "--http", server.http]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+    store.set_evolver_status({})
+    status = cli("status", *common)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert "HTTP Request" not in status.stdout + status.stderr
+    assert "evolver: no status yet" in status.stdout
+    lines = {line.split()[0]: line for line in status.stdout.splitlines() if line.startswith("  ")}
+    acc = httpx.get(server.http + "/v1/tasks/digits").json()["metrics"]["test_accuracy"]
+    assert f"serving   test acc {acc:.4f}" in lines["digits"] and "ago" in lines["digits"]
+    assert "queued" in lines["pending"] and "never improved" in lines["pending"]
+    verbose = cli("status", *common, "--verbose")
+    assert verbose.returncode == 0 and "HTTP Request: GET" in verbose.stderr, verbose.stderr[-2000:]
+
+    store.set_evolution("digits", stale_iterations=3, paused_version=4)
+    try:
+        doc = json.loads(cli("status", *common, "--json").stdout)
+        digits = next(t for t in doc["per_task"] if t["name"] == "digits")
+        assert digits["paused"] and digits["stale_iterations"] == 3 and digits["test_accuracy"] == acc
+        assert 0 <= digits["seconds_since_improvement"] <= time.time() - digits["improved_at"] + 1
+        assert doc["evolver"] == {} and doc["tasks"] == {"serving": 1, "queued": 1}
+        assert "paused" in cli("status", *common).stdout.splitlines()[-2]  # digits' row (pending is last)
+        denied = cli("wake", "digits", *common)
+        assert denied.returncode == 1 and "token" in denied.stderr
+        woke = cli("wake", "digits", "--token", TOKEN, *common)
+        assert woke.returncode == 0, woke.stderr[-2000:]
+        assert woke.stdout.startswith("task digits: serving, evolving") and "HTTP Request" not in woke.stderr
+        assert store.get_task("digits").paused_version is None
+        missing = cli("wake", "nope", "--token", TOKEN, *common)
+        assert missing.returncode == 1 and "unknown task 'nope'" in missing.stderr
+    finally:
+        store.set_evolution("digits", stale_iterations=0, paused_version=None)
+
+    # --wait --accuracy polls (no evolver here: the new task never answers) until --timeout
+    s = digits_splits()
+    np.savez(tmp_path / "up.npz", **_npz_dict(s))
+    try:
+        bad = cli("upload", "cli_wait", str(tmp_path / "up.npz"), "--accuracy", "1.5", *common)
+        assert bad.returncode == 2 and "allowed: a fraction in [0, 1]" in bad.stderr
+        waited = cli("upload", "cli_wait", str(tmp_path / "up.npz"), "--wait", "--accuracy", "0.5", "--timeout", "2",
+                     "--token", TOKEN, *common)
+        assert waited.returncode == 1 and "'cli_wait' still queued after 2.0s" in waited.stderr, waited.stderr[-2000:]
+        assert "HTTP Request" not in waited.stderr and waited.stdout == ""
+    finally:
+        with Client(server.grpc, server.http, token=TOKEN) as client:
+            client.delete("cli_wait")

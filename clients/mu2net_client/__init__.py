@@ -11,8 +11,8 @@ from mu2net_client.client import AsyncClient, Client
 from mu2net_client.errors import (AlreadyExistsError, AuthenticationError, InvalidArgumentError, Mu2netError,
                                   NotFoundError, NotReadyError, ServerError, TimeoutError, TooLargeError,
                                   TransportError)
-from mu2net_client.types import Classification, ClassifyResult, Task
+from mu2net_client.types import AccuracyPoint, Classification, ClassifyResult, Task
 
 __all__ = ["AsyncClient", "Client", "AlreadyExistsError", "AuthenticationError", "InvalidArgumentError",
            "Mu2netError", "NotFoundError", "NotReadyError", "ServerError", "TimeoutError", "TooLargeError",
-           "TransportError", "Classification", "ClassifyResult", "Task"]
+           "TransportError", "AccuracyPoint", "Classification", "ClassifyResult", "Task"]

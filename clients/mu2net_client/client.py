@@ -125,6 +125,44 @@ def _check_serving(t: Task, deadline: float | None, timeout: float | None) -> bo
     return False
 
 
+#: Metrics :meth:`Client.wait_until` can wait for.
+ACCURACY_METRICS = ("test_accuracy", "validation_accuracy")
+
+
+def _check_target(accuracy: float, metric: str) -> None:
+    if metric not in ACCURACY_METRICS:
+        raise E.InvalidArgumentError(f"metric={metric!r}; allowed: {', '.join(map(repr, ACCURACY_METRICS))}")
+    if not 0.0 <= accuracy <= 1.0:
+        raise E.InvalidArgumentError(f"accuracy={accuracy}; allowed: a fraction in [0, 1]")
+
+
+def _check_accuracy(t: Task, accuracy: float, metric: str, deadline: float | None, timeout: float | None) -> bool:
+    """True when ``t``'s served path reaches ``accuracy``; raises when it failed or the deadline passed."""
+    if t.state == "failed":
+        raise E.ServerError(f"task {t.name!r} failed: {t.error}")
+    value = t.metrics.get(metric)
+    if value is not None and value >= accuracy:
+        return True
+    if deadline is not None and time.monotonic() > deadline:
+        raise E.TimeoutError(f"task {t.name!r} ({t.state}) has {metric} {_fmt(value)} after {timeout}s; "
+                             f"target {accuracy}")
+    return False
+
+
+def _fmt(value: float | None) -> str:
+    return "none yet" if value is None else f"{value:.4f}"
+
+
+def _accuracy_progress(t: Task, accuracy: float, metric: str) -> str:
+    return (f"{t.name}: {t.state}, {metric} {_fmt(t.metrics.get(metric))} / {accuracy}, "
+            f"system version {t.system_version}")
+
+
+def _pause(poll: float, deadline: float | None) -> float:
+    """Seconds to sleep before the next poll: ``poll``, cut short at the deadline."""
+    return poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+
+
 def _json(r: httpx.Response) -> dict[str, Any]:
     """The JSON body of a successful response; the mapped SDK error otherwise."""
     if r.status_code >= 400:
@@ -238,9 +276,27 @@ class Client:
             r = self._http.delete(f"/v1/tasks/{name}")
         return _json(r)
 
+    def evolve(self, name: str) -> Task:
+        """Asks the evolver to run the task again: clears a pause of continual evolution
+        (``POST /v1/tasks/{name}/evolve``; needs the admin token if the server has one).
+
+        Raises:
+          NotFoundError: for an unknown task.
+          AuthenticationError: without the server's admin token.
+        """
+        with E.map_exceptions():
+            r = self._http.post(f"/v1/tasks/{name}/evolve")
+        return Task.from_json(_json(r))
+
     def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
                            progress: bool = True) -> Task:
-        """Polls until the task serves; shows its state with a progress bar.
+        """Polls until the task serves its first answer; shows its state with a progress bar.
+
+        Args:
+          name: task name.
+          timeout: seconds to wait at most (None: no limit).
+          poll: seconds between polls.
+          progress: show a progress bar (tqdm, on stderr).
 
         Raises:
           TimeoutError: if it is not serving within ``timeout`` seconds.
@@ -255,7 +311,42 @@ class Client:
                 bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
                 if _check_serving(t, deadline, timeout):
                     return t
-                time.sleep(poll)
+                time.sleep(_pause(poll, deadline))
+                bar.update(0)
+
+    def wait_until(self, name: str, accuracy: float, *, metric: str = "test_accuracy", timeout: float | None = None,
+                   poll: float = 1.0, progress: bool = True) -> Task:
+        """Polls until the task's served path reaches an accuracy; shows a progress bar with
+        the task's state, the metric's current value and the system version.
+
+        Args:
+          name: task name.
+          accuracy: target, a fraction in [0, 1]; returns once ``metrics[metric] >= accuracy``.
+          metric: ``"test_accuracy"`` or ``"validation_accuracy"``.
+          timeout: seconds to wait at most (None: no limit).
+          poll: seconds between polls.
+          progress: show a progress bar (tqdm, on stderr).
+
+        Returns:
+          The task, serving a path that reaches ``accuracy``.
+
+        Raises:
+          InvalidArgumentError: for an unknown ``metric`` or ``accuracy`` outside [0, 1].
+          TimeoutError: if the target is not reached within ``timeout`` seconds (the
+            message gives the last value and the target).
+          ServerError: if the task failed (the message says why).
+        """
+        from tqdm.auto import tqdm
+
+        _check_target(accuracy, metric)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            while True:
+                t = self.task(name)
+                bar.set_description_str(_accuracy_progress(t, accuracy, metric))
+                if _check_accuracy(t, accuracy, metric, deadline, timeout):
+                    return t
+                time.sleep(_pause(poll, deadline))
                 bar.update(0)
 
 
@@ -330,13 +421,42 @@ class AsyncClient:
             r = await self._http.delete(f"/v1/tasks/{name}")
         return _json(r)
 
-    async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0) -> Task:
+    async def evolve(self, name: str) -> Task:
+        """Async :meth:`Client.evolve`."""
+        with E.map_exceptions():
+            r = await self._http.post(f"/v1/tasks/{name}/evolve")
+        return Task.from_json(_json(r))
+
+    async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
+                                 progress: bool = True) -> Task:
+        """Async :meth:`Client.wait_until_serving`."""
+        from tqdm.auto import tqdm
+
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            t = await self.task(name)
-            if _check_serving(t, deadline, timeout):
-                return t
-            await asyncio.sleep(poll)
+        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            while True:
+                t = await self.task(name)
+                bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
+                if _check_serving(t, deadline, timeout):
+                    return t
+                await asyncio.sleep(_pause(poll, deadline))
+                bar.update(0)
+
+    async def wait_until(self, name: str, accuracy: float, *, metric: str = "test_accuracy",
+                         timeout: float | None = None, poll: float = 1.0, progress: bool = True) -> Task:
+        """Async :meth:`Client.wait_until`."""
+        from tqdm.auto import tqdm
+
+        _check_target(accuracy, metric)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            while True:
+                t = await self.task(name)
+                bar.set_description_str(_accuracy_progress(t, accuracy, metric))
+                if _check_accuracy(t, accuracy, metric, deadline, timeout):
+                    return t
+                await asyncio.sleep(_pause(poll, deadline))
+                bar.update(0)
 
 
 __all__ = ["Client", "AsyncClient", "classify_request", "dataset_body"]

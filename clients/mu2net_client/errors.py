@@ -23,8 +23,9 @@ class NotReadyError(Mu2netError):
     """The task has no served path yet (gRPC UNAVAILABLE, HTTP 503)."""
 
 
-class InvalidArgumentError(Mu2netError):
-    """The request or dataset was rejected (gRPC INVALID_ARGUMENT, HTTP 400)."""
+class InvalidArgumentError(Mu2netError, ValueError):
+    """The request or dataset was rejected (gRPC INVALID_ARGUMENT, HTTP 400), or the SDK
+    rejected an argument before sending it (also a ``ValueError``)."""
 
 
 class AlreadyExistsError(Mu2netError):

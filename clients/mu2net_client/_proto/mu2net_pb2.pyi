@@ -63,7 +63,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "state", "private", "labels", "system_version", "path_id", "validation_accuracy", "test_accuracy", "iterations_done", "error", "activated_params")
+    __slots__ = ("name", "state", "private", "labels", "system_version", "path_id", "validation_accuracy", "test_accuracy", "iterations_done", "error", "activated_params", "improved_at", "history", "paused", "stale_iterations", "evolver")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,11 @@ class Task(_message.Message):
     ITERATIONS_DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     ACTIVATED_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    IMPROVED_AT_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    STALE_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    EVOLVER_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     private: bool
@@ -86,4 +91,39 @@ class Task(_message.Message):
     iterations_done: int
     error: str
     activated_params: int
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., private: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., iterations_done: _Optional[int] = ..., error: _Optional[str] = ..., activated_params: _Optional[int] = ...) -> None: ...
+    improved_at: float
+    history: _containers.RepeatedCompositeFieldContainer[AccuracyPoint]
+    paused: bool
+    stale_iterations: int
+    evolver: EvolverActivity
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., private: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., iterations_done: _Optional[int] = ..., error: _Optional[str] = ..., activated_params: _Optional[int] = ..., improved_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[AccuracyPoint, _Mapping]]] = ..., paused: _Optional[bool] = ..., stale_iterations: _Optional[int] = ..., evolver: _Optional[_Union[EvolverActivity, _Mapping]] = ...) -> None: ...
+
+class AccuracyPoint(_message.Message):
+    __slots__ = ("system_version", "time", "validation_accuracy", "test_accuracy")
+    SYSTEM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    system_version: int
+    time: float
+    validation_accuracy: float
+    test_accuracy: float
+    def __init__(self, system_version: _Optional[int] = ..., time: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ...) -> None: ...
+
+class EvolverActivity(_message.Message):
+    __slots__ = ("task", "iteration", "generation", "generations", "children_running", "phase", "updated")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    ITERATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    iteration: int
+    generation: int
+    generations: int
+    children_running: int
+    phase: str
+    updated: float
+    def __init__(self, task: _Optional[str] = ..., iteration: _Optional[int] = ..., generation: _Optional[int] = ..., generations: _Optional[int] = ..., children_running: _Optional[int] = ..., phase: _Optional[str] = ..., updated: _Optional[float] = ...) -> None: ...
