@@ -15,6 +15,8 @@ evolver status at each mark shows whether it is still working on the task.
 
     python benchmarks/anytime.py --scenario fresh --at 1,5,10,20 --out docs/anytime_fresh.json
     python benchmarks/anytime.py --scenario warm --at 1,5,10 --out docs/anytime_warm.json
+    python benchmarks/anytime.py --scenario store --data-dir data --at 15,30,60,120 \
+        --out docs/anytime_mainjob.json --svg docs/anytime_mainjob.svg   # the main job's store
 
 The run needs the machine to itself (it measures wall-clock time).
 """
@@ -92,9 +94,44 @@ def measure(server: RunningServer, task: str, source: str, marks_min: list[float
             "publishes": history}
 
 
+def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], str]:
+    """Each task's published accuracy over time from a store's publish history (e.g. the
+    main job's): per task, the served path's validation and test accuracy at each minute
+    mark after the store's first publish, every publish, and an SVG chart per task."""
+    from mu2net.server.page import accuracy_svg
+    from mu2net.store import Store
+
+    with Store(data_dir) as store:
+        history = store.history()
+        tasks = [t.name for t in store.list_tasks()]
+        iterations = {t.name: t.iterations_done for t in store.list_tasks()}
+    t0 = min(h["time"] for h in history)
+    out: dict[str, Any] = {"data_dir": data_dir, "minutes_covered": round((max(h["time"] for h in history) - t0) / 60, 1),
+                           "tasks": {}}
+    for name in tasks:
+        points = [h for h in history if h["task"] == name]
+        marks = []
+        for m in marks_min:
+            served = [h for h in points if h["time"] - t0 <= 60 * m]
+            if served:
+                last = served[-1]
+                marks.append({"minutes": m, "system_version": last["system_version"],
+                              "validation_accuracy": last["validation_accuracy"],
+                              "test_accuracy": last["test_accuracy"]})
+        out["tasks"][name] = {"iterations_done": iterations[name], "publishes": len(points), "at": marks,
+                              "history": [{"minutes": round((h["time"] - t0) / 60, 2), **{k: h[k] for k in (
+                                  "system_version", "validation_accuracy", "test_accuracy")}} for h in points]}
+    charts = [accuracy_svg(name, [h for h in history if h["task"] == name]) for name in tasks]
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{300 * len(charts)}" height="150">'
+           + "".join(f'<g transform="translate({300 * i} 0)">{c}</g>' for i, c in enumerate(charts)) + "</svg>")
+    return out, svg
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--scenario", choices=("fresh", "warm"), required=True)
+    ap.add_argument("--scenario", choices=("fresh", "warm", "store"), required=True,
+                    help="store: read the publish history of --data-dir (no server), e.g. the main job's")
+    ap.add_argument("--svg", default=None, help="with --scenario store: write the accuracy charts here")
     ap.add_argument("--at", default="1,5,10", help="minute marks after the upload's answer, comma separated")
     ap.add_argument("--data-dir", default=None, help="store directory (default: a new temporary one)")
     ap.add_argument("--out", default=None)
@@ -104,6 +141,15 @@ def main() -> None:
         marks = sorted(float(m) for m in args.at.split(","))
     except ValueError:
         ap.error(f"--at {args.at!r}: allowed: comma-separated minutes, e.g. 1,5,10")
+    if args.scenario == "store":
+        if not args.data_dir:
+            ap.error("--scenario store needs --data-dir (a store with published paths)")
+        result, svg = store_curve(args.data_dir, marks)
+        if args.svg:
+            with open(args.svg, "w") as f:
+                f.write(svg + "\n")
+        _write(result, args.out)
+        return
     data_dir = args.data_dir or tempfile.mkdtemp(prefix=f"mu2net-anytime-{args.scenario}-")
     serve_args = ["--quiet", *args.server_args]
     if args.scenario == "warm":
@@ -126,10 +172,14 @@ def main() -> None:
                   **measure(server, task, source, marks)}
     finally:
         server.stop()
+    _write(result, args.out)
+
+
+def _write(result: dict[str, Any], out: str | None) -> None:
     text = json.dumps(result, indent=2)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
 
 

@@ -24,20 +24,34 @@ _RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.
 _YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
 
 
+#: Crop boxes drawn per image before falling back to the whole image (the
+#: ``max_attempts`` of ``tf.image.sample_distorted_bounding_box``, whose default is 100).
+CROP_ATTEMPTS = 10
+
+
 def _random_resized_crop(x: jax.Array, rng: jax.Array, area_min: jax.Array,
                          aspect_min: jax.Array) -> jax.Array:
     """Inception-style crop of one ``[S, S, 3]`` image resized back to ``[S, S, 3]``.
 
     Area fraction ~ U(area_min, 1); aspect ratio log-uniform in [aspect_min, 1/aspect_min]
     (the ``area_range``/``aspect_ratio_range`` of the official code's ``inception_crop``).
+    A box that does not fit inside the image is rejected and another is drawn, as
+    ``tf.image.sample_distorted_bounding_box`` does; if none of :data:`CROP_ATTEMPTS`
+    fits, the whole image is kept. (Clipping a box that does not fit would change its
+    aspect ratio, so ``crop_area_min=1.0`` with ``crop_aspect_min<1`` would stretch every
+    image.)
     """
     size = x.shape[0]
     k1, k2, k3, k4 = jax.random.split(rng, 4)
-    area = jax.random.uniform(k1, minval=area_min, maxval=1.0)
-    log_r = jax.random.uniform(k2, minval=jnp.log(aspect_min), maxval=-jnp.log(aspect_min))
+    area = jax.random.uniform(k1, (CROP_ATTEMPTS,), minval=area_min, maxval=1.0)
+    log_r = jax.random.uniform(k2, (CROP_ATTEMPTS,), minval=jnp.log(aspect_min), maxval=-jnp.log(aspect_min))
     ratio = jnp.exp(log_r)
-    w = jnp.clip(jnp.sqrt(area * ratio), 1.0 / size, 1.0)
-    h = jnp.clip(jnp.sqrt(area / ratio), 1.0 / size, 1.0)
+    ws, hs = jnp.sqrt(area * ratio), jnp.sqrt(area / ratio)
+    fits = (ws <= 1.0) & (hs <= 1.0) & (ws >= 1.0 / size) & (hs >= 1.0 / size)
+    first = jnp.argmax(fits)
+    found = fits[first]
+    w = jnp.where(found, ws[first], 1.0)
+    h = jnp.where(found, hs[first], 1.0)
     y0 = jax.random.uniform(k3) * (1.0 - h)
     x0 = jax.random.uniform(k4) * (1.0 - w)
     scale = jnp.stack([1.0 / h, 1.0 / w])

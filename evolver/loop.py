@@ -8,6 +8,7 @@ Killed at any moment and started again, it continues from the last published sta
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -15,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -29,7 +31,7 @@ from mu2net import paths as P
 from mu2net.evolver import schedule as S
 from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
-from mu2net.evolver.scoring import make_scorer
+from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import TrainBudget, TrainResult, train_child
 from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, new_id, serialize_tree
 
@@ -47,8 +49,10 @@ class EvolverConfig:
       generations: generations per active phase (paper: 4 in Section 4, more later).
       children: children per generation, trained in parallel across local devices (paper: 8).
       budget: train cycles per child, sample cap per cycle, batch size.
-      scorer: "accuracy" (paper) or "size_penalty" (official code).
-      size_penalty_base: base of the size penalty scorer.
+      scorer: "accuracy" (paper) or "size_penalty" (official code's ``ScorerDecay``: see
+        :mod:`mu2net.evolver.scoring`).
+      size_penalty_base: base of the size penalty scorer (the official configs' "Size
+        scale" options use 0.98 to 0.02; 1.0 disables it).
       allow_insertion: enables the layer-insertion mutation (Section 4).
       max_blocks: most transformer blocks a path may grow to.
       seed: seeds parent sampling, mutations, initialisation and training.
@@ -64,10 +68,15 @@ class EvolverConfig:
         chance (the validation split's majority-class share).
       preempt: end a served task's active phase early, at a generation boundary, when a
         task that was never served is waiting (``mu2net serve``: a new upload comes
-        first). The preempted phase publishes what it has and is not counted as a task
-        iteration.
+        first). The running children stop after their current train cycle (keeping their
+        best checkpoint), so that boundary comes within one cycle of the upload; the
+        preempted phase publishes what it has and is not counted as a task iteration.
       patience: completed task iterations in a row without improvement after which
         continual evolution pauses a task (see :mod:`mu2net.evolver.schedule`).
+      grow_when_stale: each completed task iteration without improvement doubles the train
+        cycles of the task's next children (``budget.cycles * 2 ** stale_iterations``):
+        once short children stop finding improvements, longer ones get the compute
+        (``mu2net serve``; the paper's fixed budget when False).
     """
 
     generations: int = 4
@@ -83,6 +92,7 @@ class EvolverConfig:
     publish_on_improvement: bool = True
     preempt: bool = False
     patience: int = 3
+    grow_when_stale: bool = False
 
     def __post_init__(self) -> None:
         for name in ("generations", "children", "first_answer_cycles", "patience"):
@@ -93,10 +103,12 @@ class EvolverConfig:
             raise ValueError(f"train budget values must be >= 1, got {b}")
 
 
-#: The paper's large-scale budget (Section 5: 4 generations x 8 children, per task iteration;
-#: children train up to 2 cycles of min(1 epoch, 2**16 samples) at batch 512 in the official code).
+#: The paper's large-scale budget (Section 5.1: 4 generations of 8 children per task
+#: iteration, one per TPU core; "each model training performs 4 validation cycles", each of
+#: min(1 epoch, 128116 samples), 1/10 of an ImageNet epoch). The batch size (512) is the
+#: official mu2Net notebook's; the paper does not state one.
 PAPER_PRESET = EvolverConfig(generations=4, children=8,
-                             budget=TrainBudget(cycles=2, sample_cap=2 ** 16, batch_size=512))
+                             budget=TrainBudget(cycles=4, sample_cap=128116, batch_size=512))
 
 
 @dataclasses.dataclass
@@ -204,7 +216,10 @@ class Evolver:
         if root is None:
             raise StoreError(f"store {store.data_dir} has no root model; initialise it first")
         self.root = root
-        self.scorer = make_scorer(config.scorer, int(root.metrics["activated_params"]), config.size_penalty_base)
+        block = C.init_component(C.TRANSFORMER_BLOCK, root.architecture.config, jax.random.PRNGKey(0))
+        self.reference_params = reference_params(int(root.metrics["activated_params"]), C.num_params(block),
+                                                 root.architecture.num_blocks)
+        self.scorer = make_scorer(config.scorer, self.reference_params, config.size_penalty_base)
         self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "images_per_second": []}
 
     # ---- queue --------------------------------------------------------------------------
@@ -256,6 +271,22 @@ class Evolver:
         except Exception as e:  # status is informative only: never stop evolving for it
             log.warning("could not record the evolver status: %s", e)
 
+    def _new_task_waiting(self, task: TaskRecord, every_seconds: float = 2.0) -> Callable[[], bool]:
+        """A check, for the children of ``task``'s generation, of whether a never-served task
+        is waiting (store read at most every ``every_seconds``; True stays True): the
+        children then stop after their current cycle, so the generation boundary where the
+        phase is preempted comes within one cycle of the upload."""
+        last, seen = [-math.inf], [False]
+        lock = threading.Lock()
+
+        def check() -> bool:
+            with lock:
+                if not seen[0] and time.monotonic() - last[0] >= every_seconds:
+                    last[0] = time.monotonic()
+                    seen[0] = self._waiting_new_task(task) is not None
+                return seen[0]
+        return check
+
     def _waiting_new_task(self, task: TaskRecord) -> TaskRecord | None:
         """A never-served task other than ``task`` (preemption, :attr:`EvolverConfig.preempt`)."""
         versions = self.store.served_versions()
@@ -305,8 +336,8 @@ class Evolver:
         Each child reuses one allowed path with every component frozen and trains only a
         new head: the cheapest child that can transfer what the system knows (SMART's
         reuse of existing modules). Candidates are the other tasks' served paths, deepest
-        first, then the root model: one child each, up to :attr:`EvolverConfig.children`,
-        and at least one per device (a candidate is repeated then; each repeat draws its
+        first, then the root model: :attr:`EvolverConfig.children` children, one per
+        candidate in turn (repeated when there are fewer candidates; each repeat draws its
         own new components and batch order). A
         randomly initialised root holds no knowledge, so its child clones (trains) every
         component, and inserts a transformer block if the root has none (a ViT without
@@ -317,10 +348,8 @@ class Evolver:
         trained = sorted((p for p in others if p.id != ROOT_PATH_ID),
                          key=lambda p: (-p.architecture.num_blocks, -(p.score or 0.0)))
         candidates = (trained + root)[: self.config.children]
-        # one child per candidate, and at least one per device (they train side by side)
-        count = min(self.config.children, max(len(candidates), len(self.devices)))
         specs = []
-        for i in range(count):
+        for i in range(self.config.children):  # not fewer on more devices: the same children anywhere
             parent = candidates[i % len(candidates)]
             kinds = list(parent.architecture.kinds)
             sources: list[str | None] = list(parent.component_ids[:-1]) + [None]
@@ -358,6 +387,8 @@ class Evolver:
         others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))
         locked = locked_components(self.store.list_paths(), task.name)
+        sharers = collections.Counter(c for p in self.store.list_paths() if p.task not in (None, task.name)
+                                      for c in set(p.component_ids))
         pending: dict[str, _Pending] = {}
         published = best_stored
         test_split: list[tuple[np.ndarray, np.ndarray]] = []  # read at the first publish
@@ -377,13 +408,18 @@ class Evolver:
                     specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
                                         allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
                 budget = cfg.budget
+                if cfg.grow_when_stale and task.stale_iterations:
+                    budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 6))
             phase = "first answer" if gen == 0 else "evolving"
             self._status("training", task, phase=phase, iteration=task.iterations_done + 1, generation=gen,
-                         generations=cfg.generations, children_running=len(specs), started=started)
+                         generations=cfg.generations, children_running=len(specs), started=started,
+                         cycles=budget.cycles)
             label = "first answer" if gen == 0 else f"gen {gen}/{cfg.generations}"
             bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} {label}",
                        disable=not self.progress, leave=False)
-            children = self._train_generation(specs, task, pending, train, validation, rng, budget, bar)
+            interrupt = self._new_task_waiting(task) if cfg.preempt and published is not None else None
+            children = self._train_generation(specs, task, pending, train, validation, rng, budget, bar, sharers,
+                                              interrupt)
             child_index += len(specs)
             for spec, child, new in children:
                 parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
@@ -418,18 +454,23 @@ class Evolver:
 
     def _train_generation(self, specs: Sequence[ChildSpec], task: TaskRecord, pending: Mapping[str, _Pending],
                           train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-                          rng: np.random.Generator, budget: TrainBudget,
-                          bar: Any) -> list[tuple[ChildSpec, P.Path, list]]:
+                          rng: np.random.Generator, budget: TrainBudget, bar: Any,
+                          sharers: Mapping[str, int],
+                          interrupt: Callable[[], bool] | None = None) -> list[tuple[ChildSpec, P.Path, list]]:
         jobs = []
         for i, spec in enumerate(specs):
             params, opts, recs = self._materialize(spec, task, pending, rng)
             seed = int(rng.integers(2 ** 31))
-            jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)]))
+            # size penalty (official code): a frozen component shared with k other tasks counts 1/(k+1)
+            scored = accounted_params([C.num_params(p) for p in params],
+                                      [0 if t else sharers.get(src or "", 0)
+                                       for t, src in zip(spec.trainable, spec.sources)])
+            jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)], scored))
 
         def run(job: tuple) -> tuple[ChildSpec, P.Path, list]:
-            spec, params, opts, recs, seed, device = job
+            spec, params, opts, recs, seed, device, scored = job
             result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
-                                 budget, self.scorer, seed, device)
+                                 budget, self.scorer, seed, device, scored_params=scored, interrupt=interrupt)
             out = self._child_path(spec, task, params, recs, result)
             bar.update(1)
             return out
@@ -529,14 +570,11 @@ class Evolver:
             final = self._publish(task, best, published, pending, selections, test_split, iteration_done=completed)
         if completed:
             if best_stored is not None and final.id == best_stored.id:  # nothing better this iteration
-                t = self.store.get_task(task.name)
-                stale = t.stale_iterations + 1
-                paused = t.paused_version
-                if stale >= self.config.patience and paused is None:
-                    paused = self.store.system_version()
+                was_paused = self.store.get_task(task.name).paused_version is not None
+                t = self.store.count_stale_iteration(task.name, self.config.patience)
+                if t.paused_version is not None and not was_paused:
                     log.info("task %s: no improvement in %d task iterations; paused until a related task "
-                             "publishes or a user asks", task.name, stale)
-                self.store.set_evolution(task.name, stale_iterations=stale, paused_version=paused)
+                             "publishes or a user asks", task.name, t.stale_iterations)
         return final
 
 

@@ -5,7 +5,9 @@ with probability mu, the parent's own (mutable) mu. A hyperparameter mutation mo
 neighbouring value of Table 1's sorted list. A component not cloned is shared frozen; a
 cloned one is trainable and starts from the parent's parameters and optimizer state. The
 head is always trainable, and is new when the parent belongs to another task. The
-layer-insertion mutation adds a new transformer block just before the head.
+layer-insertion mutation adds a new transformer block just before the head; its
+counterpart removes the block just before the head (the official preliminary
+configuration mutates the number of blocks by +-1, within 1..max_blocks).
 
 Which components the layer-cloning mutation applies to: the *locked* ones, i.e. those of
 the models the multitask system retains for other purposes than the active task (the root
@@ -80,9 +82,11 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
 
     Each locked component below the head is cloned (trainable) with probability mu and
     otherwise shared frozen; an unlocked one is always cloned (see the module docstring).
-    Layer insertion is sampled with probability mu while the path has fewer than
-    ``max_blocks`` transformer blocks, and always applied when the parent has none: a ViT
-    without blocks reads only the class token, which does not depend on the image.
+    A layer-count mutation is sampled with probability mu: the number of transformer
+    blocks moves to a random neighbouring value within ``1..max_blocks`` (insert a new
+    block before the head, or remove the block before the head). A parent without blocks
+    always gets one inserted: a ViT without blocks reads only the class token, which does
+    not depend on the image.
 
     Args:
       parent: the parent path.
@@ -91,7 +95,7 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
       rng: numpy random generator.
       locked: ids of the locked components (the root model's and other tasks' best
         paths'); None locks every component, so every clone is a mutation.
-      allow_insertion: enables the layer-insertion mutation.
+      allow_insertion: enables the layer-count (insertion/removal) mutation.
       max_blocks: most transformer blocks a child may have.
 
     Returns:
@@ -114,12 +118,20 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
         sources[-1] = NEW
         applied.append("new_head")
     n_blocks = parent.architecture.num_blocks
-    if allow_insertion and n_blocks < max_blocks and (n_blocks == 0 or rng.random() < mu):
+    if allow_insertion and (n_blocks == 0 or rng.random() < mu):
+        # the number of blocks moves to a neighbouring value in 1..max_blocks, as the official
+        # preliminary configuration mutates its layer count by +-1
+        options = [n for n in (n_blocks - 1, n_blocks + 1) if 1 <= n <= max_blocks]
+        target = options[int(rng.integers(len(options)))] if len(options) > 1 else (options or [n_blocks])[0]
         pos = len(kinds) - 1
-        kinds.insert(pos, C.TRANSFORMER_BLOCK)
-        sources.insert(pos, NEW)
-        trainable.insert(pos, True)
-        applied.append(f"insert_block:{pos}")
+        if target > n_blocks:
+            kinds.insert(pos, C.TRANSFORMER_BLOCK)
+            sources.insert(pos, NEW)
+            trainable.insert(pos, True)
+            applied.append(f"insert_block:{pos}")
+        elif target < n_blocks and kinds[pos - 1] == C.TRANSFORMER_BLOCK:
+            del kinds[pos - 1], sources[pos - 1], trainable[pos - 1]
+            applied.append(f"remove_block:{pos - 1}")
     arch = Architecture(parent.architecture.config, tuple(kinds),
                         parent.architecture.num_classes if same_task else num_classes)
     return ChildSpec(parent=parent, task=task, architecture=arch, sources=tuple(sources),

@@ -154,7 +154,9 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                 budget: TrainBudget, scorer: Callable[[float, int], float], seed: int,
                 device: jax.Device | None = None,
-                on_cycle: Callable[[int, float], None] | None = None) -> TrainResult:
+                on_cycle: Callable[[int, float], None] | None = None,
+                scored_params: float | None = None,
+                interrupt: Callable[[], bool] | None = None) -> TrainResult:
     """Trains a child's trainable components and keeps its best checkpoint (Section 3.3).
 
     Args:
@@ -166,11 +168,17 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
       hparams: the child's Table 1 hyperparameters.
       train / validation: (images ``[N,H,W,C] uint8``, labels ``[N] int32``).
       budget: cycles, sample cap and batch size.
-      scorer: ``(validation accuracy, activated params) -> score``.
+      scorer: ``(validation accuracy, scored params) -> score``.
       seed: seeds batch order and augmentation.
       device: device to train on (default: JAX's default device).
       on_cycle: called after each cycle's validation with (cycles done, validation
         accuracy), e.g. to advance a progress bar.
+      scored_params: the parameter count the scorer sees (the evolver passes the path's
+        accounted parameters, :func:`mu2net.evolver.scoring.accounted_params`); default
+        the path's activated parameters.
+      interrupt: checked after each cycle's validation; when it returns True the child
+        stops there and returns its best checkpoint so far (the evolver ends a
+        generation early this way when a new task is waiting).
 
     Returns:
       The :class:`TrainResult` of the best-scoring cycle (the latest of equal scores).
@@ -196,7 +204,7 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
     key = jax.random.PRNGKey(seed)
     order, cursor = rng.permutation(n), 0
     positions = [i for i, m in enumerate(mask) if m]
-    activated = sum(C.num_params(p) for p in params)
+    activated = sum(C.num_params(p) for p in params) if scored_params is None else scored_params
     best: TrainResult | None = None
     history: list[float] = []
     step, images, seconds = 0, 0, 0.0
@@ -226,6 +234,8 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
             best = TrainResult(params=dict(zip(positions, host_p)), opt_state=dict(zip(positions, host_m)),
                                score=score, validation_accuracy=acc, steps=step, history=(),
                                images_per_second=0.0)
+        if interrupt is not None and len(history) < budget.cycles and interrupt():
+            break
     assert best is not None  # budget.cycles >= 1 is validated by EvolverConfig
     return dataclasses.replace(best, history=tuple(history),
                                images_per_second=images / seconds if seconds else 0.0)

@@ -1,8 +1,9 @@
-"""The ``mu2net`` command line: ``evolve`` and ``report``."""
+"""The ``mu2net`` command line: serve, evolve, upload, classify, tasks, status, wake and report."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -111,15 +112,15 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
 def evolver_config(args: argparse.Namespace) -> Any:
     from mu2net.evolver import PAPER_PRESET, EvolverConfig, TrainBudget
 
-    import dataclasses
-
-    preempt = bool(getattr(args, "preempt", False))  # the serving evolver: a new upload comes first
+    # the serving evolver (mu2net serve): a new upload comes first, and a task that stopped
+    # improving gets longer children before it pauses
+    serving = bool(getattr(args, "preempt", False))
     if args.paper_preset:
-        return dataclasses.replace(PAPER_PRESET, preempt=preempt, patience=args.patience)
+        return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
-                         preempt=preempt, patience=args.patience)
+                         preempt=serving, grow_when_stale=serving, patience=args.patience)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:
@@ -283,8 +284,6 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _task_json(task: Any) -> dict[str, Any]:
-    import dataclasses
-
     doc: dict[str, Any] = dataclasses.asdict(task)
     return doc
 

@@ -388,6 +388,24 @@ class Store:
             if cur.rowcount == 0:
                 raise TaskNotFound(f"unknown task {name!r}")
 
+    def count_stale_iteration(self, name: str, patience: int) -> TaskRecord:
+        """One more completed task iteration without improvement; at ``patience`` of them in
+        a row the task pauses at the current system version. One transaction, so a
+        concurrent :meth:`wake_task` is never lost half-way.
+
+        Raises:
+          TaskNotFound: if there is no such task.
+        """
+        with self.transaction() as db:
+            version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+            cur = db.execute(
+                "UPDATE tasks SET stale_iterations=stale_iterations+1, paused_version=CASE WHEN "
+                "paused_version IS NULL AND stale_iterations+1>=? THEN ? ELSE paused_version END WHERE name=?",
+                (patience, version, name))
+            if cur.rowcount == 0:
+                raise TaskNotFound(f"unknown task {name!r}")
+        return self.get_task(name)
+
     def wake_task(self, name: str) -> TaskRecord:
         """Asks the evolver to run the task again (``POST /v1/tasks/{name}/evolve``): clears
         its pause and its count of iterations without improvement.

@@ -48,3 +48,14 @@ def test_crop_changes_images_only_when_switched_on():
     np.testing.assert_allclose(np.asarray(off), np.asarray(x), atol=1e-6)
     assert np.abs(np.asarray(on) - np.asarray(x)).max() > 0.1
     assert on.shape == x.shape
+
+
+def test_a_crop_box_that_does_not_fit_is_rejected_not_clipped():
+    # area 1.0 with an aspect ratio != 1 never fits inside the image: every box is rejected
+    # and the whole image is kept (clipping it would stretch the image along one axis)
+    x = _images(seed=4)
+    out = jax.jit(augment)(x, _hp(crop=1.0, crop_area_min=1.0, crop_aspect_min=0.5), jax.random.PRNGKey(3))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x), atol=1e-5)
+    # the crop boxes that do fit keep their aspect ratio: a 0.5-area crop still zooms in
+    zoom = jax.jit(augment)(x, _hp(crop=1.0, crop_area_min=0.5, crop_aspect_min=1.0), jax.random.PRNGKey(3))
+    assert np.abs(np.asarray(zoom) - np.asarray(x)).max() > 0.1

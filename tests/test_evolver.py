@@ -262,3 +262,23 @@ def test_continual_evolution_runs_past_the_configured_iterations_and_pauses(tiny
             assert t.paused_version is not None and t.paused_version <= tiny_store.system_version()
         else:
             assert t.paused_version is None and t.improved_at is not None
+
+
+def test_a_stale_task_gets_longer_children_when_budgets_grow(tiny_store, monkeypatch):
+    import dataclasses
+
+    import mu2net.evolver.loop as loop
+
+    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=1, grow_when_stale=True), progress=False)
+    ev.active_phase("digits")
+    cycles = []
+    real = loop.train_child
+
+    def spy(arch, params, opts, mask, hp, train, validation, budget, *a, **k):
+        cycles.append(budget.cycles)
+        return real(arch, params, opts, mask, hp, train, validation, budget, *a, **k)
+
+    monkeypatch.setattr(loop, "train_child", spy)
+    tiny_store.set_evolution("digits", stale_iterations=2, paused_version=None)
+    ev.active_phase("digits")
+    assert cycles == [TINY_EVOLVER.budget.cycles * 4] * TINY_EVOLVER.children  # 2 ** stale_iterations

@@ -23,7 +23,7 @@ def _many(parent, task="t", n=2000, **kw):
     return [mutate(parent, task, 3 if task == "t" else 7, rng, **kw) for _ in range(n)]
 
 
-@pytest.mark.parametrize("operator", ["hparam", "clone", "own_components", "same_task_head", "new_head", "insert", "forced_insert"])
+@pytest.mark.parametrize("operator", ["hparam", "clone", "own_components", "same_task_head", "new_head", "insert", "remove", "forced_insert"])
 def test_mutation_operator(operator):
     mu = 0.3
     if operator == "hparam":
@@ -64,6 +64,17 @@ def test_mutation_operator(operator):
         for c in inserted:  # new block right before the head, trainable, randomly initialised
             assert c.architecture.kinds[-2] == "transformer_block" and c.sources[-2] is None and c.trainable[-2]
         assert all(c.architecture.num_blocks == 1 for c in _many(_parent(), n=50, max_blocks=1))
+    elif operator == "remove":
+        children = _many(_parent(mu=mu, blocks=2))
+        removed = [c for c in children if c.architecture.num_blocks == 1]
+        inserted = [c for c in children if c.architecture.num_blocks == 3]
+        # +-1 with equal chance: each with probability mu / 2
+        assert abs(len(removed) / len(children) - mu / 2) < 0.04 and abs(len(inserted) / len(children) - mu / 2) < 0.04
+        for c in removed:  # the top block (c4) is gone; the rest and the head are the parent's
+            assert c.sources == ("c0", "c1", "c2", "c3", "c5") and c.architecture.kinds[-1] == "head"
+            assert "remove_block:4" in c.mutations
+        at_cap = _many(_parent(mu=mu, blocks=2), n=400, max_blocks=2)
+        assert {c.architecture.num_blocks for c in at_cap} == {1, 2}  # only removal at the cap
     elif operator == "forced_insert":
         for c in _many(_parent(blocks=0), n=50):
             assert c.architecture.num_blocks == 1

@@ -83,3 +83,21 @@ def test_on_cycle_reports_every_cycles_validation_accuracy():
                       _data(32), TrainBudget(3, 32, 32), lambda a, p: a, seed=0,
                       on_cycle=lambda done, acc: calls.append((done, acc)))
     assert calls == list(enumerate(res.history, start=1)) and len(calls) == 3
+
+
+def test_interrupt_stops_after_the_current_cycle_with_the_best_checkpoint():
+    arch, params = R.random_root(TINY, num_blocks=1, seed=4, num_classes=3)
+    mask = (True,) * 5
+    asked = []
+
+    def interrupt():
+        asked.append(len(asked) + 1)
+        return len(asked) >= 2  # a new task arrives during the second cycle
+
+    res = train_child(arch, params, [None] * 5, mask, H.with_defaults({"learning_rate": 0.1}), _data(), _data(32),
+                      TrainBudget(5, 64, 32), lambda a, p: a, seed=0, interrupt=interrupt)
+    assert len(res.history) == 2 and asked == [1, 2]
+    assert res.score == max(res.history) and res.steps in (2, 4)
+    full = train_child(arch, params, [None] * 5, mask, H.with_defaults({"learning_rate": 0.1}), _data(), _data(32),
+                       TrainBudget(5, 64, 32), lambda a, p: a, seed=0, interrupt=lambda: False)
+    assert len(full.history) == 5 and full.history[:2] == res.history  # same run until the interrupt
