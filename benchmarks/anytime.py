@@ -105,6 +105,8 @@ def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], 
         history = store.history()
         tasks = [t.name for t in store.list_tasks()]
         iterations = {t.name: t.iterations_done for t in store.list_tasks()}
+    if not history:
+        raise SystemExit(f"store {data_dir} has published no task path yet (empty history)")
     t0 = min(h["time"] for h in history)
     out: dict[str, Any] = {"data_dir": data_dir, "minutes_covered": round((max(h["time"] for h in history) - t0) / 60, 1),
                            "tasks": {}}

@@ -69,8 +69,9 @@ class EvolverConfig:
       preempt: end a served task's active phase early, at a generation boundary, when a
         task that was never served is waiting (``mu2net serve``: a new upload comes
         first). The running children stop after their current train cycle (keeping their
-        best checkpoint), so that boundary comes within one cycle of the upload; the
-        preempted phase publishes what it has and is not counted as a task iteration.
+        best checkpoint) and children not yet started are skipped, so that boundary comes
+        within one cycle of the upload; the preempted phase publishes what it has and is
+        not counted as a task iteration.
       patience: completed task iterations in a row without improvement after which
         continual evolution pauses a task (see :mod:`mu2net.evolver.schedule`).
       grow_when_stale: each completed task iteration without improvement doubles the train
@@ -106,9 +107,11 @@ class EvolverConfig:
 #: The paper's large-scale budget (Section 5.1: 4 generations of 8 children per task
 #: iteration, one per TPU core; "each model training performs 4 validation cycles", each of
 #: min(1 epoch, 128116 samples), 1/10 of an ImageNet epoch). The batch size (512) is the
-#: official mu2Net notebook's; the paper does not state one.
+#: official mu2Net notebook's preliminary configuration; the paper does not state one. No
+#: first-answer generation: Algorithm 1's generations only.
 PAPER_PRESET = EvolverConfig(generations=4, children=8,
-                             budget=TrainBudget(cycles=4, sample_cap=128116, batch_size=512))
+                             budget=TrainBudget(cycles=4, sample_cap=128116, batch_size=512),
+                             first_answer=False)
 
 
 @dataclasses.dataclass
@@ -271,9 +274,12 @@ class Evolver:
         except Exception as e:  # status is informative only: never stop evolving for it
             log.warning("could not record the evolver status: %s", e)
 
-    def _new_task_waiting(self, task: TaskRecord, every_seconds: float = 2.0) -> Callable[[], bool]:
+    #: Seconds between the store reads of a running generation's new-task check.
+    preempt_check_seconds = 2.0
+
+    def _new_task_waiting(self, task: TaskRecord) -> Callable[[], bool]:
         """A check, for the children of ``task``'s generation, of whether a never-served task
-        is waiting (store read at most every ``every_seconds``; True stays True): the
+        is waiting (store read at most every :attr:`preempt_check_seconds`; True stays True): the
         children then stop after their current cycle, so the generation boundary where the
         phase is preempted comes within one cycle of the upload."""
         last, seen = [-math.inf], [False]
@@ -281,7 +287,7 @@ class Evolver:
 
         def check() -> bool:
             with lock:
-                if not seen[0] and time.monotonic() - last[0] >= every_seconds:
+                if not seen[0] and time.monotonic() - last[0] >= self.preempt_check_seconds:
                     last[0] = time.monotonic()
                     seen[0] = self._waiting_new_task(task) is not None
                 return seen[0]
@@ -289,10 +295,9 @@ class Evolver:
 
     def _waiting_new_task(self, task: TaskRecord) -> TaskRecord | None:
         """A never-served task other than ``task`` (preemption, :attr:`EvolverConfig.preempt`)."""
-        versions = self.store.served_versions()
-        waiting = [t for t in self.store.list_tasks()
-                   if t.name != task.name and t.state != "failed" and t.name not in versions]
-        return min(waiting, key=lambda t: t.seq) if waiting else None
+        waiting = S.next_task([t for t in self.store.list_tasks() if t.name != task.name],
+                              self.store.served_versions(), iterations=0, continual=False)
+        return waiting  # with 0 iterations, only a never-served task is next
 
     # ---- components ---------------------------------------------------------------------
 
@@ -436,10 +441,13 @@ class Evolver:
             if self.progress:
                 tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} {label}: "
                            f"best score {best_now:.4f}, population {len(population)}")
-            if (cfg.publish_on_improvement and best is not None and best is not published
-                    and (published is None or (best.score or -math.inf) >= (published.score or -math.inf))
+            if (cfg.publish_on_improvement and best is not None
+                    and (published is None or (best.id != published.id and _score(best) >= _score(published)))
                     and best.metrics["validation_accuracy"] > chance):
                 published = self._publish(task, best, published, pending, selections, test_split)
+                # the population holds the published record (with its test accuracy): the same
+                # path is not published again by a later generation that finds nothing better
+                population = [published if p.id == published.id else p for p in population]
             if cfg.preempt and published is not None and gen < cfg.generations:
                 preempted_by = self._waiting_new_task(task)
                 if preempted_by is not None:
@@ -467,8 +475,11 @@ class Evolver:
                                        for t, src in zip(spec.trainable, spec.sources)])
             jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)], scored))
 
-        def run(job: tuple) -> tuple[ChildSpec, P.Path, list]:
+        def run(job: tuple) -> tuple[ChildSpec, P.Path, list] | None:
             spec, params, opts, recs, seed, device, scored = job
+            if interrupt is not None and interrupt():
+                bar.update(1)
+                return None  # a new task is waiting: children not yet started are skipped
             result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
                                  budget, self.scorer, seed, device, scored_params=scored, interrupt=interrupt)
             out = self._child_path(spec, task, params, recs, result)
@@ -476,10 +487,11 @@ class Evolver:
             return out
 
         if len(self.devices) == 1:
-            results = [run(j) for j in jobs]
+            done = [run(j) for j in jobs]
         else:
             with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
-                results = list(pool.map(run, jobs))
+                done = list(pool.map(run, jobs))
+        results = [r for r in done if r is not None]
         self.stats["children"] += len(results)
         return results
 
@@ -516,16 +528,15 @@ class Evolver:
         """Publishes ``best`` as the task's served path (one store transaction); returns it
         with its test accuracy and trainable parameters in ``metrics``.
 
-        The publish garbage-collects the components only the replaced path used; those of
-        ``published`` are kept in ``pending`` first, so the active population can still
-        use that path as a parent.
+        The publish garbage-collects the components that only the replaced path used
+        (its task's own, or another task's that no retained path uses any more); they are
+        read into ``pending`` first, so the active population can still use that path as a
+        parent.
         """
         if published is not None:
-            for cid in published.component_ids:
-                if cid not in pending:
-                    rec, p, o = self._component(cid, pending)
-                    if rec.task == task.name:
-                        pending[cid] = _Pending(rec, p, o)
+            retained = {c for p in self.store.list_paths() if p.task != task.name for c in p.component_ids}
+            for cid in set(published.component_ids) - set(best.component_ids) - retained - set(pending):
+                pending[cid] = _Pending(*self._component(cid, pending))
         records = []
         for cid in best.component_ids:
             if cid in pending:
@@ -562,14 +573,15 @@ class Evolver:
         yet), records the iteration and the task's continual-evolution state."""
         best = best_of(population)
         assert best is not None  # every generation adds children or the phase began with a path
-        if published is not None and (best.id == published.id or
-                                      (best.score or -math.inf) < (published.score or -math.inf)):
+        if published is not None and (best.id == published.id or _score(best) < _score(published)):
             self.store.publish(None, [], task=task.name, iteration_done=completed, selections=selections)
             final = published
         else:
             final = self._publish(task, best, published, pending, selections, test_split, iteration_done=completed)
         if completed:
-            if best_stored is not None and final.id == best_stored.id:  # nothing better this iteration
+            # a tie (a new path of equal score, published as Algorithm 1's latest) is not an
+            # improvement: only a higher score keeps the task awake
+            if best_stored is not None and _score(final) <= _score(best_stored):
                 was_paused = self.store.get_task(task.name).paused_version is not None
                 t = self.store.count_stale_iteration(task.name, self.config.patience)
                 if t.paused_version is not None and not was_paused:
@@ -578,12 +590,15 @@ class Evolver:
         return final
 
 
+def _score(path: P.Path) -> float:
+    return path.score if path.score is not None else -math.inf
+
+
 def best_of(population: Sequence[P.Path]) -> P.Path | None:
     """The best-scoring path; on a tie the latest (Algorithm 1 keeps a child whose score is
-    ``>=`` the best)."""
+    ``>=`` the best; the official code's "most recent path achieving max score")."""
     best = None
     for p in population:
-        if best is None or (p.score if p.score is not None else -math.inf) >= \
-                (best.score if best.score is not None else -math.inf):
+        if best is None or _score(p) >= _score(best):
             best = p
     return best

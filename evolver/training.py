@@ -152,7 +152,7 @@ def zeros_like_tree(tree: Any) -> Any:
 def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],
                 mask: tuple[bool, ...], hparams: Mapping[str, Any],
                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
-                budget: TrainBudget, scorer: Callable[[float, int], float], seed: int,
+                budget: TrainBudget, scorer: Callable[[float, float], float], seed: int,
                 device: jax.Device | None = None,
                 on_cycle: Callable[[int, float], None] | None = None,
                 scored_params: float | None = None,

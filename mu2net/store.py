@@ -524,7 +524,8 @@ class Store:
 
         Inserts ``new_components`` (whose files must already be written), makes ``path``
         the best path of ``path.task`` (replacing the previous one; recorded in
-        :meth:`history`, and the task's pause is cleared), records the task's
+        :meth:`history`; a higher score than the previous one also sets ``improved_at``
+        and clears the task's stale count and pause), records the task's
         ``selections`` counts and, if ``iteration_done``, counts one more task iteration.
         Bumps the system version when ``path`` is given.
 
@@ -561,13 +562,16 @@ class Store:
                 if missing:
                     raise StoreError(f"path {path.id} uses components {missing} not in the layer pool")
                 if path.task is not None:
+                    prev = db.execute("SELECT score FROM paths WHERE task=?", (path.task,)).fetchone()
                     db.execute("DELETE FROM paths WHERE task=?", (path.task,))
                     m = path.metrics
                     db.execute("INSERT INTO history VALUES (?,?,?,?,?,?,?)", (
                         version, path.task, path.id, path.score, m.get("validation_accuracy"),
                         m.get("test_accuracy"), time.time()))
-                    db.execute("UPDATE tasks SET improved_at=?, stale_iterations=0, paused_version=NULL "
-                               "WHERE name=?", (time.time(), path.task))
+                    if prev is None or prev[0] is None or (path.score is not None and path.score > prev[0]):
+                        # a higher score (not a tie): the task improved, and is awake
+                        db.execute("UPDATE tasks SET improved_at=?, stale_iterations=0, paused_version=NULL "
+                                   "WHERE name=?", (time.time(), path.task))
                 arch = path.architecture
                 db.execute("INSERT INTO paths VALUES (?,?,?,?,?,?,?,?,?)", (
                     path.id, path.task, json.dumps(list(path.component_ids)),

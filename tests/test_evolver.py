@@ -180,6 +180,8 @@ def test_publish_on_improvement_serves_every_improvement_within_one_phase(tiny_s
     start = tiny_store.system_version()
     best = ev.active_phase("digits")
     assert len(served) >= 2, "one active phase published only once"
+    ids = [p for _, p, *_ in served]
+    assert len(set(ids)) == len(ids), "a path was published twice"
     assert [v for v, *_ in served] == list(range(start + 1, start + 1 + len(served)))
     assert served[0][2] == TINY_EVOLVER.children, "the first answer is published after the first-answer generation"
     assert served[-1][1] == best.id and tiny_store.get_task("digits").iterations_done == 1
@@ -199,7 +201,7 @@ def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, mo
     others = [p for p in tiny_store.list_paths() if p.task != "small"]
     specs = ev.first_answer_specs(small, others)
     assert len(specs) == TINY_EVOLVER.children
-    reuse, root = specs  # deepest served path first, then the random root
+    reuse, root = specs[:2]  # deepest served path first, then the random root
     assert reuse.parent.id == digits.id and reuse.sources[:-1] == digits.component_ids[:-1]
     assert reuse.trainable == (False,) * (len(digits.component_ids) - 1) + (True,)
     assert reuse.sources[-1] is None and reuse.architecture.num_classes == small.num_classes
@@ -218,30 +220,54 @@ def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, mo
     ev.active_phase("small")
     n, path = first_publish[0]
     assert n == TINY_EVOLVER.children  # served after the first-answer generation alone
-    assert path.metrics["mutations"][0] in ("reuse_frozen", "clone_all")
-    assert path.metrics["validation_accuracy"] > 0.6  # 2 classes, ~balanced: beats chance
+    # what is served is one of the two first-answer children, as specified above
+    if path.metrics["mutations"][0] == "reuse_frozen":
+        assert path.component_ids[:-1] == digits.component_ids[:-1] and path.parent_id == digits.id
+    else:
+        assert path.metrics["mutations"][:2] == ["clone_all", "new_head"] and path.parent_id == "root"
+        assert not set(path.component_ids) & set(tiny_store.root_path().component_ids)
+    small_val = tiny_store.get_task("small")
+    assert path.metrics["validation_accuracy"] > 0.6 and small_val.num_classes == 2  # beats chance (~0.5)
 
 
-def test_a_new_task_preempts_a_served_tasks_phase_at_a_generation_boundary(tiny_store, monkeypatch):
+def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monkeypatch):
     import dataclasses
 
+    import mu2net.evolver.loop as loop
     from conftest import digits_splits
     from mu2net.evolver import add_task_arrays
 
-    Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")
-    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=3, preempt=True), progress=False)
+    base = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    for name in ("digits", "parity", "small"):
+        base.active_phase(name)
     before = tiny_store.get_task("digits").iterations_done
-    # parity and small were never served: digits' next phase ends after one generation
-    calls = _counting_train_child(monkeypatch)
+    ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=3, preempt=True,
+                                                 budget=dataclasses.replace(TINY_EVOLVER.budget, cycles=4)),
+                 progress=False)
+    ev.preempt_check_seconds = 0.0  # tiny cycles take milliseconds: read the store at every check
+    histories = []
+    real = loop.train_child
+
+    def upload_during_first_child(*a, **k):
+        if not histories:  # the user uploads while the first child trains
+            add_task_arrays(tiny_store, "late", digits_splits(), [str(i) for i in range(10)], source="test")
+        result = real(*a, **k)
+        histories.append(result.history)
+        return result
+
+    monkeypatch.setattr(loop, "train_child", upload_during_first_child)
     ev.active_phase("digits")
-    assert calls[0] == TINY_EVOLVER.children and ev.stats["preempted"] == 1
+    # the running child stopped after its first cycle; the second child never started; no
+    # later generation ran
+    assert histories and len(histories) == 1 and len(histories[0]) == 1, histories
+    assert ev.stats["preempted"] == 1
     assert tiny_store.get_task("digits").iterations_done == before  # not counted as a task iteration
-    assert ev.next_task(iterations=1).name == "parity"  # the waiting new task comes first
-    add_task_arrays(tiny_store, "late", digits_splits(), [str(i) for i in range(10)], source="test")
-    assert ev.next_task(iterations=1).name == "parity"  # new tasks in upload order
+    assert ev.next_task(iterations=1).name == "late"  # the new upload comes first
+    add_task_arrays(tiny_store, "later", digits_splits(), [str(i) for i in range(10)], source="test")
+    assert ev.next_task(iterations=1).name == "late"  # new tasks in upload order
 
 
-def test_continual_evolution_runs_past_the_configured_iterations_and_pauses(tiny_store):
+def test_continual_evolution_runs_past_the_configured_iterations_pauses_and_wakes(tiny_store):
     import dataclasses
 
     ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=1, patience=1), progress=False)
@@ -255,13 +281,31 @@ def test_continual_evolution_runs_past_the_configured_iterations_and_pauses(tiny
 
     assert ev.run(iterations=1, stop=stop, continual=True) == 4
     tasks = {t.name: t for t in tiny_store.list_tasks()}
-    assert sum(t.iterations_done for t in tasks.values()) == 7
-    # patience 1: a completed iteration without improvement pauses the task at that version
-    for t in tasks.values():
-        if t.stale_iterations >= 1:
-            assert t.paused_version is not None and t.paused_version <= tiny_store.system_version()
-        else:
-            assert t.paused_version is None and t.improved_at is not None
+    assert sum(t.iterations_done for t in tasks.values()) == 7  # past the configured 1 each
+    # pause: digits' next iteration finds nothing better (patience 1) and it pauses at that version
+    digits = tasks["digits"]
+    tiny_store.set_evolution("digits", stale_iterations=0, paused_version=None)
+    quiet = Evolver(tiny_store, dataclasses.replace(ev.config, publish_on_improvement=False), progress=False)
+    real_finish = quiet._finish_phase
+
+    def no_better(task, population, published, best_stored, *a, **k):  # keep only the stored path
+        return real_finish(task, [best_stored], best_stored, best_stored, *a, **k)
+
+    quiet._finish_phase = no_better
+    quiet.active_phase("digits")
+    paused = tiny_store.get_task("digits")
+    assert paused.stale_iterations == 1 and paused.paused_version == tiny_store.system_version()
+    assert paused.improved_at == digits.improved_at
+    others = {"parity", "small"}
+    for name in others:  # make the other tasks paused too: nothing is awake
+        tiny_store.set_evolution(name, stale_iterations=1, paused_version=tiny_store.system_version())
+    assert ev.next_task(iterations=1, continual=True) is None
+    # wake: the public task small publishes (its path again: a new system version); digits
+    # (public) and parity (private, may use public paths) wake; small itself stays paused
+    tiny_store.publish(tiny_store.best_path("small"), [], task="small")
+    woken = ev.next_task(iterations=1, continual=True)
+    assert woken.name in ("digits", "parity") and tiny_store.get_task(woken.name).paused_version is None
+    assert tiny_store.get_task("small").paused_version is not None
 
 
 def test_a_stale_task_gets_longer_children_when_budgets_grow(tiny_store, monkeypatch):
