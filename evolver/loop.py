@@ -75,7 +75,8 @@ class EvolverConfig:
       patience: completed task iterations in a row without improvement after which
         continual evolution pauses a task (see :mod:`mu2net.evolver.schedule`).
       grow_when_stale: each completed task iteration without improvement doubles the train
-        cycles of the task's next children (``budget.cycles * 2 ** stale_iterations``):
+        cycles of the task's next children (``budget.cycles * 2 ** min(stale_iterations,
+        3)``, so at most 8x: one stale task does not hold the evolver for hours):
         once short children stop finding improvements, longer ones get the compute
         (``mu2net serve``; the paper's fixed budget when False).
     """
@@ -92,7 +93,7 @@ class EvolverConfig:
     first_answer_cycles: int = 2
     publish_on_improvement: bool = True
     preempt: bool = False
-    patience: int = 3
+    patience: int = 5
     grow_when_stale: bool = False
 
     def __post_init__(self) -> None:
@@ -414,7 +415,7 @@ class Evolver:
                                         allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
                 budget = cfg.budget
                 if cfg.grow_when_stale and task.stale_iterations:
-                    budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 6))
+                    budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 3))
             phase = "first answer" if gen == 0 else "evolving"
             self._status("training", task, phase=phase, iteration=task.iterations_done + 1, generation=gen,
                          generations=cfg.generations, children_running=len(specs), started=started,

@@ -73,7 +73,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-devices", type=_cpu_devices_arg, default=None, metavar="N",
                    help="devices the CPU platform exposes; the evolver trains one child per device at "
                         "once (default: one per CPU; unused on a GPU/TPU host)")
-    p.add_argument("--patience", type=int, default=3,
+    p.add_argument("--patience", type=int, default=5,
                    help="continual evolution pauses a task after this many task iterations in a row "
                         "without improvement (it wakes when a related task publishes, or on "
                         "POST /v1/tasks/NAME/evolve)")

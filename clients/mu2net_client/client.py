@@ -323,7 +323,8 @@ class Client:
           name: task name.
           accuracy: target, a fraction in [0, 1]; returns once ``metrics[metric] >= accuracy``.
           metric: ``"test_accuracy"`` or ``"validation_accuracy"``.
-          timeout: seconds to wait at most (None: no limit).
+          timeout: seconds to wait at most (None: no limit; a target the task never
+            reaches, e.g. while continual evolution has paused it, then waits forever).
           poll: seconds between polls.
           progress: show a progress bar (tqdm, on stderr).
 
