@@ -62,9 +62,10 @@ class EvolverConfig:
         and inserts a block where it has none; see :meth:`Evolver.first_answer_specs`.
       first_answer_cycles: train cycles of a first-answer child (the sample cap and batch
         size are :attr:`budget`'s).
-      publish_on_improvement: publish the task's best path after every generation that
-        improves on the published one (Algorithm 1's ``>=``, latest wins), not only at the
-        end of the active phase. A mid-phase publish needs a validation accuracy above
+      publish_on_improvement: publish the task's best path after every generation whose
+        best path scores at least as high as the published one (Algorithm 1's ``>=``: a
+        new path of equal score is published too, latest wins), not only at the end of the
+        active phase. A mid-phase publish needs a validation accuracy above
         chance (the validation split's majority-class share).
       preempt: end a served task's active phase early, at a generation boundary, when a
         task that was never served is waiting (``mu2net serve``: a new upload comes
@@ -424,8 +425,11 @@ class Evolver:
             bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} {label}",
                        disable=not self.progress, leave=False)
             interrupt = self._new_task_waiting(task) if cfg.preempt and published is not None else None
-            children = self._train_generation(specs, task, pending, train, validation, rng, budget, bar, sharers,
-                                              interrupt)
+            children, skipped = self._train_generation(specs, task, pending, train, validation, rng, budget, bar,
+                                                       sharers, interrupt)
+            for spec in skipped:  # never trained: its parent was not used (Section 3.1's #selections)
+                if gen > 0:
+                    selections[spec.parent.id] -= 1
             child_index += len(specs)
             for spec, child, new in children:
                 parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
@@ -465,7 +469,11 @@ class Evolver:
                           train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                           rng: np.random.Generator, budget: TrainBudget, bar: Any,
                           sharers: Mapping[str, int],
-                          interrupt: Callable[[], bool] | None = None) -> list[tuple[ChildSpec, P.Path, list]]:
+                          interrupt: Callable[[], bool] | None = None
+                          ) -> tuple[list[tuple[ChildSpec, P.Path, list]], list[ChildSpec]]:
+        """Trains a generation's children, one per device at a time; returns the trained
+        ones as (spec, child path, new components) and the specs of children skipped
+        because ``interrupt`` said a new task is waiting."""
         jobs = []
         for i, spec in enumerate(specs):
             params, opts, recs = self._materialize(spec, task, pending, rng)
@@ -493,8 +501,9 @@ class Evolver:
             with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
                 done = list(pool.map(run, jobs))
         results = [r for r in done if r is not None]
+        skipped = [j[0] for j, r in zip(jobs, done) if r is None]
         self.stats["children"] += len(results)
-        return results
+        return results, skipped
 
     def _child_path(self, spec: ChildSpec, task: TaskRecord, params: Sequence[Any],
                     recs: Sequence[ComponentRecord | None], result: TrainResult) -> tuple[ChildSpec, P.Path, list]:

@@ -116,7 +116,8 @@ def evolver_config(args: argparse.Namespace) -> Any:
     # improving gets longer children before it pauses
     serving = bool(getattr(args, "preempt", False))
     if args.paper_preset:
-        return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience)
+        return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
+                                   first_answer=serving or PAPER_PRESET.first_answer)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,

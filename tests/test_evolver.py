@@ -241,6 +241,7 @@ def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monke
     for name in ("digits", "parity", "small"):
         base.active_phase(name)
     before = tiny_store.get_task("digits").iterations_done
+    selections_before = tiny_store.selections("digits")
     ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, generations=3, preempt=True,
                                                  budget=dataclasses.replace(TINY_EVOLVER.budget, cycles=4)),
                  progress=False)
@@ -248,8 +249,11 @@ def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monke
     histories = []
     real = loop.train_child
 
+    uploaded = []
+
     def upload_during_first_child(*a, **k):
-        if not histories:  # the user uploads while the first child trains
+        if not uploaded:  # the user uploads while the first child trains
+            uploaded.append(True)
             add_task_arrays(tiny_store, "late", digits_splits(), [str(i) for i in range(10)], source="test")
         result = real(*a, **k)
         histories.append(result.history)
@@ -261,6 +265,8 @@ def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monke
     # later generation ran
     assert histories and len(histories) == 1 and len(histories[0]) == 1, histories
     assert ev.stats["preempted"] == 1
+    # the skipped child's parent selection is not counted (Section 3.1's #selections)
+    assert sum(tiny_store.selections("digits").values()) == sum(selections_before.values()) + 1
     assert tiny_store.get_task("digits").iterations_done == before  # not counted as a task iteration
     assert ev.next_task(iterations=1).name == "late"  # the new upload comes first
     add_task_arrays(tiny_store, "later", digits_splits(), [str(i) for i in range(10)], source="test")
@@ -326,3 +332,7 @@ def test_a_stale_task_gets_longer_children_when_budgets_grow(tiny_store, monkeyp
     tiny_store.set_evolution("digits", stale_iterations=2, paused_version=None)
     ev.active_phase("digits")
     assert cycles == [TINY_EVOLVER.budget.cycles * 4] * TINY_EVOLVER.children  # 2 ** stale_iterations
+    cycles.clear()
+    tiny_store.set_evolution("digits", stale_iterations=4, paused_version=None)
+    ev.active_phase("digits")
+    assert cycles == [TINY_EVOLVER.budget.cycles * 8] * TINY_EVOLVER.children  # capped at 8x

@@ -364,17 +364,22 @@ def test_async_client(static_server):
     asyncio.run(main())
 
 
-def test_cli_client_commands(static_server, tmp_path):
-    import json
+def _run_cli(*args):
+    """``mu2net ARGS`` as a user runs it, in a subprocess."""
     import subprocess
     import sys
+
+    return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_cli_client_commands(static_server, tmp_path):
+    import json
 
     server, store = static_server
     common = ["--grpc", server.grpc, "--http", server.http]
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cli = _run_cli
 
     tasks = cli("tasks", *common, "--json")
     assert tasks.returncode == 0, tasks.stderr[-2000:]
@@ -598,16 +603,12 @@ def test_wait_until_an_accuracy(static_server):
 def test_cli_status_wake_and_wait_log_no_http_requests(static_server, tmp_path):
     """Client commands print results without httpx's INFO line per request (unless --verbose)."""
     import json
-    import subprocess
-    import sys
     import time
 
     server, store = static_server
     common = ["--grpc", server.grpc, "--http", server.http]
 
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mu2net.cli", *args], capture_output=True, text=True,
-                              timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    cli = _run_cli
 
     store.set_evolver_status({})
     status = cli("status", *common)
