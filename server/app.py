@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Iterator, Sequence
 
 import uvicorn
@@ -43,6 +44,7 @@ class EvolverSupervisor:
 
     argv: list[str]
     metrics: Metrics | None = None
+    store: Store | None = None
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     _task: asyncio.Task[None] | None = None
@@ -59,6 +61,7 @@ class EvolverSupervisor:
                 code = self.process.returncode
                 delay = min(30.0, 2.0 ** min(self.restarts, 5))
                 log.warning("evolver process exited with %s; restarting in %.0fs", code, delay)
+                await asyncio.to_thread(self._record, "restarting")
                 await asyncio.sleep(delay)
                 if self._stopping:
                     return
@@ -79,6 +82,18 @@ class EvolverSupervisor:
             except subprocess.TimeoutExpired:
                 p.kill()
                 await asyncio.to_thread(p.wait)
+        await asyncio.to_thread(self._record, "stopped")
+
+    def _record(self, state: str) -> None:
+        """Writes the evolver status for the server's status views: the process that wrote
+        the last one is gone, so it must not keep showing the phase it was in."""
+        if self.store is None:
+            return
+        try:
+            self.store.set_evolver_status({"state": state, "task": None, "phase": state, "updated": time.time(),
+                                           "pid": None})
+        except Exception as e:  # informative only
+            log.warning("could not record the evolver status %r: %s", state, e)
 
 
 async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config: ServiceConfig,
@@ -99,7 +114,7 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     http_task = asyncio.create_task(uv.serve(sockets=[sock]))
     supervisor = None
     if evolver_argv is not None:
-        supervisor = EvolverSupervisor(["--data-dir", data_dir, *evolver_argv], metrics)
+        supervisor = EvolverSupervisor(["--data-dir", data_dir, *evolver_argv], metrics, store)
         supervisor.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 from typing import Sequence
@@ -36,6 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     store = Store(args.data_dir)
     args.preempt = True  # serving: a new upload starts at the next generation boundary
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
+
+    def stopped(signum: int, frame: object) -> None:
+        # the server's status must not keep showing the phase this process was killed in
+        try:
+            store.set_evolver_status({"state": "stopped", "task": None, "phase": "stopped",
+                                      "updated": time.time(), "pid": os.getpid()})
+        except Exception as e:  # e.g. inside a transaction of the interrupted phase: exit anyway
+            print(f"evolver: could not record its stop: {e!r}", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
     while True:
         if evolver.run(args.iterations, continual=args.continual) == 0:
             time.sleep(args.poll_seconds)

@@ -97,6 +97,9 @@ def test_end_to_end_upload_wait_classify_with_the_sdk(tmp_path):
             assert "mu2net_evolver_restarts_total 1.0" in metrics
     finally:
         assert server.stop() == 0, "".join(server.output[-40:])
+    # a stopped evolver says so: the status does not keep showing the phase it was killed in
+    with Store(tmp_path / "store") as store:
+        assert store.evolver_status()["state"] == "stopped"
 
 
 def test_tritonclient_grpc(static_server):
