@@ -391,10 +391,11 @@ class Evolver:
         chance = float(np.bincount(validation[1]).max() / len(validation[1])) if len(validation[1]) else 1.0
         rng = np.random.default_rng([cfg.seed, task.seq, task.iterations_done])
         population: list[P.Path] = [best_stored] if best_stored is not None else []
-        others = [p for p in self.store.list_paths() if p.task != task.name and self._allowed(task, p)]
+        retained = self.store.list_paths()
+        others = [p for p in retained if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))
-        locked = locked_components(self.store.list_paths(), task.name)
-        sharers = collections.Counter(c for p in self.store.list_paths() if p.task not in (None, task.name)
+        locked = locked_components(retained, task.name)
+        sharers = collections.Counter(c for p in retained if p.task not in (None, task.name)
                                       for c in set(p.component_ids))
         pending: dict[str, _Pending] = {}
         published = best_stored
@@ -592,9 +593,8 @@ class Evolver:
             # a tie (a new path of equal score, published as Algorithm 1's latest) is not an
             # improvement: only a higher score keeps the task awake
             if best_stored is not None and _score(final) <= _score(best_stored):
-                was_paused = self.store.get_task(task.name).paused_version is not None
                 t = self.store.count_stale_iteration(task.name, self.config.patience)
-                if t.paused_version is not None and not was_paused:
+                if t.stale_iterations == self.config.patience:  # paused by this iteration
                     log.info("task %s: no improvement in %d task iterations; paused until a related task "
                              "publishes or a user asks", task.name, t.stale_iterations)
         return final
