@@ -80,6 +80,11 @@ class EvolverConfig:
         3)``, so at most 8x: one stale task does not hold the evolver for hours):
         once short children stop finding improvements, longer ones get the compute
         (``mu2net serve``; the paper's fixed budget when False).
+      clone_random_root: a child always clones (trains) the components of a randomly
+        initialised root model it uses, instead of sharing each frozen unless the
+        layer-cloning mutation (probability mu) clones it: random parameters hold no
+        knowledge, so sharing them frozen only constrains the child. A root loaded from a
+        checkpoint (``metrics["pretrained"]``) is unaffected. Off: Section 3.2 as written.
     """
 
     generations: int = 4
@@ -96,6 +101,7 @@ class EvolverConfig:
     preempt: bool = False
     patience: int = 5
     grow_when_stale: bool = False
+    clone_random_root: bool = False
 
     def __post_init__(self) -> None:
         for name in ("generations", "children", "first_answer_cycles", "patience"):
@@ -395,6 +401,8 @@ class Evolver:
         others = [p for p in retained if p.task != task.name and self._allowed(task, p)]
         selections = dict(self.store.selections(task.name))
         locked = locked_components(retained, task.name)
+        always_clone = frozenset(c for p in retained if p.id == ROOT_PATH_ID and not p.metrics.get("pretrained", False)
+                                 for c in p.component_ids) if cfg.clone_random_root else frozenset()
         sharers = collections.Counter(c for p in retained if p.task not in (None, task.name)
                                       for c in set(p.component_ids))
         pending: dict[str, _Pending] = {}
@@ -414,7 +422,8 @@ class Evolver:
                     parent, _rule = sample_parent(population, others, selections, rng)
                     selections[parent.id] = selections.get(parent.id, 0) + 1
                     specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
-                                        allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks))
+                                        allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks,
+                                        always_clone=always_clone))
                 budget = cfg.budget
                 if cfg.grow_when_stale and task.stale_iterations:
                     budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 3))

@@ -77,7 +77,7 @@ def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator) 
 
 def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, *,
            locked: AbstractSet[str] | None = None, allow_insertion: bool = True,
-           max_blocks: int = 12) -> ChildSpec:
+           max_blocks: int = 12, always_clone: AbstractSet[str] = frozenset()) -> ChildSpec:
     """Samples a child of ``parent`` for the active ``task``.
 
     Each locked component below the head is cloned (trainable) with probability mu and
@@ -97,6 +97,9 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
         paths'); None locks every component, so every clone is a mutation.
       allow_insertion: enables the layer-count (insertion/removal) mutation.
       max_blocks: most transformer blocks a child may have.
+      always_clone: ids of locked components that are cloned without a mutation draw
+        (:attr:`mu2net.evolver.EvolverConfig.clone_random_root`: the components of a
+        randomly initialised root hold no knowledge worth sharing frozen).
 
     Returns:
       The :class:`ChildSpec`.
@@ -109,6 +112,9 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
     for i in range(len(kinds) - 1):
         if locked is not None and sources[i] not in locked:
             trainable[i] = True  # the active task's own component keeps training
+        elif sources[i] in always_clone:
+            trainable[i] = True
+            applied.append(f"clone_random:{i}:{kinds[i]}")
         elif rng.random() < mu:
             trainable[i] = True
             applied.append(f"clone:{i}:{kinds[i]}")

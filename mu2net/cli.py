@@ -77,6 +77,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                    help="continual evolution pauses a task after this many task iterations in a row "
                         "without improvement (it wakes when a related task publishes, or on "
                         "POST /v1/tasks/NAME/evolve)")
+    p.add_argument("--clone-random-root", action="store_true",
+                   help="children always clone (train) the components of a randomly initialised root "
+                        "instead of sharing them frozen unless the layer-cloning mutation picks them")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -86,6 +89,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     root.add_argument("--mlp-dim", type=int, default=128)
     root.add_argument("--num-heads", type=int, default=4)
     root.add_argument("--root-blocks", type=int, default=0, help="transformer blocks of a random root")
+    root.add_argument("--stem", choices=("patch", "conv"), default="patch",
+                      help="first layer of a random root: a ViT patch embedding, or a convolutional stem "
+                           "(stride-2 3x3 convolutions, Xiao et al. 2021; --patch-size must be a power of two)")
     root.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                       help="override a Table 1 default for the root path, e.g. flip=false")
 
@@ -104,6 +110,8 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--paper-preset")
     if args.quiet:
         argv.append("--quiet")
+    if args.clone_random_root:
+        argv.append("--clone-random-root")
     if not getattr(args, "no_continual", True):
         argv.append("--continual")
     return argv
@@ -117,11 +125,13 @@ def evolver_config(args: argparse.Namespace) -> Any:
     serving = bool(getattr(args, "preempt", False))
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
-                                   first_answer=serving or PAPER_PRESET.first_answer)
+                                   first_answer=serving or PAPER_PRESET.first_answer,
+                                   clone_random_root=args.clone_random_root)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
-                         preempt=serving, grow_when_stale=serving, patience=args.patience)
+                         preempt=serving, grow_when_stale=serving, patience=args.patience,
+                         clone_random_root=args.clone_random_root)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:
@@ -135,8 +145,12 @@ def ensure_root(store: Any, args: argparse.Namespace) -> None:
     if args.root_checkpoint:
         arch, params = R.load_vit_checkpoint(args.root_checkpoint)
     else:
-        config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
-        arch, params = R.random_root(config, args.root_blocks, args.seed)
+        stem = C.CONV_STEM if args.stem == "conv" else C.PATCH_EMBEDDING
+        try:
+            config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
+            arch, params = R.random_root(config, args.root_blocks, args.seed, stem=stem)
+        except ValueError as e:
+            raise SystemExit(f"mu2net: error: root model: {e}") from None
     init_root(store, arch, params, dict(args.root_hparam), pretrained=bool(args.root_checkpoint))
 
 

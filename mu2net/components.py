@@ -1,12 +1,12 @@
 """ViT components (paper Section 3.5, "Architecture") as Flax modules.
 
-A component is one layer of a ViT: patch embedding, class token, position embedding,
-transformer block, or head. Every component of a path shares one :class:`ViTConfig`
+A component is one layer of a ViT: patch embedding (or its convolutional alternative, the
+conv stem), class token, position embedding, transformer block, or head. Every component of a path shares one :class:`ViTConfig`
 (width, patch size, input resolution...). Components are pure: ``init_component`` makes
 their parameters, ``apply_component`` runs them; nothing here holds state.
 
 Activations flow as ``[batch, tokens, width] float32`` between components; the patch
-embedding takes ``[batch, image_size, image_size, 3] float32`` images and the head returns
+embedding (or conv stem) takes ``[batch, image_size, image_size, 3] float32`` images and the head returns
 ``[batch, num_classes] float32`` logits.
 """
 
@@ -22,11 +22,14 @@ import jax.numpy as jnp
 Params = Any  # a pytree of jax arrays
 
 PATCH_EMBEDDING = "patch_embedding"
+CONV_STEM = "conv_stem"
 CLASS_TOKEN = "class_token"
 POSITION_EMBEDDING = "position_embedding"
 TRANSFORMER_BLOCK = "transformer_block"
 HEAD = "head"
-KINDS = (PATCH_EMBEDDING, CLASS_TOKEN, POSITION_EMBEDDING, TRANSFORMER_BLOCK, HEAD)
+KINDS = (PATCH_EMBEDDING, CONV_STEM, CLASS_TOKEN, POSITION_EMBEDDING, TRANSFORMER_BLOCK, HEAD)
+#: Kinds that turn images into tokens: the first component of every path.
+STEMS = (PATCH_EMBEDDING, CONV_STEM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,45 @@ class PatchEmbedding(nn.Module):
         x = nn.Conv(c.width, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
                     padding="VALID", name="embedding")(x)
         return x.reshape(x.shape[0], -1, c.width)
+
+
+class ConvStem(nn.Module):
+    """[B, H, W, 3] -> [B, (H/p)*(W/p), width] via stride-2 3x3 convolutions, then a 1x1 one.
+
+    The convolutional stem of Xiao et al. 2021 ("Early convolutions help transformers see
+    better", Section 3): ``log2(patch_size)`` 3x3 convolutions of stride 2, each followed
+    by a ReLU, with channels doubling up to ``width`` (for patch 4 and width 64: 32, 64),
+    then a 1x1 convolution to ``width``. It makes as many tokens as a patch embedding of
+    the same ``patch_size``, so the rest of the ViT (and the layer pool) is unchanged. No
+    batch norm (a component holds parameters only), as in the probe of DATA.md.
+
+    Raises:
+      ValueError: if ``patch_size`` is not a power of two >= 2.
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        depth = conv_stem_depth(c.patch_size)
+        for i in range(depth):
+            channels = max(1, c.width // 2 ** (depth - 1 - i))
+            x = nn.relu(nn.Conv(channels, (3, 3), strides=(2, 2), padding="SAME", name=f"conv_{i}")(x))
+        x = nn.Conv(c.width, (1, 1), name="projection")(x)
+        return x.reshape(x.shape[0], -1, c.width)
+
+
+def conv_stem_depth(patch_size: int) -> int:
+    """Number of stride-2 convolutions of a conv stem standing in for ``patch_size`` patches.
+
+    Raises:
+      ValueError: if ``patch_size`` is not a power of two >= 2.
+    """
+    if patch_size < 2 or patch_size & (patch_size - 1):
+        raise ValueError(f"a conv stem needs a patch_size that is a power of two >= 2 "
+                         f"(2, 4, 8, 16...), got {patch_size}")
+    return patch_size.bit_length() - 1
 
 
 class ClassToken(nn.Module):
@@ -141,6 +183,9 @@ def module(kind: str, config: ViTConfig, num_classes: int = 0) -> nn.Module:
     """The Flax module of a component kind. ``num_classes`` is used by heads only."""
     if kind == PATCH_EMBEDDING:
         return PatchEmbedding(config)
+    if kind == CONV_STEM:
+        conv_stem_depth(config.patch_size)
+        return ConvStem(config)
     if kind == CLASS_TOKEN:
         return ClassToken(config)
     if kind == POSITION_EMBEDDING:
@@ -156,7 +201,7 @@ def module(kind: str, config: ViTConfig, num_classes: int = 0) -> nn.Module:
 
 def input_shape(kind: str, config: ViTConfig) -> tuple[int, ...]:
     """Shape of one example entering a component of ``kind`` (batch of 1)."""
-    if kind == PATCH_EMBEDDING:
+    if kind in STEMS:
         return (1, config.image_size, config.image_size, 3)
     if kind == CLASS_TOKEN:
         return (1, config.num_patches, config.width)

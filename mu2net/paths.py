@@ -28,7 +28,7 @@ class Architecture:
     Attributes:
       config: the ViT shape shared by the layer pool.
       kinds: component kind of each position, e.g. (patch_embedding, class_token,
-        position_embedding, transformer_block, ..., head).
+        position_embedding, transformer_block, ..., head); the first may be a conv_stem.
       num_classes: output classes of the head.
     """
 
@@ -37,11 +37,12 @@ class Architecture:
     num_classes: int
 
     def __post_init__(self) -> None:
-        prefix = (C.PATCH_EMBEDDING, C.CLASS_TOKEN, C.POSITION_EMBEDDING)
-        if self.kinds[:3] != prefix or self.kinds[-1] != C.HEAD or any(
-                k != C.TRANSFORMER_BLOCK for k in self.kinds[3:-1]):
+        if (len(self.kinds) < 4 or self.kinds[0] not in C.STEMS
+                or self.kinds[1:3] != (C.CLASS_TOKEN, C.POSITION_EMBEDDING) or self.kinds[-1] != C.HEAD
+                or any(k != C.TRANSFORMER_BLOCK for k in self.kinds[3:-1])):
             raise ValueError(
-                f"path kinds {self.kinds} must be {prefix} + transformer_block* + (head,)")
+                f"path kinds {self.kinds} must be (one of {C.STEMS}, {C.CLASS_TOKEN!r}, "
+                f"{C.POSITION_EMBEDDING!r}) + transformer_block* + (head,)")
 
     @property
     def num_blocks(self) -> int:

@@ -22,15 +22,30 @@ DEFAULT_ROOT_NUM_CLASSES = 1  # the root head is replaced on every task (new hea
 
 
 def random_root(config: C.ViTConfig, num_blocks: int, seed: int = 0,
-                num_classes: int = DEFAULT_ROOT_NUM_CLASSES) -> tuple[Architecture, list[Any]]:
+                num_classes: int = DEFAULT_ROOT_NUM_CLASSES,
+                stem: str = C.PATCH_EMBEDDING) -> tuple[Architecture, list[Any]]:
     """A randomly initialised ViT.
+
+    Args:
+      config: the layer pool's ViT shape.
+      num_blocks: transformer blocks (>= 0).
+      seed: initialisation seed.
+      num_classes: classes of the root's head (replaced by every task).
+      stem: first component kind, ``patch_embedding`` (ViT) or ``conv_stem`` (ViT with a
+        convolutional stem, Xiao et al. 2021; needs a power-of-two ``patch_size``).
 
     Returns:
       (architecture, list of numpy parameter pytrees per component).
+
+    Raises:
+      ValueError: for a negative ``num_blocks``, an unknown ``stem`` or a conv stem with a
+        patch size that is not a power of two.
     """
     if num_blocks < 0:
         raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
-    kinds = (C.PATCH_EMBEDDING, C.CLASS_TOKEN, C.POSITION_EMBEDDING) + (C.TRANSFORMER_BLOCK,) * num_blocks + (C.HEAD,)
+    if stem not in C.STEMS:
+        raise ValueError(f"stem must be one of {list(C.STEMS)}, got {stem!r}")
+    kinds = (stem, C.CLASS_TOKEN, C.POSITION_EMBEDDING) + (C.TRANSFORMER_BLOCK,) * num_blocks + (C.HEAD,)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(kinds))
     params = [jax.device_get(C.init_component(k, config, key, num_classes)) for k, key in zip(kinds, keys)]
     return Architecture(config, kinds, num_classes), params
@@ -109,9 +124,16 @@ def load_vit_checkpoint(path: str | os.PathLike[str], image_size: int | None = N
 
 
 def save_vit_checkpoint(path: str | os.PathLike[str], arch: Architecture, params: list[Any]) -> None:
-    """Writes a path's parameters in the ``vision_transformer`` npz naming (inverse of loading)."""
+    """Writes a path's parameters in the ``vision_transformer`` npz naming (inverse of loading).
+
+    Raises:
+      ValueError: for a path with a conv stem (the npz naming has patch embeddings only).
+    """
     from flax import traverse_util
 
+    if arch.kinds[0] != C.PATCH_EMBEDDING:
+        raise ValueError(f"the vision_transformer npz naming has no {arch.kinds[0]}; "
+                         f"only paths starting with {C.PATCH_EMBEDDING} can be saved")
     flat: dict[str, np.ndarray] = {}
     def put(prefix: str, tree: Mapping[str, Any]) -> None:
         for k, v in traverse_util.flatten_dict(dict(tree), sep="/").items():

@@ -14,7 +14,7 @@ import html
 import time
 from typing import Any
 
-KIND_SHORT = {"patch_embedding": "patch", "class_token": "cls", "position_embedding": "pos",
+KIND_SHORT = {"patch_embedding": "patch", "conv_stem": "conv", "class_token": "cls", "position_embedding": "pos",
               "transformer_block": "block", "head": "head"}
 
 

@@ -336,3 +336,30 @@ def test_a_stale_task_gets_longer_children_when_budgets_grow(tiny_store, monkeyp
     tiny_store.set_evolution("digits", stale_iterations=4, paused_version=None)
     ev.active_phase("digits")
     assert cycles == [TINY_EVOLVER.budget.cycles * 8] * TINY_EVOLVER.children  # capped at 8x
+
+
+def test_a_conv_stem_root_with_blocks_is_cloned_whole_by_the_first_answer_and_by_later_children(tmp_path):
+    import dataclasses
+
+    from conftest import TINY, digits_splits
+    from mu2net import components as C
+    from mu2net import root as R
+    from mu2net.evolver import add_task_arrays, init_root
+    from mu2net.store import Store
+
+    store = Store(tmp_path / "store")
+    arch, params = R.random_root(TINY, num_blocks=2, seed=0, stem=C.CONV_STEM)
+    init_root(store, arch, params, {"mu": 0.1, "learning_rate": 0.05, "flip": False, "crop": False})
+    add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
+    ev = Evolver(store, dataclasses.replace(TINY_EVOLVER, clone_random_root=True), progress=False)
+    root = store.root_path()
+    others = [p for p in store.list_paths() if p.task != "digits"]
+    for spec in ev.first_answer_specs(store.get_task("digits"), others):
+        # a root with blocks gets no inserted block; every component is trained
+        assert spec.architecture.kinds == root.architecture.kinds and all(spec.trainable)
+    ev.active_phase("digits")
+    best = store.best_path("digits")
+    assert best.architecture.kinds[0] == "conv_stem"
+    assert not set(best.component_ids) & set(root.component_ids)  # nothing of the random root is shared frozen
+    assert best.metrics["validation_accuracy"] > 0.2  # 10 classes: chance is about 0.1
+    store.close()

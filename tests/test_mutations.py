@@ -23,7 +23,7 @@ def _many(parent, task="t", n=2000, **kw):
     return [mutate(parent, task, 3 if task == "t" else 7, rng, **kw) for _ in range(n)]
 
 
-@pytest.mark.parametrize("operator", ["hparam", "clone", "own_components", "same_task_head", "new_head", "insert", "remove", "forced_insert"])
+@pytest.mark.parametrize("operator", ["hparam", "clone", "own_components", "random_root", "same_task_head", "new_head", "insert", "remove", "forced_insert"])
 def test_mutation_operator(operator):
     mu = 0.3
     if operator == "hparam":
@@ -51,6 +51,14 @@ def test_mutation_operator(operator):
         assert np.all(np.abs(rate[[0, 3]] - mu) < 0.05) and np.all(rate[[1, 2]] == 1.0), rate
         for c in children:
             assert c.sources == _parent().component_ids and c.trainable[-1]
+    elif operator == "random_root":
+        # c0..c2 are a random root's (clone_random_root): always cloned; c3 another task's:
+        # cloned with probability mu
+        locked = frozenset({"c0", "c1", "c2", "c3"})
+        children = _many(_parent(mu=mu), allow_insertion=False, locked=locked, always_clone=frozenset({"c0", "c1", "c2"}))
+        rate = np.mean([c.trainable[:-1] for c in children], axis=0)
+        assert np.all(rate[:3] == 1.0) and abs(rate[3] - mu) < 0.05, rate
+        assert all("clone_random:0:patch_embedding" in c.mutations for c in children)
     elif operator == "same_task_head":
         for c in _many(_parent(), n=50, allow_insertion=False):
             assert c.trainable[-1] and c.sources[-1] == "c4" and c.architecture.num_classes == 3
