@@ -32,7 +32,7 @@ from mu2net.evolver import schedule as S
 from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
-from mu2net.evolver.training import TrainBudget, TrainResult, train_child
+from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
 from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, new_id, serialize_tree
 
 log = logging.getLogger("mu2net.evolver")
@@ -85,6 +85,15 @@ class EvolverConfig:
         layer-cloning mutation (probability mu) clones it: random parameters hold no
         knowledge, so sharing them frozen only constrains the child. A root loaded from a
         checkpoint (``metrics["pretrained"]``) is unaffected. Off: Section 3.2 as written.
+      halving: reduction factor eta of successive halving inside a generation (Li et al.
+        2018, "Hyperband", Section 3.1; 1 turns it off). A generation starts
+        ``children * halving`` children and trains them in rungs ending at
+        ``budget.cycles // halving**j`` cycles (for 4 cycles and eta 2: 1, 2, 4); after
+        each rung only the best ``1/halving`` of the children (by best validation score so
+        far, at least one per device) train on. For 4 cycles that is the compute of
+        ``children`` plain children. A stopped child keeps its best checkpoint and goes
+        through early pruning like any other (Algorithm 1). The first-answer generation
+        is not halved.
     """
 
     generations: int = 4
@@ -102,9 +111,10 @@ class EvolverConfig:
     patience: int = 5
     grow_when_stale: bool = False
     clone_random_root: bool = False
+    halving: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("generations", "children", "first_answer_cycles", "patience"):
+        for name in ("generations", "children", "first_answer_cycles", "patience", "halving"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         b = self.budget
@@ -418,7 +428,7 @@ class Evolver:
                 budget = dataclasses.replace(cfg.budget, cycles=cfg.first_answer_cycles)
             else:
                 specs = []
-                for _ in range(cfg.children):
+                for _ in range(cfg.children * cfg.halving):
                     parent, _rule = sample_parent(population, others, selections, rng)
                     selections[parent.id] = selections.get(parent.id, 0) + 1
                     specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
@@ -436,7 +446,7 @@ class Evolver:
                        disable=not self.progress, leave=False)
             interrupt = self._new_task_waiting(task) if cfg.preempt and published is not None else None
             children, skipped = self._train_generation(specs, task, pending, train, validation, rng, budget, bar,
-                                                       sharers, interrupt)
+                                                       sharers, interrupt, halving=cfg.halving if gen > 0 else 1)
             for spec in skipped:  # never trained: its parent was not used (Section 3.1's #selections)
                 if gen > 0:
                     selections[spec.parent.id] -= 1
@@ -479,11 +489,12 @@ class Evolver:
                           train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                           rng: np.random.Generator, budget: TrainBudget, bar: Any,
                           sharers: Mapping[str, int],
-                          interrupt: Callable[[], bool] | None = None
+                          interrupt: Callable[[], bool] | None = None, halving: int = 1
                           ) -> tuple[list[tuple[ChildSpec, P.Path, list]], list[ChildSpec]]:
         """Trains a generation's children, one per device at a time; returns the trained
         ones as (spec, child path, new components) and the specs of children skipped
-        because ``interrupt`` said a new task is waiting."""
+        because ``interrupt`` said a new task is waiting. ``halving`` > 1 trains them by
+        successive halving (:attr:`EvolverConfig.halving`)."""
         jobs = []
         for i, spec in enumerate(specs):
             params, opts, recs = self._materialize(spec, task, pending, rng)
@@ -493,6 +504,8 @@ class Evolver:
                                       [0 if t else sharers.get(src or "", 0)
                                        for t, src in zip(spec.trainable, spec.sources)])
             jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)], scored))
+        if halving > 1:
+            return self._train_halving(jobs, task, train, validation, budget, bar, interrupt, halving)
 
         def run(job: tuple) -> tuple[ChildSpec, P.Path, list] | None:
             spec, params, opts, recs, seed, device, scored = job
@@ -512,6 +525,60 @@ class Evolver:
                 done = list(pool.map(run, jobs))
         results = [r for r in done if r is not None]
         skipped = [j[0] for j, r in zip(jobs, done) if r is None]
+        self.stats["children"] += len(results)
+        return results, skipped
+
+    def _train_halving(self, jobs: Sequence[tuple], task: TaskRecord, train: tuple[np.ndarray, np.ndarray],
+                       validation: tuple[np.ndarray, np.ndarray], budget: TrainBudget, bar: Any,
+                       interrupt: Callable[[], bool] | None, eta: int
+                       ) -> tuple[list[tuple[ChildSpec, P.Path, list]], list[ChildSpec]]:
+        """Successive halving of one generation's children (:attr:`EvolverConfig.halving`).
+
+        Returns what :meth:`_train_generation` returns; a child stopped at a rung is a trained
+        child (with its best checkpoint), a child never started is skipped."""
+        rungs = halving_rungs(budget.cycles, eta)
+        floor = min(len(self.devices), len(jobs))  # at least one child per device trains on
+        children: list[ChildTraining | None] = [None] * len(jobs)
+        alive = list(range(len(jobs)))
+
+        def run(i: int, milestone: int) -> None:
+            spec, params, opts, _recs, seed, device, scored = jobs[i]
+            child = children[i]
+            if child is None:
+                if interrupt is not None and interrupt():
+                    return  # a new task is waiting: children not yet started are skipped
+                child = children[i] = ChildTraining(spec.architecture, params, opts, spec.trainable, spec.hparams,
+                                                    train, validation, budget, self.scorer, seed, device,
+                                                    scored_params=scored)
+            child.run(milestone - child.cycles_done, interrupt=interrupt)
+
+        for r, milestone in enumerate(rungs):
+            if r > 0:
+                if interrupt is not None and interrupt():
+                    break
+                # the best 1/eta by best score so far train on (a tie keeps the earlier child)
+                ranked = sorted(alive, key=lambda i: -children[i].score)  # type: ignore[union-attr]
+                for i in ranked[max(floor, math.ceil(len(alive) / eta)):]:
+                    children[i].release()  # type: ignore[union-attr]
+                    bar.update(1)
+                alive = sorted(ranked[:max(floor, math.ceil(len(alive) / eta))])
+            if len(self.devices) == 1:
+                for i in alive:
+                    run(i, milestone)
+            else:
+                with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+                    list(pool.map(lambda i: run(i, milestone), alive))
+            alive = [i for i in alive if children[i] is not None]
+        results, skipped = [], []
+        for i, job in enumerate(jobs):
+            child = children[i]
+            if i in alive or child is None:
+                bar.update(1)
+            if child is None:
+                skipped.append(job[0])
+                continue
+            results.append(self._child_path(job[0], task, job[1], job[3], child.result()))
+            child.release()
         self.stats["children"] += len(results)
         return results, skipped
 
@@ -607,6 +674,20 @@ class Evolver:
                     log.info("task %s: no improvement in %d task iterations; paused until a related task "
                              "publishes or a user asks", task.name, t.stale_iterations)
         return final
+
+
+def halving_rungs(cycles: int, eta: int) -> list[int]:
+    """Cycle counts at which successive halving ranks its children: ``cycles // eta**j``
+    for j = 0, 1, ... (at least 1), ascending; e.g. 4 cycles, eta 2 -> [1, 2, 4]; 24, 2 ->
+    [1, 3, 6, 12, 24] (Li et al. 2018, Hyperband's successive halving with the budget
+    counted in train cycles).
+
+    Raises:
+      ValueError: for ``cycles`` < 1 or ``eta`` < 2.
+    """
+    if cycles < 1 or eta < 2:
+        raise ValueError(f"successive halving needs cycles >= 1 and eta >= 2, got cycles={cycles}, eta={eta}")
+    return sorted({max(1, cycles // eta ** j) for j in range(cycles.bit_length() + 1)})
 
 
 def _score(path: P.Path) -> float:

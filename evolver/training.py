@@ -149,6 +149,117 @@ def zeros_like_tree(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: np.zeros(np.shape(x), np.float32), tree)
 
 
+class ChildTraining:
+    """A child being trained, resumable cycle by cycle (Section 3.3's train/validate cycles).
+
+    :func:`train_child` runs all of a budget's cycles at once; the evolver's successive
+    halving (:attr:`mu2net.evolver.EvolverConfig.halving`) runs a few cycles of many
+    children, stops the worst, and resumes the rest with :meth:`run`. The learning-rate
+    schedule spans the whole ``budget.cycles`` from the start, so a resumed child trains
+    exactly as one that was never paused (same steps, batches and augmentation).
+
+    Args: as :func:`train_child`.
+
+    Raises:
+      ValueError: if ``mask`` does not cover the architecture or its head is not trainable.
+    """
+
+    def __init__(self, arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],
+                 mask: tuple[bool, ...], hparams: Mapping[str, Any],
+                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
+                 budget: TrainBudget, scorer: Callable[[float, float], float], seed: int,
+                 device: jax.Device | None = None, scored_params: float | None = None) -> None:
+        if len(mask) != len(arch.kinds) or not mask[-1]:
+            raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
+        device = device or jax.devices()[0]
+        self._put = functools.partial(jax.device_put, device=device)
+        put = self._put
+        self.arch, self.budget, self.scorer = arch, budget, scorer
+        self.train, self.validation = train, validation
+        self.first = first = mask.index(True)
+        self.prefix = put(list(params[:first]))
+        # own copies of the suffix: the step donates (and overwrites) them
+        self.suffix = put(jax.tree_util.tree_map(jnp.array, list(params[first:])))
+        self.momentum = put([jax.tree_util.tree_map(jnp.array, o) if (o is not None and m) else zeros_like_tree(p)
+                             for o, p, m in zip(opt_state[first:], params[first:], mask[first:])])
+        self.suffix_mask = put([jnp.asarray(m) for m in mask[first:]])
+        self.step_fn = train_step_fn(arch, first, bool(hparams["nesterov"]))
+        self.hp = put(traced_hparams(hparams))
+        self.steps_per_cycle = budget.steps_per_cycle(len(train[0]))
+        self.total = put(jnp.asarray(self.steps_per_cycle * budget.cycles, jnp.float32))
+        self.rng = np.random.default_rng(seed)
+        self.key = jax.random.PRNGKey(seed)
+        self.order, self.cursor = self.rng.permutation(len(train[0])), 0
+        self.positions = [i for i, m in enumerate(mask) if m]
+        self.activated = sum(C.num_params(p) for p in params) if scored_params is None else scored_params
+        self.best: TrainResult | None = None
+        self.history: list[float] = []
+        self.step, self.images, self.seconds = 0, 0, 0.0
+
+    @property
+    def cycles_done(self) -> int:
+        return len(self.history)
+
+    @property
+    def score(self) -> float:
+        """Best score so far (-inf before the first cycle)."""
+        return self.best.score if self.best is not None else -math.inf
+
+    def run(self, cycles: int, on_cycle: Callable[[int, float], None] | None = None,
+            interrupt: Callable[[], bool] | None = None) -> "ChildTraining":
+        """Trains up to ``cycles`` more cycles (never past ``budget.cycles``), validating after
+        each and keeping the best checkpoint; ``on_cycle`` and ``interrupt`` as in
+        :func:`train_child` (``interrupt`` is not asked after the budget's last cycle)."""
+        x_train, y_train = self.train
+        n, b, put = len(x_train), self.budget.batch_size, self._put
+        for _ in range(min(cycles, self.budget.cycles - self.cycles_done)):
+            t0 = time.perf_counter()
+            for _ in range(self.steps_per_cycle):
+                if self.cursor + b > n:
+                    self.order, self.cursor = self.rng.permutation(n), 0
+                idx = self.order[self.cursor:self.cursor + b] if n >= b else self.rng.integers(0, n, b)
+                self.cursor += b
+                self.key, sub = jax.random.split(self.key)
+                self.suffix, self.momentum, _ = self.step_fn(
+                    self.suffix, self.momentum, self.prefix, self.suffix_mask, put(x_train[idx]), put(y_train[idx]),
+                    put(jnp.asarray(self.step, jnp.int32)), self.total, self.hp, sub)
+                self.step += 1
+                self.images += b
+            jax.block_until_ready(self.suffix)
+            self.seconds += time.perf_counter() - t0
+            acc = P.accuracy(self.arch, list(self.prefix) + list(self.suffix), *self.validation)
+            self.history.append(acc)
+            if on_cycle is not None:
+                on_cycle(len(self.history), acc)
+            score = self.scorer(acc, self.activated)
+            if self.best is None or score >= self.best.score:  # a tie keeps the later checkpoint (Algorithm 1's >=)
+                first = self.first
+                host_p, host_m = jax.device_get(([self.suffix[i - first] for i in self.positions],
+                                                 [self.momentum[i - first] for i in self.positions]))
+                self.best = TrainResult(params=dict(zip(self.positions, host_p)),
+                                        opt_state=dict(zip(self.positions, host_m)), score=score,
+                                        validation_accuracy=acc, steps=self.step, history=(),
+                                        images_per_second=0.0)
+            if interrupt is not None and len(self.history) < self.budget.cycles and interrupt():
+                break
+        return self
+
+    def result(self) -> TrainResult:
+        """The best checkpoint so far, with the validation history and throughput.
+
+        Raises:
+          RuntimeError: before the first cycle.
+        """
+        if self.best is None:
+            raise RuntimeError("the child has not trained a cycle yet")
+        return dataclasses.replace(self.best, history=tuple(self.history),
+                                   images_per_second=self.images / self.seconds if self.seconds else 0.0)
+
+    def release(self) -> None:
+        """Drops the device arrays (a stopped child keeps only its best checkpoint on the host)."""
+        self.prefix = self.suffix = self.momentum = []
+
+
 def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],
                 mask: tuple[bool, ...], hparams: Mapping[str, Any],
                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
@@ -182,60 +293,10 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
 
     Returns:
       The :class:`TrainResult` of the best-scoring cycle (the latest of equal scores).
+
+    Raises:
+      ValueError: if ``mask`` does not cover the architecture or its head is not trainable.
     """
-    device = device or jax.devices()[0]
-    put = functools.partial(jax.device_put, device=device)
-    if len(mask) != len(arch.kinds) or not mask[-1]:
-        raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
-    first = mask.index(True)
-    prefix = put(list(params[:first]))
-    # own copies of the suffix: the step donates (and overwrites) them
-    suffix = put(jax.tree_util.tree_map(jnp.array, list(params[first:])))
-    momentum = put([jax.tree_util.tree_map(jnp.array, o) if (o is not None and m) else zeros_like_tree(p)
-                    for o, p, m in zip(opt_state[first:], params[first:], mask[first:])])
-    suffix_mask = put([jnp.asarray(m) for m in mask[first:]])
-    step_fn = train_step_fn(arch, first, bool(hparams["nesterov"]))
-    hp = put(traced_hparams(hparams))
-    x_train, y_train = train
-    n = len(x_train)
-    steps_per_cycle = budget.steps_per_cycle(n)
-    total = put(jnp.asarray(steps_per_cycle * budget.cycles, jnp.float32))
-    rng = np.random.default_rng(seed)
-    key = jax.random.PRNGKey(seed)
-    order, cursor = rng.permutation(n), 0
-    positions = [i for i, m in enumerate(mask) if m]
-    activated = sum(C.num_params(p) for p in params) if scored_params is None else scored_params
-    best: TrainResult | None = None
-    history: list[float] = []
-    step, images, seconds = 0, 0, 0.0
-    for _ in range(budget.cycles):
-        t0 = time.perf_counter()
-        for _ in range(steps_per_cycle):
-            if cursor + budget.batch_size > n:
-                order, cursor = rng.permutation(n), 0
-            idx = order[cursor:cursor + budget.batch_size] if n >= budget.batch_size else \
-                rng.integers(0, n, budget.batch_size)
-            cursor += budget.batch_size
-            key, sub = jax.random.split(key)
-            suffix, momentum, _ = step_fn(suffix, momentum, prefix, suffix_mask, put(x_train[idx]),
-                                          put(y_train[idx]), put(jnp.asarray(step, jnp.int32)), total, hp, sub)
-            step += 1
-            images += budget.batch_size
-        jax.block_until_ready(suffix)
-        seconds += time.perf_counter() - t0
-        acc = P.accuracy(arch, list(prefix) + list(suffix), *validation)
-        history.append(acc)
-        if on_cycle is not None:
-            on_cycle(len(history), acc)
-        score = scorer(acc, activated)
-        if best is None or score >= best.score:  # a tie keeps the later checkpoint (Algorithm 1's >=)
-            host_p, host_m = jax.device_get(([suffix[i - first] for i in positions],
-                                             [momentum[i - first] for i in positions]))
-            best = TrainResult(params=dict(zip(positions, host_p)), opt_state=dict(zip(positions, host_m)),
-                               score=score, validation_accuracy=acc, steps=step, history=(),
-                               images_per_second=0.0)
-        if interrupt is not None and len(history) < budget.cycles and interrupt():
-            break
-    assert best is not None  # budget.cycles >= 1 is validated by EvolverConfig
-    return dataclasses.replace(best, history=tuple(history),
-                               images_per_second=images / seconds if seconds else 0.0)
+    child = ChildTraining(arch, params, opt_state, mask, hparams, train, validation, budget, scorer, seed,
+                          device, scored_params)
+    return child.run(budget.cycles, on_cycle, interrupt).result()

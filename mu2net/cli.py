@@ -77,6 +77,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                    help="continual evolution pauses a task after this many task iterations in a row "
                         "without improvement (it wakes when a related task publishes, or on "
                         "POST /v1/tasks/NAME/evolve)")
+    p.add_argument("--halving", type=lambda t: _count_arg(t, 1, "an integer >= 1 (1: off)"), default=1, metavar="ETA",
+                   help="successive halving inside each generation: start children*ETA children, keep the best "
+                        "1/ETA after each rung of train cycles (Hyperband; 1 turns it off)")
     p.add_argument("--clone-random-root", action="store_true",
                    help="children always clone (train) the components of a randomly initialised root "
                         "instead of sharing them frozen unless the layer-cloning mutation picks them")
@@ -97,7 +100,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 
 
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "scorer",
-                 "max_blocks", "seed", "cpu_devices", "patience")
+                 "max_blocks", "seed", "cpu_devices", "patience", "halving")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -126,12 +129,12 @@ def evolver_config(args: argparse.Namespace) -> Any:
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
                                    first_answer=serving or PAPER_PRESET.first_answer,
-                                   clone_random_root=args.clone_random_root)
+                                   clone_random_root=args.clone_random_root, halving=args.halving)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
-                         clone_random_root=args.clone_random_root)
+                         clone_random_root=args.clone_random_root, halving=args.halving)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:

@@ -363,3 +363,42 @@ def test_a_conv_stem_root_with_blocks_is_cloned_whole_by_the_first_answer_and_by
     assert not set(best.component_ids) & set(root.component_ids)  # nothing of the random root is shared frozen
     assert best.metrics["validation_accuracy"] > 0.2  # 10 classes: chance is about 0.1
     store.close()
+
+
+def test_successive_halving_stops_the_worst_children_after_each_rung(tiny_store, monkeypatch):
+    import dataclasses
+
+    import jax
+
+    import mu2net.evolver.loop as loop
+    from mu2net.evolver import TrainBudget
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")  # first answer + 2 plain generations
+    config = dataclasses.replace(TINY_EVOLVER, generations=1, children=2, halving=2,
+                                 budget=TrainBudget(cycles=4, sample_cap=64, batch_size=32))
+    ev = Evolver(tiny_store, config, progress=False, devices=jax.devices()[:1])
+    made: list = []
+    scores_at: dict[int, list] = {}
+
+    class Spy(loop.ChildTraining):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+        def run(self, cycles, on_cycle=None, interrupt=None):
+            done = super().run(cycles, on_cycle, interrupt)
+            scores_at.setdefault(self.cycles_done, []).append((id(self), self.score))
+            return done
+
+    monkeypatch.setattr(loop, "ChildTraining", Spy)
+    monkeypatch.setattr(loop, "train_child", lambda *a, **k: (_ for _ in ()).throw(AssertionError("not halved")))
+    before = ev.stats["children"]
+    ev.active_phase("digits")
+    # 2 children * eta 2 = 4 start; rungs at 1, 2 and 4 cycles keep 4, 2, 1 of them
+    assert sorted(c.cycles_done for c in made) == [1, 1, 2, 4]
+    assert ev.stats["children"] - before == 4  # stopped children are trained children (early pruning decides)
+    rung1 = sorted(scores_at[1], key=lambda t: -t[1])
+    survivors = {id(c) for c in made if c.cycles_done > 1}
+    assert survivors == {i for i, _ in rung1[:2]}  # the best half after the first rung trained on
+    assert loop.halving_rungs(24, 2) == [1, 3, 6, 12, 24] and loop.halving_rungs(4, 3) == [1, 4]
