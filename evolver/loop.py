@@ -94,6 +94,9 @@ class EvolverConfig:
         ``children`` plain children. A stopped child keeps its best checkpoint and goes
         through early pruning like any other (Algorithm 1). The first-answer generation
         is not halved.
+      identity_insertion: a block inserted by the layer-count mutation (or the first
+        answer) starts as the identity (:func:`mu2net.components.identity_block`), so the
+        child starts from its parent's function; off: a randomly initialised block.
     """
 
     generations: int = 4
@@ -112,6 +115,7 @@ class EvolverConfig:
     grow_when_stale: bool = False
     clone_random_root: bool = False
     halving: int = 1
+    identity_insertion: bool = False
 
     def __post_init__(self) -> None:
         for name in ("generations", "children", "first_answer_cycles", "patience", "halving"):
@@ -340,8 +344,10 @@ class Evolver:
         for i, (kind, src) in enumerate(zip(spec.architecture.kinds, spec.sources)):
             if src is None:
                 key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
-                params.append(jax.device_get(C.init_component(kind, spec.architecture.config, key,
-                                                              spec.architecture.num_classes)))
+                new = C.init_component(kind, spec.architecture.config, key, spec.architecture.num_classes)
+                if kind == C.TRANSFORMER_BLOCK and self.config.identity_insertion:
+                    new = C.identity_block(new)
+                params.append(jax.device_get(new))
                 opts.append(None)
                 recs.append(None)
             else:

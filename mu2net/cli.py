@@ -80,6 +80,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halving", type=lambda t: _count_arg(t, 1, "an integer >= 1 (1: off)"), default=1, metavar="ETA",
                    help="successive halving inside each generation: start children*ETA children, keep the best "
                         "1/ETA after each rung of train cycles (Hyperband; 1 turns it off)")
+    p.add_argument("--identity-insertion", action="store_true",
+                   help="a block inserted by the layer-count mutation starts as the identity (zero-initialised "
+                        "residual outputs), so the child starts from its parent's function")
     p.add_argument("--clone-random-root", action="store_true",
                    help="children always clone (train) the components of a randomly initialised root "
                         "instead of sharing them frozen unless the layer-cloning mutation picks them")
@@ -115,6 +118,8 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--quiet")
     if args.clone_random_root:
         argv.append("--clone-random-root")
+    if args.identity_insertion:
+        argv.append("--identity-insertion")
     if not getattr(args, "no_continual", True):
         argv.append("--continual")
     return argv
@@ -129,12 +134,14 @@ def evolver_config(args: argparse.Namespace) -> Any:
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
                                    first_answer=serving or PAPER_PRESET.first_answer,
-                                   clone_random_root=args.clone_random_root, halving=args.halving)
+                                   clone_random_root=args.clone_random_root, halving=args.halving,
+                                   identity_insertion=args.identity_insertion)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
-                         clone_random_root=args.clone_random_root, halving=args.halving)
+                         clone_random_root=args.clone_random_root, halving=args.halving,
+                         identity_insertion=args.identity_insertion)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:

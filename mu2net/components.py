@@ -224,6 +224,23 @@ def init_component(kind: str, config: ViTConfig, rng: jax.Array, num_classes: in
     return module(kind, config, num_classes).init(rng, x)["params"]
 
 
+def identity_block(params: Params) -> Params:
+    """A transformer block's parameters with both residual branches' output projections
+    zeroed (attention ``out`` and MLP ``Dense_1``, kernels and biases), so the block
+    computes the identity until it trains: inserting it preserves the path's function
+    (zero-initialised residual outputs, as in function-preserving ViT growth, arXiv
+    2308.06103). The other parameters are kept, so gradients reach them after the first
+    update of the output projections.
+    """
+    zero = lambda tree: jax.tree_util.tree_map(jnp.zeros_like, tree)  # noqa: E731
+    out = dict(params)
+    attention = dict(out["MultiHeadDotProductAttention_1"])
+    attention["out"] = zero(attention["out"])
+    out["MultiHeadDotProductAttention_1"] = attention
+    out["Dense_1"] = zero(out["Dense_1"])
+    return out
+
+
 def apply_component(kind: str, config: ViTConfig, params: Params, x: jax.Array,
                     num_classes: int = 0) -> jax.Array:
     """Runs one component on a batch (see the module docstring for shapes)."""

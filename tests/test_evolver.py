@@ -402,3 +402,28 @@ def test_successive_halving_stops_the_worst_children_after_each_rung(tiny_store,
     survivors = {id(c) for c in made if c.cycles_done > 1}
     assert survivors == {i for i, _ in rung1[:2]}  # the best half after the first rung trained on
     assert loop.halving_rungs(24, 2) == [1, 3, 6, 12, 24] and loop.halving_rungs(4, 3) == [1, 4]
+
+
+def test_identity_insertion_starts_a_child_from_its_parents_function(tiny_store):
+    import dataclasses
+
+    from mu2net import components as C
+    from mu2net.evolver.mutations import ChildSpec
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    parent = tiny_store.best_path("digits")
+    kinds = list(parent.architecture.kinds)
+    kinds.insert(len(kinds) - 1, C.TRANSFORMER_BLOCK)
+    spec = ChildSpec(parent=parent, task="digits",
+                     architecture=dataclasses.replace(parent.architecture, kinds=tuple(kinds)),
+                     sources=parent.component_ids[:-1] + (None, parent.component_ids[-1]),
+                     trainable=(True,) * len(kinds), hparams=parent.hparams, mutations=("insert_block",))
+    t = tiny_store.get_task("digits")
+    x, _ = D.read_split(t.dataset_dir, t.splits["test"])
+    before = P.predict(parent.architecture, tiny_store.load_params(parent.component_ids), x)
+    for identity, same in ((True, True), (False, False)):
+        ev = Evolver(tiny_store, dataclasses.replace(TINY_EVOLVER, identity_insertion=identity), progress=False)
+        params, _, _ = ev._materialize(spec, t, {}, np.random.default_rng(0))
+        after = P.predict(spec.architecture, params, x)
+        assert np.allclose(after, before, atol=1e-5) == same
