@@ -193,6 +193,7 @@ class ChildTraining:
         self.positions = [i for i, m in enumerate(mask) if m]
         self.activated = sum(C.num_params(p) for p in params) if scored_params is None else scored_params
         self.best: TrainResult | None = None
+        self._val_activations: list[jax.Array] | None = None
         self.history: list[float] = []
         self.step, self.images, self.seconds = 0, 0, 0.0
 
@@ -227,7 +228,7 @@ class ChildTraining:
                 self.images += b
             jax.block_until_ready(self.suffix)
             self.seconds += time.perf_counter() - t0
-            acc = P.accuracy(self.arch, list(self.prefix) + list(self.suffix), *self.validation)
+            acc = self._validate()
             self.history.append(acc)
             if on_cycle is not None:
                 on_cycle(len(self.history), acc)
@@ -244,6 +245,30 @@ class ChildTraining:
                 break
         return self
 
+    def _validate(self) -> float:
+        """Validation accuracy of the current parameters. A frozen prefix does not change, so
+        its validation activations are computed at the first validation and kept (when
+        they fit in :data:`VALIDATION_CACHE_BYTES`); later validations run the suffix only."""
+        x_val, y_val = self.validation
+        if len(y_val) == 0:
+            raise ValueError("cannot compute accuracy on an empty split")
+        if self.first == 0:
+            return P.accuracy(self.arch, list(self.suffix), x_val, y_val)
+        if self._val_activations is None:
+            tokens = self.arch.config.num_patches + (1 if self.first >= 2 else 0)
+            if len(x_val) * tokens * self.arch.config.width * 4 > VALIDATION_CACHE_BYTES:
+                return P.accuracy(self.arch, list(self.prefix) + list(self.suffix), x_val, y_val)
+            prefix_fn = _prefix_fn(self.arch, self.first)
+            self._val_activations = [prefix_fn(self.prefix, self._put(batch))
+                                     for batch in _padded_batches(x_val, VALIDATION_BATCH)]
+        suffix_fn = _suffix_fn(self.arch, self.first)
+        correct = 0
+        for i, h in enumerate(self._val_activations):
+            labels = y_val[i * VALIDATION_BATCH:(i + 1) * VALIDATION_BATCH]
+            pred = np.asarray(suffix_fn(self.suffix, h))[:len(labels)]
+            correct += int(np.sum(pred == labels))
+        return correct / len(y_val)
+
     def result(self) -> TrainResult:
         """The best checkpoint so far, with the validation history and throughput.
 
@@ -258,6 +283,37 @@ class ChildTraining:
     def release(self) -> None:
         """Drops the device arrays (a stopped child keeps only its best checkpoint on the host)."""
         self.prefix = self.suffix = self.momentum = []
+        self._val_activations = None
+
+
+#: Largest frozen-prefix validation activations a child keeps on its device (bytes); above
+#: it the prefix runs again at every validation.
+VALIDATION_CACHE_BYTES = 256 * 2 ** 20
+#: Validation batch size (the last batch is padded, so one compiled shape).
+VALIDATION_BATCH = 256
+
+
+def _padded_batches(images: np.ndarray, size: int) -> list[np.ndarray]:
+    out = []
+    for i in range(0, len(images), size):
+        batch = images[i:i + size]
+        if len(batch) < size:
+            batch = np.concatenate([batch, np.zeros((size - len(batch),) + batch.shape[1:], batch.dtype)])
+        out.append(batch)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _prefix_fn(arch: P.Architecture, stop: int) -> Callable[[Sequence[Any], jax.Array], jax.Array]:
+    """Jitted ``(prefix params, images uint8) -> activations entering position stop``."""
+    return jax.jit(lambda params, images: P.forward_prefix(arch, params, P.preprocess(images, arch.config.image_size),
+                                                           stop))
+
+
+@functools.lru_cache(maxsize=256)
+def _suffix_fn(arch: P.Architecture, start: int) -> Callable[[Sequence[Any], jax.Array], jax.Array]:
+    """Jitted ``(suffix params, activations) -> predicted class [B] int32``."""
+    return jax.jit(lambda params, h: jnp.argmax(P.forward(arch, params, h, start=start), axis=-1))
 
 
 def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],

@@ -101,3 +101,28 @@ def test_interrupt_stops_after_the_current_cycle_with_the_best_checkpoint():
     full = train_child(arch, params, [None] * 5, mask, H.with_defaults({"learning_rate": 0.1}), _data(), _data(32),
                        TrainBudget(5, 64, 32), lambda a, p: a, seed=0, interrupt=lambda: False)
     assert len(full.history) == 5 and full.history[:2] == res.history  # same run until the interrupt
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_a_frozen_prefix_is_run_once_for_validation_and_gives_the_same_accuracy(first, monkeypatch):
+    from mu2net.evolver import training as T
+
+    arch, params = R.random_root(TINY, num_blocks=1, seed=4, num_classes=3)
+    mask = (False,) * first + (True,) * (5 - first)
+    validation = _data(300, seed=5)  # more than one validation batch
+    child = T.ChildTraining(arch, params, [None] * 5, mask, H.with_defaults({"learning_rate": 0.1}), _data(),
+                            validation, TrainBudget(3, 64, 32), lambda a, p: a, seed=0)
+    child.run(1)
+    assert child._val_activations is not None and len(child._val_activations) == 2
+    calls = []
+    real = T._prefix_fn
+    monkeypatch.setattr(T, "_prefix_fn", lambda *a: calls.append(a) or real(*a))
+    child.run(2)
+    assert calls == []  # not run again for the later validations
+    full = P.accuracy(arch, list(child.prefix) + list(child.suffix), *validation)
+    assert child.history[-1] == pytest.approx(full, abs=1 / len(validation[1]))
+    monkeypatch.setattr(T, "VALIDATION_CACHE_BYTES", 0)  # too big to keep: the whole path runs each time
+    small = T.ChildTraining(arch, params, [None] * 5, mask, H.with_defaults({}), _data(), validation,
+                            TrainBudget(1, 64, 32), lambda a, p: a, seed=0)
+    small.run(1)
+    assert small._val_activations is None and len(small.history) == 1
