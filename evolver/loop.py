@@ -97,6 +97,10 @@ class EvolverConfig:
       identity_insertion: a block inserted by the layer-count mutation (or the first
         answer) starts as the identity (:func:`mu2net.components.identity_block`), so the
         child starts from its parent's function; off: a randomly initialised block.
+      per_mutation_probabilities: every mutation (each hyperparameter, each position's
+        layer cloning, the layer count) has its own probability, inherited and itself
+        mutated (mu3Net, "mu2Net+"; :func:`mu2net.evolver.mutations.mutation_probability`);
+        off: all use the path's mu (Section 3.2).
     """
 
     generations: int = 4
@@ -116,6 +120,7 @@ class EvolverConfig:
     clone_random_root: bool = False
     halving: int = 1
     identity_insertion: bool = False
+    per_mutation_probabilities: bool = False
 
     def __post_init__(self) -> None:
         for name in ("generations", "children", "first_answer_cycles", "patience", "halving"):
@@ -439,7 +444,8 @@ class Evolver:
                     selections[parent.id] = selections.get(parent.id, 0) + 1
                     specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
                                         allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks,
-                                        always_clone=always_clone))
+                                        always_clone=always_clone,
+                                        per_mutation=cfg.per_mutation_probabilities))
                 budget = cfg.budget
                 if cfg.grow_when_stale and task.stale_iterations:
                     budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 3))

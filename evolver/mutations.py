@@ -59,16 +59,45 @@ class ChildSpec:
     mutations: tuple[str, ...]
 
 
-def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator) -> tuple[dict[str, Any], list[str]]:
+def mutation_probability(hparams: dict[str, Any], mutation: str, rng: np.random.Generator,
+                         per_mutation: bool) -> float:
+    """The probability of ``mutation`` for a child whose (already copied) hparams are ``hparams``.
+
+    Without ``per_mutation`` it is ``hparams["mu"]``. With it (mu3Net, "mu2Net+"), each
+    mutation has its own probability under :func:`mu2net.hparams.mutation_prob_key`
+    (``mu`` when the parent has none), inherited from the parent: with probability ``mu``
+    it first moves to a neighbouring value of :data:`mu2net.hparams.MUTATION_PROB_VALUES`
+    (one step up or down, clipped at the ends); the child stores it and uses the new value,
+    as the official mu3Net notebook does.
+    """
+    mu = float(hparams["mu"])
+    if not per_mutation:
+        return mu
+    key = H.mutation_prob_key(mutation)
+    values = H.MUTATION_PROB_VALUES
+    prob = hparams.get(key, min(values, key=lambda v: abs(v - mu)))
+    if rng.random() < mu:
+        i = values.index(prob) + (1 if rng.random() < 0.5 else -1)
+        prob = values[max(0, min(len(values) - 1, i))]
+    hparams[key] = prob
+    return float(prob)
+
+
+def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator,
+                   per_mutation: bool = False) -> tuple[dict[str, Any], list[str]]:
     """Each Table 1 hyperparameter moves to a random neighbour with probability mu.
 
-    mu is the parent's; it is itself one of the mutated hyperparameters.
+    mu is the parent's; it is itself one of the mutated hyperparameters, and the first one
+    (so with ``per_mutation`` the later probabilities move with the child's new mu). With
+    ``per_mutation`` each hyperparameter has its own probability
+    (:func:`mutation_probability`).
     """
-    mu = float(parent_hparams["mu"])
     child = dict(parent_hparams)
     applied = []
-    for name in H.SEARCH_SPACE:
-        if rng.random() < mu:
+    for name in H.SEARCH_SPACE:  # "mu" first
+        prob = mutation_probability(child, f"hp:{name}", rng, per_mutation) if per_mutation else \
+            float(parent_hparams["mu"])
+        if rng.random() < prob:
             options = H.neighbours(name, parent_hparams[name])
             child[name] = options[int(rng.integers(len(options)))]
             applied.append(f"{name}:{parent_hparams[name]}->{child[name]}")
@@ -77,7 +106,8 @@ def mutate_hparams(parent_hparams: Mapping[str, Any], rng: np.random.Generator) 
 
 def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, *,
            locked: AbstractSet[str] | None = None, allow_insertion: bool = True,
-           max_blocks: int = 12, always_clone: AbstractSet[str] = frozenset()) -> ChildSpec:
+           max_blocks: int = 12, always_clone: AbstractSet[str] = frozenset(),
+           per_mutation: bool = False) -> ChildSpec:
     """Samples a child of ``parent`` for the active ``task``.
 
     Each locked component below the head is cloned (trainable) with probability mu and
@@ -100,12 +130,19 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
       always_clone: ids of locked components that are cloned without a mutation draw
         (:attr:`mu2net.evolver.EvolverConfig.clone_random_root`: the components of a
         randomly initialised root hold no knowledge worth sharing frozen).
+      per_mutation: each hyperparameter, each position's cloning and the layer count have
+        their own mutation probability, itself mutated (mu3Net; see
+        :func:`mutation_probability`); off: every mutation uses mu (Section 3.2).
 
     Returns:
       The :class:`ChildSpec`.
     """
-    hp, applied = mutate_hparams(parent.hparams, rng)
+    hp, applied = mutate_hparams(parent.hparams, rng, per_mutation)
     mu = float(parent.hparams["mu"])
+
+    def chance(mutation: str) -> float:
+        return mutation_probability(hp, mutation, rng, True) if per_mutation else mu
+
     kinds = list(parent.architecture.kinds)
     sources: list[str | None] = list(parent.component_ids)
     trainable = [False] * len(kinds)
@@ -115,7 +152,7 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
         elif sources[i] in always_clone:
             trainable[i] = True
             applied.append(f"clone_random:{i}:{kinds[i]}")
-        elif rng.random() < mu:
+        elif rng.random() < chance(f"clone:{i}"):
             trainable[i] = True
             applied.append(f"clone:{i}:{kinds[i]}")
     trainable[-1] = True
@@ -124,7 +161,7 @@ def mutate(parent: Path, task: str, num_classes: int, rng: np.random.Generator, 
         sources[-1] = NEW
         applied.append("new_head")
     n_blocks = parent.architecture.num_blocks
-    if allow_insertion and (n_blocks == 0 or rng.random() < mu):
+    if allow_insertion and (n_blocks == 0 or rng.random() < chance("layers")):
         # the number of blocks moves to a neighbouring value in 1..max_blocks, as the official
         # preliminary configuration mutates its layer count by +-1
         options = [n for n in (n_blocks - 1, n_blocks + 1) if 1 <= n <= max_blocks]

@@ -83,6 +83,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--identity-insertion", action="store_true",
                    help="a block inserted by the layer-count mutation starts as the identity (zero-initialised "
                         "residual outputs), so the child starts from its parent's function")
+    p.add_argument("--per-mutation-mu", action="store_true",
+                   help="each mutation has its own mutation probability, inherited and itself mutated "
+                        "(mu3Net); default: every mutation uses the path's mu (paper Section 3.2)")
     p.add_argument("--clone-random-root", action="store_true",
                    help="children always clone (train) the components of a randomly initialised root "
                         "instead of sharing them frozen unless the layer-cloning mutation picks them")
@@ -120,6 +123,8 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--clone-random-root")
     if args.identity_insertion:
         argv.append("--identity-insertion")
+    if args.per_mutation_mu:
+        argv.append("--per-mutation-mu")
     if not getattr(args, "no_continual", True):
         argv.append("--continual")
     return argv
@@ -135,13 +140,15 @@ def evolver_config(args: argparse.Namespace) -> Any:
         return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
                                    first_answer=serving or PAPER_PRESET.first_answer,
                                    clone_random_root=args.clone_random_root, halving=args.halving,
-                                   identity_insertion=args.identity_insertion)
+                                   identity_insertion=args.identity_insertion,
+                                   per_mutation_probabilities=args.per_mutation_mu)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
                          clone_random_root=args.clone_random_root, halving=args.halving,
-                         identity_insertion=args.identity_insertion)
+                         identity_insertion=args.identity_insertion,
+                         per_mutation_probabilities=args.per_mutation_mu)
 
 
 def ensure_root(store: Any, args: argparse.Namespace) -> None:

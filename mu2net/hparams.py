@@ -49,8 +49,25 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Prefix of a per-mutation mutation probability's key (mu3Net, "mu2Net+": one probability per
+#: mutation, each itself mutated; the official notebook's ``"_mu_|" + mutation name``). A
+#: path without such a key uses ``mu`` for that mutation.
+MUTATION_PROB_PREFIX = "mu|"
+#: Values a per-mutation probability takes (the official mu3Net notebook's ``_mu_`` range).
+MUTATION_PROB_VALUES: tuple[float, ...] = (0.02, 0.04, 0.06, 0.08, 0.10, 0.12, 0.14, 0.16, 0.18, 0.20, 0.22,
+                                           0.24, 0.26, 0.28, 0.30)
+
+
+def mutation_prob_key(mutation: str) -> str:
+    """Key of a mutation's own probability, e.g. ``mu|hp:learning_rate``, ``mu|clone:3``,
+    ``mu|layers``."""
+    return MUTATION_PROB_PREFIX + mutation
+
+
 def validate(hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """Checks that ``hparams`` holds exactly the Table 1 keys with valid values.
+    """Checks that ``hparams`` holds exactly the Table 1 keys with valid values, plus any
+    per-mutation probabilities (:data:`MUTATION_PROB_PREFIX` keys, values in
+    :data:`MUTATION_PROB_VALUES`).
 
     Returns:
       A plain dict copy of ``hparams``.
@@ -58,14 +75,19 @@ def validate(hparams: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
       ValueError: naming the unknown/missing key or the invalid value and the allowed ones.
     """
-    unknown = sorted(set(hparams) - set(SEARCH_SPACE))
+    probs = {k: v for k, v in hparams.items() if k.startswith(MUTATION_PROB_PREFIX)}
+    for name, value in probs.items():
+        if value not in MUTATION_PROB_VALUES:
+            raise ValueError(f"mutation probability {name}={value!r} is not allowed; allowed: "
+                             f"{list(MUTATION_PROB_VALUES)}")
+    unknown = sorted(set(hparams) - set(SEARCH_SPACE) - set(probs))
     if unknown:
         raise ValueError(f"unknown hyperparameter(s) {unknown}; allowed: {sorted(SEARCH_SPACE)}")
     missing = sorted(set(SEARCH_SPACE) - set(hparams))
     if missing:
         raise ValueError(f"missing hyperparameter(s) {missing}")
     for name, value in hparams.items():
-        if value not in SEARCH_SPACE[name]:
+        if name not in probs and value not in SEARCH_SPACE[name]:
             raise ValueError(
                 f"hyperparameter {name}={value!r} is not a Table 1 value; allowed: {list(SEARCH_SPACE[name])}"
             )

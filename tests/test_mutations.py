@@ -93,3 +93,33 @@ def test_mutate_hparams_uses_parent_mu():
     hp = H.with_defaults({"mu": 0.1})
     n_changed = sum(len(mutate_hparams(hp, rng)[1]) for _ in range(3000))
     assert abs(n_changed / (3000 * len(H.SEARCH_SPACE)) - 0.1) < 0.01
+
+
+def test_per_mutation_probabilities_are_inherited_used_and_themselves_mutated():
+    lr_key, clone_key = H.mutation_prob_key("hp:learning_rate"), H.mutation_prob_key("clone:3")
+    parent = _parent(mu=0.1)
+    parent = Path(id="p", task="t", component_ids=parent.component_ids, architecture=parent.architecture,
+                  hparams={**parent.hparams, lr_key: 0.30, clone_key: 0.02}, score=0.5)
+    H.validate(parent.hparams)  # the keys are valid hparams
+    children = _many(parent, n=3000, allow_insertion=False, locked=frozenset({"c0", "c3"}), per_mutation=True)
+    lr_rate = np.mean([c.hparams["learning_rate"] != H.DEFAULTS["learning_rate"] for c in children])
+    crop_rate = np.mean([c.hparams["crop_area_min"] != H.DEFAULTS["crop_area_min"] for c in children])
+    clone3 = np.mean([c.trainable[3] for c in children])
+    assert abs(lr_rate - 0.3) < 0.04 and abs(crop_rate - 0.1) < 0.03 and clone3 < 0.05, (lr_rate, crop_rate, clone3)
+    moved = [c.hparams[lr_key] for c in children if c.hparams[lr_key] != 0.30]
+    # moves with probability mu (about 0.1) by one step; at the top end half the moves clip to 0.30
+    assert set(moved) == {0.28} and 0.02 < len(moved) / len(children) < 0.09
+    # every mutation a child drew records its own probability (missing keys start at mu)
+    assert all(H.mutation_prob_key("hp:flip") in c.hparams and H.mutation_prob_key("clone:0") in c.hparams
+               for c in children[:20])
+    # mu moves first (0.10 -> 0.12 at most), a missing key starts at the child's mu, then one step
+    assert {c.hparams[H.mutation_prob_key("hp:flip")] for c in children} == {0.08, 0.10, 0.12, 0.14}
+    for c in children[:50]:
+        H.validate(c.hparams)
+    with pytest.raises(ValueError, match="mutation probability"):
+        H.validate({**parent.hparams, lr_key: 0.5})
+
+
+def test_without_per_mutation_probabilities_children_hold_only_table_1_keys():
+    for c in _many(_parent(mu=0.3), n=100):
+        assert set(c.hparams) == set(H.SEARCH_SPACE)
