@@ -127,8 +127,8 @@ class EvolverConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         b = self.budget
-        if b.cycles < 1 or b.sample_cap < 1 or b.batch_size < 1:
-            raise ValueError(f"train budget values must be >= 1, got {b}")
+        if b.cycles < 1 or b.sample_cap < 1 or b.batch_size < 1 or b.min_samples < 0:
+            raise ValueError(f"train budget values must be >= 1 (min_samples >= 0), got {b}")
 
 
 #: The paper's large-scale budget (Section 5.1: 4 generations of 8 children per task

@@ -40,14 +40,23 @@ class TrainBudget:
       cycles: train/validation cycles per child.
       sample_cap: most training examples per cycle; a cycle is min(1 epoch, sample_cap).
       batch_size: examples per step.
+      min_samples: fewest training examples per cycle (several epochs of a small training
+        split): a cycle is ``min(sample_cap, max(1 epoch, min_samples))``. 0 (default) keeps
+        the paper's min(1 epoch, sample_cap), under which a 40-image task trains one step
+        per cycle while its validation and compilation cost the same.
     """
 
     cycles: int = 4
     sample_cap: int = 4096
     batch_size: int = 64
+    min_samples: int = 0
+
+    def samples_per_cycle(self, num_train: int) -> int:
+        """Training examples per cycle for a training split of ``num_train`` examples."""
+        return min(self.sample_cap, max(num_train, self.min_samples))
 
     def steps_per_cycle(self, num_train: int) -> int:
-        return max(1, math.ceil(min(num_train, self.sample_cap) / self.batch_size))
+        return max(1, math.ceil(self.samples_per_cycle(num_train) / self.batch_size))
 
 
 @dataclasses.dataclass(frozen=True)

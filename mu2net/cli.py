@@ -66,6 +66,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycles", type=int, default=4, help="train/validation cycles per child")
     p.add_argument("--sample-cap", type=int, default=4096, help="most training examples per cycle")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--min-cycle-samples", type=int, default=0, metavar="N",
+                   help="fewest training examples per cycle: a small training split is repeated for several "
+                        "epochs per cycle (a cycle is min(--sample-cap, max(1 epoch, N)); 0: one epoch at most)")
     p.add_argument("--paper-preset", action="store_true", help="use the paper's budget (slow on a CPU)")
     p.add_argument("--scorer", choices=("accuracy", "size_penalty"), default="accuracy")
     p.add_argument("--max-blocks", type=int, default=12)
@@ -105,7 +108,8 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                       help="override a Table 1 default for the root path, e.g. flip=false")
 
 
-EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "scorer",
+EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "min_cycle_samples",
+                 "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving")
 
 
@@ -137,13 +141,15 @@ def evolver_config(args: argparse.Namespace) -> Any:
     # improving gets longer children before it pauses
     serving = bool(getattr(args, "preempt", False))
     if args.paper_preset:
-        return dataclasses.replace(PAPER_PRESET, preempt=serving, grow_when_stale=serving, patience=args.patience,
+        return dataclasses.replace(PAPER_PRESET, budget=dataclasses.replace(PAPER_PRESET.budget,
+                                                                            min_samples=args.min_cycle_samples),
+                                   preempt=serving, grow_when_stale=serving, patience=args.patience,
                                    first_answer=serving or PAPER_PRESET.first_answer,
                                    clone_random_root=args.clone_random_root, halving=args.halving,
                                    identity_insertion=args.identity_insertion,
                                    per_mutation_probabilities=args.per_mutation_mu)
     return EvolverConfig(generations=args.generations, children=args.children,
-                         budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size),
+                         budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size, args.min_cycle_samples),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
                          clone_random_root=args.clone_random_root, halving=args.halving,

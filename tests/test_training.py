@@ -126,3 +126,14 @@ def test_a_frozen_prefix_is_run_once_for_validation_and_gives_the_same_accuracy(
                             TrainBudget(1, 64, 32), lambda a, p: a, seed=0)
     small.run(1)
     assert small._val_activations is None and len(small.history) == 1
+
+
+def test_min_samples_gives_a_small_training_split_several_epochs_per_cycle():
+    assert TrainBudget(4, 4096, 64).samples_per_cycle(40) == 40  # the paper's min(1 epoch, cap)
+    assert TrainBudget(4, 4096, 64, min_samples=512).samples_per_cycle(40) == 512
+    assert TrainBudget(4, 4096, 64, min_samples=512).samples_per_cycle(60000) == 4096
+    assert TrainBudget(4, 300, 64, min_samples=512).samples_per_cycle(40) == 300  # the cap still holds
+    arch, params = R.random_root(TINY, num_blocks=1, seed=4, num_classes=3)
+    res = train_child(arch, params, [None] * 5, (True,) * 5, H.with_defaults({}), _data(40), _data(32),
+                      TrainBudget(2, 4096, 32, min_samples=256), lambda a, p: a, seed=0)
+    assert len(res.history) == 2 and res.steps in (8, 16)  # 256 / 32 steps per cycle, best checkpoint's count
