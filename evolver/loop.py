@@ -59,7 +59,10 @@ class EvolverConfig:
       first_answer: a new task's active phase starts with a short *first-answer
         generation*: each child reuses an allowed path frozen with a new head (SMART-style
         reuse of existing modules), or, from a randomly initialised root, clones the root
-        and inserts a block where it has none; see :meth:`Evolver.first_answer_specs`.
+        and inserts a block where it has none; see :meth:`Evolver.first_answer_specs`. Each
+        of its children is published as soon as it completes if it is the best so far and
+        beats chance (with ``publish_on_improvement``), so a new task is served after its
+        first child that beats chance, not after the whole generation.
       first_answer_cycles: train cycles of a first-answer child (the sample cap and batch
         size are :attr:`budget`'s).
       publish_on_improvement: publish the task's best path after every generation whose
@@ -405,7 +408,8 @@ class Evolver:
         """One task iteration of Algorithm 1 for ``task_name``; returns the task's best path.
 
         A task that was never served starts with the first-answer generation
-        (:meth:`first_answer_specs`). After each generation the best path is published if
+        (:meth:`first_answer_specs`), whose children are published as they complete. After
+        each later generation the best path is published if
         it improves on the served one (:attr:`EvolverConfig.publish_on_improvement`); with
         :attr:`EvolverConfig.preempt` a waiting new task ends the phase early.
         """
@@ -433,6 +437,28 @@ class Evolver:
         started = time.time()
         first = 0 if (best_stored is None and cfg.first_answer) else 1
         preempted_by: TaskRecord | None = None
+
+        def accept(result: tuple[ChildSpec, P.Path, list]) -> None:
+            spec, child, new = result
+            parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
+                else -math.inf
+            # early pruning (Section 3.3); a tie is kept (Algorithm 1's >=)
+            if child.score is not None and child.score >= parent_score:
+                population.append(child)
+                for rec, p, o in new:
+                    pending[rec.id] = _Pending(rec, p, o)
+
+        def publish_if_better() -> None:
+            nonlocal published
+            best = best_of(population)
+            if (cfg.publish_on_improvement and best is not None
+                    and (published is None or (best.id != published.id and _score(best) >= _score(published)))
+                    and best.metrics["validation_accuracy"] > chance):
+                published = self._publish(task, best, published, pending, selections, test_split)
+                # the population holds the published record (with its test accuracy): the same
+                # path is not published again by a later generation that finds nothing better
+                population[:] = [published if p.id == published.id else p for p in population]
+
         for gen in range(first, cfg.generations + 1):
             if gen == 0:
                 specs = self.first_answer_specs(task, others)
@@ -457,20 +483,23 @@ class Evolver:
             bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} {label}",
                        disable=not self.progress, leave=False)
             interrupt = self._new_task_waiting(task) if cfg.preempt and published is not None else None
+            before = len(population)
+            # the first-answer generation publishes each child as it completes (a new task is
+            # served as soon as one child beats chance); later generations at their end
+            on_done = (lambda result: (accept(result), publish_if_better())) if gen == 0 else None
             children, skipped = self._train_generation(specs, task, pending, train, validation, rng, budget, bar,
-                                                       sharers, interrupt, halving=cfg.halving if gen > 0 else 1)
+                                                       sharers, interrupt, halving=cfg.halving if gen > 0 else 1,
+                                                       on_done=on_done)
             for spec in skipped:  # never trained: its parent was not used (Section 3.1's #selections)
                 if gen > 0:
                     selections[spec.parent.id] -= 1
             child_index += len(specs)
-            for spec, child, new in children:
-                parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
-                    else -math.inf
-                # early pruning (Section 3.3); a tie is kept (Algorithm 1's >=)
-                if child.score is not None and child.score >= parent_score:
-                    population.append(child)
-                    for rec, p, o in new:
-                        pending[rec.id] = _Pending(rec, p, o)
+            if on_done is None:
+                for result in children:
+                    accept(result)
+            else:  # the population in job order, whatever order the children completed in
+                kept = {p.id: p for p in population[before:]}
+                population[before:] = [kept[child.id] for _, child, _ in children if child.id in kept]
             best = best_of(population)
             best_now = best.score if best is not None and best.score is not None else float("nan")
             bar.set_postfix(best=f"{best_now:.4f}")
@@ -478,13 +507,7 @@ class Evolver:
             if self.progress:
                 tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} {label}: "
                            f"best score {best_now:.4f}, population {len(population)}")
-            if (cfg.publish_on_improvement and best is not None
-                    and (published is None or (best.id != published.id and _score(best) >= _score(published)))
-                    and best.metrics["validation_accuracy"] > chance):
-                published = self._publish(task, best, published, pending, selections, test_split)
-                # the population holds the published record (with its test accuracy): the same
-                # path is not published again by a later generation that finds nothing better
-                population = [published if p.id == published.id else p for p in population]
+            publish_if_better()
             if cfg.preempt and published is not None and gen < cfg.generations:
                 preempted_by = self._waiting_new_task(task)
                 if preempted_by is not None:
@@ -501,12 +524,14 @@ class Evolver:
                           train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                           rng: np.random.Generator, budget: TrainBudget, bar: Any,
                           sharers: Mapping[str, int],
-                          interrupt: Callable[[], bool] | None = None, halving: int = 1
+                          interrupt: Callable[[], bool] | None = None, halving: int = 1,
+                          on_done: Callable[[tuple[ChildSpec, P.Path, list]], Any] | None = None
                           ) -> tuple[list[tuple[ChildSpec, P.Path, list]], list[ChildSpec]]:
         """Trains a generation's children, one per device at a time; returns the trained
         ones as (spec, child path, new components) and the specs of children skipped
         because ``interrupt`` said a new task is waiting. ``halving`` > 1 trains them by
-        successive halving (:attr:`EvolverConfig.halving`)."""
+        successive halving (:attr:`EvolverConfig.halving`). ``on_done`` is called in this
+        thread with each trained child as it completes (not with halving)."""
         jobs = []
         for i, spec in enumerate(specs):
             params, opts, recs = self._materialize(spec, task, pending, rng)
@@ -530,11 +555,20 @@ class Evolver:
             bar.update(1)
             return out
 
+        done: list[tuple[ChildSpec, P.Path, list] | None] = []
         if len(self.devices) == 1:
-            done = [run(j) for j in jobs]
+            for j in jobs:
+                done.append(run(j))
+                if on_done is not None and done[-1] is not None:
+                    on_done(done[-1])
         else:
             with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
-                done = list(pool.map(run, jobs))
+                futures = [pool.submit(run, j) for j in jobs]
+                if on_done is not None:
+                    for future in concurrent.futures.as_completed(futures):
+                        if future.result() is not None:
+                            on_done(future.result())
+                done = [f.result() for f in futures]
         results = [r for r in done if r is not None]
         skipped = [j[0] for j, r in zip(jobs, done) if r is None]
         self.stats["children"] += len(results)
