@@ -117,12 +117,18 @@ def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], 
             served = [h for h in points if h["time"] - t0 <= 60 * m]
             if served:
                 last = served[-1]
+                share = (last["lineage_samples"] / last["samples_trained"]
+                         if last.get("lineage_samples") and last.get("samples_trained") else None)
                 marks.append({"minutes": m, "system_version": last["system_version"],
                               "validation_accuracy": last["validation_accuracy"],
-                              "test_accuracy": last["test_accuracy"]})
+                              "test_accuracy": last["test_accuracy"],
+                              # issue 16's lineage share: examples behind the served parameters over
+                              # every example the task's children trained so far (None: older store)
+                              "lineage_share": None if share is None else round(share, 3)})
         out["tasks"][name] = {"iterations_done": iterations[name], "publishes": len(points), "at": marks,
                               "history": [{"minutes": round((h["time"] - t0) / 60, 2), **{k: h[k] for k in (
-                                  "system_version", "validation_accuracy", "test_accuracy")}} for h in points]}
+                                  "system_version", "validation_accuracy", "test_accuracy", "samples_trained",
+                                  "lineage_samples")}} for h in points]}
     charts = [accuracy_svg(name, [h for h in history if h["task"] == name]) for name in tasks]
     svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{300 * len(charts)}" height="150">'
            + "".join(f'<g transform="translate({300 * i} 0)">{c}</g>' for i, c in enumerate(charts)) + "</svg>")

@@ -440,6 +440,7 @@ class Evolver:
 
         def accept(result: tuple[ChildSpec, P.Path, list]) -> None:
             spec, child, new = result
+            self.store.add_samples_trained(task.name, int(child.metrics.get("samples_trained", 0)))
             parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
                 else -math.inf
             # early pruning (Section 3.3); a tie is kept (Algorithm 1's >=)
@@ -551,7 +552,7 @@ class Evolver:
                 return None  # a new task is waiting: children not yet started are skipped
             result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
                                  budget, self.scorer, seed, device, scored_params=scored, interrupt=interrupt)
-            out = self._child_path(spec, task, params, recs, result)
+            out = self._child_path(spec, task, params, recs, result, budget.batch_size)
             bar.update(1)
             return out
 
@@ -623,13 +624,14 @@ class Evolver:
             if child is None:
                 skipped.append(job[0])
                 continue
-            results.append(self._child_path(job[0], task, job[1], job[3], child.result()))
+            results.append(self._child_path(job[0], task, job[1], job[3], child.result(), budget.batch_size))
             child.release()
         self.stats["children"] += len(results)
         return results, skipped
 
     def _child_path(self, spec: ChildSpec, task: TaskRecord, params: Sequence[Any],
-                    recs: Sequence[ComponentRecord | None], result: TrainResult) -> tuple[ChildSpec, P.Path, list]:
+                    recs: Sequence[ComponentRecord | None], result: TrainResult,
+                    batch_size: int) -> tuple[ChildSpec, P.Path, list]:
         ids, new = [], []
         for i, kind in enumerate(spec.architecture.kinds):
             if not spec.trainable[i]:
@@ -652,7 +654,11 @@ class Evolver:
                       hparams=dict(spec.hparams), score=result.score, parent_id=spec.parent.id,
                       metrics={"validation_accuracy": result.validation_accuracy, "train_steps": result.steps,
                                "history": list(result.history), "mutations": list(spec.mutations),
-                               "parent_task": spec.parent.task, "activated_params": activated})
+                               "parent_task": spec.parent.task, "activated_params": activated,
+                               # examples this child trained (all cycles), and those behind its best
+                               # checkpoint over its whole lineage on the task (its head's provenance)
+                               "samples_trained": result.samples,
+                               "lineage_samples": new[-1][0].steps.get(task.name, 0) * batch_size})
         return spec, path, new
 
     def _publish(self, task: TaskRecord, best: P.Path, published: P.Path | None, pending: dict[str, _Pending],

@@ -72,6 +72,7 @@ class TrainResult:
       steps: training steps taken until the best checkpoint.
       history: validation accuracy after each cycle.
       images_per_second: training throughput (excluding validation).
+      samples: training examples of every cycle run (also those after the best checkpoint).
     """
 
     params: Mapping[int, Any]
@@ -81,6 +82,7 @@ class TrainResult:
     steps: int
     history: tuple[float, ...]
     images_per_second: float
+    samples: int = 0
 
 
 def cosine_with_warmup(step: jax.Array, total: jax.Array, peak: jax.Array,
@@ -287,7 +289,8 @@ class ChildTraining:
         if self.best is None:
             raise RuntimeError("the child has not trained a cycle yet")
         return dataclasses.replace(self.best, history=tuple(self.history),
-                                   images_per_second=self.images / self.seconds if self.seconds else 0.0)
+                                   images_per_second=self.images / self.seconds if self.seconds else 0.0,
+                                   samples=self.images)
 
     def release(self) -> None:
         """Drops the device arrays (a stopped child keeps only its best checkpoint on the host)."""

@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS tasks (
   error TEXT,
   improved_at REAL,
   stale_iterations INTEGER NOT NULL DEFAULT 0,
-  paused_version INTEGER
+  paused_version INTEGER,
+  samples_trained INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS components (
   id TEXT PRIMARY KEY,
@@ -89,7 +90,9 @@ CREATE TABLE IF NOT EXISTS history (
   score REAL,
   validation_accuracy REAL,
   test_accuracy REAL,
-  time REAL NOT NULL
+  time REAL NOT NULL,
+  samples_trained INTEGER,
+  lineage_samples INTEGER
 );
 CREATE TABLE IF NOT EXISTS selections (
   path_id TEXT NOT NULL, task TEXT NOT NULL, count INTEGER NOT NULL,
@@ -101,7 +104,8 @@ ROOT_PATH_ID = "root"
 
 #: Columns added to ``tasks`` after the first release (added to older stores on open).
 _TASK_COLUMNS_ADDED = (("improved_at", "REAL"), ("stale_iterations", "INTEGER NOT NULL DEFAULT 0"),
-                       ("paused_version", "INTEGER"))
+                       ("paused_version", "INTEGER"), ("samples_trained", "INTEGER NOT NULL DEFAULT 0"))
+_HISTORY_COLUMNS_ADDED = (("samples_trained", "INTEGER"), ("lineage_samples", "INTEGER"))
 
 
 class StoreError(Exception):
@@ -137,6 +141,8 @@ class TaskRecord:
       stale_iterations: completed task iterations in a row that published nothing better.
       paused_version: system version at which continual evolution paused the task (None
         while it is evolving); see :meth:`Store.set_evolution`.
+      samples_trained: training examples every child of the task's phases trained on, kept
+        or not (:meth:`Store.add_samples_trained`).
     """
 
     name: str
@@ -155,6 +161,7 @@ class TaskRecord:
     improved_at: float | None = None
     stale_iterations: int = 0
     paused_version: int | None = None
+    samples_trained: int = 0
 
     @property
     def num_classes(self) -> int:
@@ -259,6 +266,10 @@ class Store:
             for col, decl in _TASK_COLUMNS_ADDED:
                 if col not in have:
                     db.execute(f"ALTER TABLE tasks ADD COLUMN {col} {decl}")
+            have = {r["name"] for r in db.execute("PRAGMA table_info(history)")}
+            for col, decl in _HISTORY_COLUMNS_ADDED:
+                if col not in have:
+                    db.execute(f"ALTER TABLE history ADD COLUMN {col} {decl}")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('system_version', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('task_seq', '0')")
 
@@ -335,7 +346,7 @@ class Store:
             dataset_dir=row["dataset_dir"], source=row["source"], state=row["state"],
             iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"],
             improved_at=row["improved_at"], stale_iterations=row["stale_iterations"],
-            paused_version=row["paused_version"])
+            paused_version=row["paused_version"], samples_trained=row["samples_trained"])
 
     def add_task(self, task: TaskRecord) -> TaskRecord:
         """Inserts a task at the end of the queue.
@@ -416,10 +427,27 @@ class Store:
         self.set_evolution(name, stale_iterations=0, paused_version=None)
         return self.get_task(name)
 
+    def add_samples_trained(self, name: str, samples: int) -> None:
+        """Adds ``samples`` (training examples, >= 0) to the task's :attr:`TaskRecord.samples_trained`.
+
+        Raises:
+          ValueError: for a negative count.
+          TaskNotFound: if there is no such task.
+        """
+        if samples < 0:
+            raise ValueError(f"samples must be >= 0, got {samples}")
+        with self.transaction() as db:
+            if db.execute("UPDATE tasks SET samples_trained = samples_trained + ? WHERE name=?",
+                          (int(samples), name)).rowcount == 0:
+                raise TaskNotFound(f"no task named {name!r}")
+
     def history(self, task: str | None = None) -> list[dict[str, Any]]:
         """Every publish of a new best path, oldest first: ``system_version``, ``task``,
-        ``path_id``, ``score``, ``validation_accuracy`` and ``test_accuracy`` (in [0, 1])
-        and ``time`` (unix seconds). ``task`` restricts it to one task."""
+        ``path_id``, ``score``, ``validation_accuracy`` and ``test_accuracy`` (in [0, 1]),
+        ``time`` (unix seconds), ``samples_trained`` (the task's training examples so far,
+        every child counted; None in stores older than the column) and ``lineage_samples``
+        (the training examples on the task behind the published parameters: the path's
+        head's train steps on it times the batch size). ``task`` restricts it to one task."""
         sql, args = "SELECT * FROM history", ()
         if task is not None:
             sql, args = sql + " WHERE task=?", (task,)
@@ -565,9 +593,12 @@ class Store:
                     prev = db.execute("SELECT score FROM paths WHERE task=?", (path.task,)).fetchone()
                     db.execute("DELETE FROM paths WHERE task=?", (path.task,))
                     m = path.metrics
-                    db.execute("INSERT INTO history VALUES (?,?,?,?,?,?,?)", (
-                        version, path.task, path.id, path.score, m.get("validation_accuracy"),
-                        m.get("test_accuracy"), time.time()))
+                    trained = db.execute("SELECT samples_trained FROM tasks WHERE name=?", (path.task,)).fetchone()
+                    db.execute("INSERT INTO history (system_version, task, path_id, score, validation_accuracy, "
+                               "test_accuracy, time, samples_trained, lineage_samples) VALUES (?,?,?,?,?,?,?,?,?)", (
+                                   version, path.task, path.id, path.score, m.get("validation_accuracy"),
+                                   m.get("test_accuracy"), time.time(), trained[0] if trained else None,
+                                   m.get("lineage_samples")))
                     if prev is None or prev[0] is None or (path.score is not None and path.score > prev[0]):
                         # a higher score (not a tie): the task improved, and is awake
                         db.execute("UPDATE tasks SET improved_at=?, stale_iterations=0, paused_version=NULL "

@@ -193,6 +193,13 @@ def test_publish_on_improvement_serves_every_improvement_within_one_phase(tiny_s
     assert scores == sorted(scores), "a publish never serves a lower-scoring path than the one it replaces"
     assert all(h["test_accuracy"] is not None for h in history)
     np.testing.assert_array_equal(served[-1][3], _test_predictions(tiny_store, "digits"))
+    # sample accounting: every child's examples count; a lineage holds at most what was trained
+    trained = [h["samples_trained"] for h in history]
+    assert trained == sorted(trained) and trained[0] > 0
+    assert all(0 < h["lineage_samples"] <= h["samples_trained"] for h in history)
+    total = tiny_store.get_task("digits").samples_trained
+    assert total >= trained[-1] and total % TINY_EVOLVER.budget.batch_size == 0
+    assert calls[0] * TINY_EVOLVER.budget.batch_size <= total
 
 
 def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, monkeypatch):

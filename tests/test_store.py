@@ -65,3 +65,22 @@ def test_publish_interrupted_between_files_and_transaction_keeps_old_state(tiny_
     assert reopened.get_task("digits").iterations_done == 1
     for a, b in zip(before_params, reopened.load_params(after.component_ids)):
         assert json.dumps({k: str(v) for k, v in a.items()}) == json.dumps({k: str(v) for k, v in b.items()})
+
+
+def test_a_store_from_before_the_sample_columns_opens_and_gets_them(tmp_path):
+    import sqlite3
+
+    from mu2net.store import Store
+
+    store = Store(tmp_path / "s")
+    store.close()
+    db = sqlite3.connect(tmp_path / "s" / "mu2net.sqlite")
+    for table, col in (("tasks", "samples_trained"), ("history", "samples_trained"), ("history", "lineage_samples")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {col}")
+    db.commit()
+    db.close()
+    store = Store(tmp_path / "s")
+    cols = {r["name"] for r in store._query("PRAGMA table_info(history)")}
+    assert {"samples_trained", "lineage_samples"} <= cols
+    assert "samples_trained" in {r["name"] for r in store._query("PRAGMA table_info(tasks)")}
+    store.close()
