@@ -10,7 +10,15 @@ the best validation checkpoint: the same procedure as the experiment's baselines
 sample count chosen here (``--samples``) instead of the count an evolved lineage spent.
 The summed ``seconds`` say whether such a plain run fits the experiment's 60 minutes.
 
+``--minutes M`` instead gives each task M minutes of wall clock (compute-matched plain
+training for issue 16's anytime curves: the evolver's first T minutes against plain training
+of each task for T/3 minutes, the share of the machine a task gets when the evolver serves
+three): a one-cycle calibration run measures the task's seconds per cycle (compilation and
+validation included, so the count errs low) and the sample count is the whole cycles that
+fit in M minutes.
+
     python benchmarks/ceiling.py --data-dir /tmp/mu2net-ceiling --out docs/quality_ceiling.json
+    python benchmarks/ceiling.py --data-dir /tmp/mu2net-ceiling --minutes 5 --out docs/plain_5min.json
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="transformer blocks of the trained ViT")
     ap.add_argument("--samples", action="append", type=parse_samples, default=[], metavar="TASK=N",
                     help=f"training samples of a task (repeatable; defaults {DEFAULT_SAMPLES})")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="wall-clock minutes of plain training per task (overrides --samples)")
     ap.add_argument("--order", default=",".join(t[0] for t in TASKS),
                     help="comma-separated tasks to train, in this order")
     ap.add_argument("--sample-cap", type=int, default=4096)
@@ -74,7 +84,17 @@ def main() -> None:
             add_task(store, name, source, private=private)
         task = store.get_task(name)
         arch = Architecture(root_arch.config, kinds, task.num_classes)
-        results["runs"][name] = baseline(name, task_splits(task), arch, samples[name], ROOT_HPARAMS, args, args.seed)
+        splits = task_splits(task)
+        n = samples[name]
+        calibration = None
+        if args.minutes is not None:
+            if args.minutes <= 0:
+                raise SystemExit(f"--minutes must be > 0, got {args.minutes}")
+            per_cycle = min(len(splits[0][0]), args.sample_cap)
+            calibration = baseline(name, splits, arch, per_cycle, ROOT_HPARAMS, args, args.seed)["seconds"]
+            n = max(1, int(args.minutes * 60 / calibration)) * per_cycle
+        results["runs"][name] = baseline(name, splits, arch, n, ROOT_HPARAMS, args, args.seed)
+        results["runs"][name]["calibration_seconds_per_cycle"] = calibration
     results["seconds"] = time.time() - t0
     print(json.dumps({k: {m: v[m] for m in ("train_samples", "validation_accuracy", "test_accuracy", "seconds")}
                       for k, v in results["runs"].items()}, indent=1))
