@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The main job: `mu2net serve` (gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8000) with its
 # evolver process on real data (MNIST-5k, Fashion-MNIST, private digits; the configuration
-# of docs/results.md), on the embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
+# of docs/results.md: the paper's preliminary experiment, random root without blocks), on the
+# embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
 # started again, it continues from the last published state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 exec .venv/bin/mu2net serve --data-dir "${MU2NET_DATA_DIR:-data}" \
   --task mnist5k=builtin:mnist5k --task fashion_mnist=builtin:fashion_mnist --task digits=builtin:digits \
-  --private digits --root-hparam mu=0.3 --root-hparam learning_rate=0.05 --root-hparam flip=false \
+  --private digits --stem patch --patch-size 7 --root-blocks 0 --root-hparam mu=0.3 --root-hparam learning_rate=0.05 --root-hparam flip=false \
   --root-hparam crop_area_min=0.5 --generations 8 --children 2 --cycles 24 --sample-cap 4096 "$@"
