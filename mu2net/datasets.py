@@ -40,13 +40,23 @@ import tarfile
 import tempfile
 import threading
 import zipfile
+import zlib
 from pathlib import Path as FsPath
 from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 MAX_CLASSES = 1000
+#: Fewest examples of the train split.
 MIN_EXAMPLES_PER_SPLIT = 10
+#: Fewest examples of a held-out (validation or test) split: small uploads (2 classes x 30
+#: images give a test split of 6) are accepted; their accuracies are coarse (1/6 steps).
+MIN_HELD_OUT_EXAMPLES = 4
+#: Most pixels of one image (width x height), checked from the file header before decoding
+#: (4096 x 4096; Pillow's own decompression-bomb guard is caught too).
+MAX_IMAGE_PIXELS = 4096 * 4096
+#: Archive entries that are not part of a dataset (macOS and Windows metadata).
+IGNORED_NAMES = frozenset({"__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini"})
 #: Train splits with at least this many examples give 5% of them to validation, smaller ones
 #: 20% (the paper's Table 9: mnist ``train[:5%]``, cmaterdb ``train[:20%]``).
 LARGE_TRAIN_SPLIT = 10_000
@@ -134,6 +144,9 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 2, 3, 4):
         raise DatasetError(f"{what} has shape {x.shape}; allowed: [N,H,W] or [N,H,W,C] with C in 1..4")
+    if 0 in x.shape[1:3] or x.shape[1] * x.shape[2] > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"{what} holds {x.shape[1]}x{x.shape[2]} images; allowed: 1 to {MAX_IMAGE_PIXELS} "
+                           "pixels (4096x4096) per image")
     if x.dtype != np.uint8:
         if not np.issubdtype(x.dtype, np.number) or x.min() < 0 or x.max() > 255:
             raise DatasetError(f"{what} has dtype {x.dtype} with values outside 0..255; allowed: uint8 pixels")
@@ -141,18 +154,72 @@ def _as_images(x: np.ndarray, what: str) -> np.ndarray:
     return x
 
 
-def load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[str] | None]:
-    """Reads an ``.npz`` dataset (keys in the module docstring); never unpickles."""
+def load_npz(data: bytes | str | os.PathLike[str],
+             max_bytes: int | None = None) -> tuple[ArraySplits, list[str] | None]:
+    """Reads an ``.npz`` dataset (keys in the module docstring); never unpickles.
+
+    Every member's decoded size is read from its ``.npy`` header first; the total must not
+    exceed ``max_bytes`` (default :data:`MAX_ARCHIVE_BYTES`), so a small file that
+    decodes to gigabytes is refused before it is decoded.
+
+    Raises:
+      DatasetError: naming the bad member, key, shape or size.
+    """
     try:
-        return _load_npz(data)
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        check_npz_size(source, MAX_ARCHIVE_BYTES if max_bytes is None else max_bytes)
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        return _load_npz(source)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         if isinstance(e, DatasetError):
             raise
         raise DatasetError(f"not a valid .npz file of numeric arrays (no pickled objects): {e}") from e
 
 
-def _load_npz(data: bytes | str | os.PathLike[str]) -> tuple[ArraySplits, list[str] | None]:
-    npz = np.load(io.BytesIO(data) if isinstance(data, bytes) else data, allow_pickle=False)
+def check_npz_size(source: Any, limit: int) -> int:
+    """Sums the decoded sizes of an ``.npz``'s arrays from their headers; returns the total.
+
+    Raises:
+      DatasetError: if a member is not an ``.npy`` array or the total exceeds ``limit`` bytes.
+    """
+    total = 0
+    with zipfile.ZipFile(source) as zf:
+        for info in zf.infolist():
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if total > limit:
+                raise DatasetError(f"npz member {info.filename!r} makes the arrays decode to more than {limit} "
+                                   f"bytes (shape {list(shape)}, {dtype}); refusing (size guard)")
+    return total
+
+
+def label_names_for(splits: ArraySplits, names: list[str] | None) -> list[str]:
+    """The label names of a dataset: ``names`` if given, else ``"0".."K-1"`` for the largest
+    label id K-1 (checked against :data:`MAX_CLASSES` before any name is made).
+
+    Raises:
+      DatasetError: no labels at all, a negative label, or more than :data:`MAX_CLASSES`.
+    """
+    if names is not None:
+        return names
+    labels = [y for _, y in splits.values() if len(y)]
+    if not labels:
+        raise DatasetError("the dataset holds no labelled examples; x_train/y_train must not be empty")
+    low, high = min(int(y.min()) for y in labels), max(int(y.max()) for y in labels)
+    if low < 0 or high >= MAX_CLASSES:
+        raise DatasetError(f"label ids span [{low}, {high}]; allowed: 0..{MAX_CLASSES - 1} "
+                           f"(at most {MAX_CLASSES} classes)")
+    return [str(i) for i in range(high + 1)]
+
+
+def _load_npz(data: Any) -> tuple[ArraySplits, list[str] | None]:
+    npz = np.load(data, allow_pickle=False)
     with npz:
         keys = set(npz.files)
         allowed = {"x_train", "y_train", "x_val", "y_val", "x_test", "y_test", "label_names"}
@@ -203,62 +270,109 @@ def safe_extract(archive: FsPath, dest: FsPath, max_bytes: int | None = None) ->
                 if (info.external_attr >> 16) & 0o170000 == 0o120000:
                     raise DatasetError(f"archive member {info.filename!r} is a symlink; links are not allowed")
             for info in infos:
-                zf.extract(info, dest)
+                try:
+                    zf.extract(info, dest)
+                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+                    raise DatasetError(f"archive member {info.filename!r} is corrupt or unsupported: {e}") from e
         return
     try:
         tf = tarfile.open(archive)
-    except tarfile.TarError as e:
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise DatasetError("body is neither a zip nor a tar archive nor an npz file") from e
-    with tf:
-        members = tf.getmembers()
-        if len(members) > MAX_ARCHIVE_MEMBERS:
-            raise DatasetError(f"archive has {len(members)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
-        for m in members:
-            check(m.name, m.size, total)
-            if m.issym() or m.islnk():
-                raise DatasetError(f"archive member {m.name!r} is a link; links are not allowed")
-            if not (m.isfile() or m.isdir()):
-                raise DatasetError(f"archive member {m.name!r} is not a regular file or directory")
-        tf.extractall(dest, filter="data")
+    try:
+        with tf:
+            _extract_tar(tf, dest, check, total)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise DatasetError(f"the tar archive is truncated or corrupt: {e}") from e
+
+
+def _extract_tar(tf: tarfile.TarFile, dest: FsPath, check: Any, total: list[int]) -> None:
+    members = tf.getmembers()
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise DatasetError(f"archive has {len(members)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
+    for m in members:
+        check(m.name, m.size, total)
+        if m.issym() or m.islnk():
+            raise DatasetError(f"archive member {m.name!r} is a link; links are not allowed")
+        if not (m.isfile() or m.isdir()):
+            raise DatasetError(f"archive member {m.name!r} is not a regular file or directory")
+    tf.extractall(dest, filter="data")
+
+
+def image_size(path: FsPath) -> tuple[int, int]:
+    """(width, height) of an image file from its header, without decoding it.
+
+    Raises:
+      DatasetError: not an image, or more than :data:`MAX_IMAGE_PIXELS` pixels.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {path.name!r} is too large to decode: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DatasetError(f"file {path.name!r} is not a decodable image") from e
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise DatasetError(f"image {path.name!r} is {size[0]}x{size[1]}; at most {MAX_IMAGE_PIXELS} pixels "
+                           f"(4096x4096) per image")
+    return size
 
 
 def _load_image(path: FsPath) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    image_size(path)
     try:
         with Image.open(path) as im:
             im = im.convert("RGB") if im.mode not in ("L", "RGB") else im
             return np.asarray(im, np.uint8)
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {path.name!r} is too large to decode: {e}") from e
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DatasetError(f"file {path.name!r} is not a decodable image") from e
 
 
-def load_image_folder(root: str | os.PathLike[str]) -> tuple[ArraySplits, list[str]]:
+def _entries(d: FsPath) -> list[FsPath]:
+    """A directory's entries without hidden files and OS metadata (:data:`IGNORED_NAMES`)."""
+    return [p for p in d.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_NAMES]
+
+
+def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[ArraySplits, list[str]]:
     """Reads an ImageFolder tree (``<label>/<file>`` or ``<split>/<label>/<file>``).
 
     Grayscale is kept if every image is grayscale, else all are RGB; every image is resized
-    (bilinear) to the most common size.
+    (bilinear) to the most common size. One top-level folder holding the tree is unwrapped;
+    hidden files and OS metadata (``__MACOSX/``, ``.DS_Store``, ``Thumbs.db``) are ignored.
+    Every image's size is read from its header before anything is decoded: each must have
+    at most :data:`MAX_IMAGE_PIXELS` pixels and together they must decode to at most
+    ``max_bytes`` (default :data:`MAX_ARCHIVE_BYTES`, counted as 3 bytes per pixel).
+
+    Raises:
+      DatasetError: naming the file or the problem.
     """
     root = FsPath(root)
-    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    limit = MAX_ARCHIVE_BYTES if max_bytes is None else max_bytes
+    entries = _entries(root)
     dirs = [p for p in entries if p.is_dir()]
     if len(dirs) == 1 and not [p for p in entries if p.is_file()] and dirs[0].name not in (
             "train", "validation", "val", "test"):
         # an archive of one top-level folder holding the tree
-        sub = [p for p in dirs[0].iterdir() if p.is_dir()]
+        sub = [p for p in _entries(dirs[0]) if p.is_dir()]
         if sub:
-            return load_image_folder(dirs[0])
+            return load_image_folder(dirs[0], limit)
     split_names = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
     if dirs and all(d.name in split_names for d in dirs):
         trees = {split_names[d.name]: d for d in dirs}
     else:
         trees = {"train": root}
-    labels = sorted({d.name for t in trees.values() for d in t.iterdir() if d.is_dir()})
+    labels = sorted({d.name for t in trees.values() for d in _entries(t) if d.is_dir()})
     if not labels:
         raise DatasetError("no class folders found; expected <label>/<file> or <split>/<label>/<file>")
     files: dict[str, list[tuple[FsPath, int]]] = {}
     for split, tree in trees.items():
-        stray = [p.name for p in tree.iterdir() if p.is_file() and not p.name.startswith(".")]
+        stray = [p.name for p in _entries(tree) if p.is_file()]
         if stray:
             raise DatasetError(f"files {stray[:3]} lie outside a class folder in {split!r}")
         items = []
@@ -267,12 +381,20 @@ def load_image_folder(root: str | os.PathLike[str]) -> tuple[ArraySplits, list[s
             if not d.is_dir():
                 continue
             for f in sorted(d.rglob("*")):
-                if f.is_file() and not f.name.startswith("."):
+                if f.is_file() and not f.name.startswith(".") and not IGNORED_NAMES & set(f.relative_to(d).parts):
                     if f.suffix.lower() not in IMAGE_SUFFIXES:
                         raise DatasetError(f"file {f.relative_to(root)} is not an image; allowed suffixes: "
                                            f"{list(IMAGE_SUFFIXES)}")
                     items.append((f, li))
         files[split] = items
+    decoded = 0
+    for items in files.values():
+        for f, _ in items:
+            w, h = image_size(f)
+            decoded += w * h * 3
+            if decoded > limit:
+                raise DatasetError(f"the images decode to more than {limit} bytes (at {f.name!r}); refusing "
+                                   "(size guard)")
     images = {s: [_load_image(f) for f, _ in items] for s, items in files.items()}
     every = [im for ims in images.values() for im in ims]
     if not every:
@@ -313,7 +435,7 @@ def load_source(source: str) -> tuple[ArraySplits, list[str]]:
         splits, names = load_image_folder(path)
     elif path.suffix == ".npz":
         splits, names0 = load_npz(path)
-        names = names0 or [str(i) for i in range(int(max(y.max() for _, y in splits.values())) + 1)]
+        names = label_names_for(splits, names0)
     else:
         with tempfile.TemporaryDirectory() as tmp:
             safe_extract(path, FsPath(tmp))
@@ -362,8 +484,10 @@ def finalize_splits(splits: ArraySplits, label_names: list[str]) -> tuple[ArrayS
                  "test": "test" if has_test else "train[90%:]"}
     for role, expr in exprs.items():
         n = _split_size(expr, {k: len(v[1]) for k, v in stored.items()})
-        if n < MIN_EXAMPLES_PER_SPLIT:
-            raise DatasetError(f"{role} split ({expr}) has {n} examples; at least {MIN_EXAMPLES_PER_SPLIT} are required")
+        least = MIN_EXAMPLES_PER_SPLIT if role == "train" else MIN_HELD_OUT_EXAMPLES
+        if n < least:
+            raise DatasetError(f"{role} split ({expr}) has {n} examples; at least {least} are required "
+                               f"({MIN_EXAMPLES_PER_SPLIT} for train, {MIN_HELD_OUT_EXAMPLES} for validation and test)")
     return stored, exprs
 
 

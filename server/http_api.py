@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import os
 import tempfile
 import time
+import uuid
 from typing import Any, Awaitable, Callable
 
 import numpy as np
@@ -24,6 +26,27 @@ from mu2net.server.page import render_page
 from mu2net.server.service import Service
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+log = logging.getLogger("mu2net.server")
+
+
+def _int_param(request: Request, name: str, default: int) -> int:
+    """An integer query parameter; a clear 400 for anything else."""
+    text = request.query_params.get(name)
+    if text is None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise E.InvalidArgument(f"query parameter {name}={text!r} is not an integer") from None
+
+
+def _content_length(request: Request) -> int | None:
+    declared = request.headers.get("content-length")
+    if declared is None:
+        return None
+    if not declared.strip().isdigit():
+        raise E.InvalidArgument(f"Content-Length {declared!r} is not a non-negative integer")
+    return int(declared)
 
 
 def _error(err: E.ServiceError) -> JSONResponse:
@@ -43,9 +66,14 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                     resp = await fn(request)
                 except Exception as e:
                     err = E.to_service_error(e)
-                    if err is None:
-                        raise
-                    resp = _error(err)
+                    if err is not None:
+                        resp = _error(err)
+                    else:  # a bug: logged with a request id; the client sees no internals
+                        request_id = uuid.uuid4().hex
+                        log.exception("HTTP %s %s failed (request id %s)", request.method, request.url.path,
+                                      request_id)
+                        resp = JSONResponse({"error": "internal server error", "request_id": request_id},
+                                            status_code=500)
                 if service.metrics is not None:
                     service.metrics.observe("http", method_name)(str(resp.status_code), time.perf_counter() - t0)
                 return resp
@@ -66,8 +94,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         if private not in ("true", "false", "1", "0"):
             raise E.InvalidArgument(f"private={private!r}; allowed: true or false")
         limit = service.config.max_upload_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and int(declared) > limit:
+        declared = _content_length(request)
+        if declared is not None and declared > limit:
             raise E.TooLarge(f"body of {declared} bytes exceeds the upload limit of {limit} bytes")
         fd, body_path = tempfile.mkstemp(dir=upload_dir, suffix=".upload")
         try:
@@ -110,12 +138,15 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         task = request.path_params["name"]
         body = await _read_limited(request, service.config.max_message_bytes)
         ctype = request.headers.get("content-type", "")
-        top_k = int(request.query_params.get("top_k", "1"))
+        top_k = _int_param(request, "top_k", 1)
         encoded: list[bytes] = []
         raw = None
         if ctype.startswith("application/json"):
             try:
                 doc = json.loads(body)
+                if not isinstance(doc, dict):
+                    raise E.InvalidArgument(f"JSON classify body is a {type(doc).__name__}; allowed: an object with "
+                                            "'images' (base64 list) or 'raw' {shape, data}")
                 top_k = int(doc.get("top_k", top_k))
                 if "images" in doc:
                     encoded = [base64.b64decode(s, validate=True) for s in doc["images"]]
@@ -184,27 +215,17 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         header_len = request.headers.get(HEADER_LENGTH.lower())
         try:
             n = int(header_len) if header_len is not None else len(body)
+            if not 0 <= n <= len(body):
+                raise ValueError(f"{HEADER_LENGTH} {n} is outside 0..{len(body)} (the body's length)")
             doc = json.loads(body[:n])
         except ValueError as e:
             raise E.InvalidArgument(f"inference request header is not valid JSON: {e}") from e
-        binary, offset = body[n:], 0
-        inputs = doc.get("inputs") or []
-        if len(inputs) != 1:
-            raise E.InvalidArgument(f"{len(inputs)} inputs; exactly one is allowed")
-        inp = inputs[0]
-        raw = None
-        size = (inp.get("parameters") or {}).get("binary_data_size")
-        if size is not None:
-            raw, offset = binary[offset:offset + int(size)], offset + int(size)
-        data = inp.get("data") or []
-        flat = list(np.ravel(np.asarray(data, dtype=object))) if data else []
-        encoded, pixels = infer_input(inp.get("datatype", ""), list(inp.get("shape", [])), raw,
-                                      [int(v) for v in flat] if inp.get("datatype") == "UINT8" and raw is None else [],
-                                      [base64.b64decode(v) for v in flat] if inp.get("datatype") == "BYTES" and raw is None else [])
-        outputs = [(o.get("name", ""), o.get("parameters") or {}) for o in doc.get("outputs") or []]
-        k = requested_classification(outputs)
-        want_binary = any(p.get("binary_data", False) for _, p in outputs) or \
-            bool((doc.get("parameters") or {}).get("binary_data_output", False))
+        if not isinstance(doc, dict):
+            raise E.InvalidArgument(f"inference request is a JSON {type(doc).__name__}; allowed: an object")
+        try:  # malformed fields of the request are the client's error
+            encoded, pixels, k, want_binary = _parse_infer(doc, body[n:])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise E.InvalidArgument(f"malformed inference request: {e}") from e
         result = await service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True)
         n_classes = result.probabilities.shape[1]
         rows = len(result.probabilities)
@@ -250,9 +271,37 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found})
 
 
+def _parse_infer(doc: dict[str, Any], binary: bytes) -> tuple[list[bytes], Any, int | None, bool]:
+    """An Open Inference Protocol request's one input as (encoded images, raw pixels, top-k
+    of the classification extension or None, binary output wanted).
+
+    Raises:
+      InvalidArgument, ValueError, KeyError, TypeError, AttributeError: malformed request.
+    """
+    offset = 0
+    inputs = doc.get("inputs") or []
+    if len(inputs) != 1:
+        raise E.InvalidArgument(f"{len(inputs)} inputs; exactly one is allowed")
+    inp = inputs[0]
+    raw = None
+    size = (inp.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        raw, offset = binary[offset:offset + int(size)], offset + int(size)
+    data = inp.get("data") or []
+    flat = list(np.ravel(np.asarray(data, dtype=object))) if data else []
+    encoded, pixels = infer_input(inp.get("datatype", ""), list(inp.get("shape", [])), raw,
+                                  [int(v) for v in flat] if inp.get("datatype") == "UINT8" and raw is None else [],
+                                  [base64.b64decode(v) for v in flat] if inp.get("datatype") == "BYTES" and raw is None else [])
+    outputs = [(o.get("name", ""), o.get("parameters") or {}) for o in doc.get("outputs") or []]
+    k = requested_classification(outputs)
+    want_binary = any(p.get("binary_data", False) for _, p in outputs) or \
+        bool((doc.get("parameters") or {}).get("binary_data_output", False))
+    return encoded, pixels, k, want_binary
+
+
 async def _read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
+    declared = _content_length(request)
+    if declared is not None and declared > limit:
         raise E.TooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -76,13 +76,16 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
     for i, data in enumerate(encoded):
         try:
             with Image.open(io.BytesIO(data)) as im:
-                im.load()
+                # the header's size is checked before anything is decoded (decompression bombs)
                 if im.width > MAX_IMAGE_SIDE or im.height > MAX_IMAGE_SIDE:
                     raise E.InvalidArgument(f"image {i} is {im.width}x{im.height}; at most {MAX_IMAGE_SIDE} per side")
+                im.load()
                 converted = im.convert("L" if c == 1 else "RGB")
                 if converted.size != (w, h):
                     converted = converted.resize((w, h), Image.Resampling.BILINEAR)
                 arr = np.asarray(converted, np.uint8)
+        except Image.DecompressionBombError as e:
+            raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is too large to decode: {e}") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is not a decodable image: {e}") from e
         out[i] = arr.reshape(h, w, -1)[..., :c] if c in (1, 3) else np.repeat(arr.reshape(h, w, -1)[..., :1], c, -1)
@@ -247,12 +250,12 @@ class Service:
             with open(body_path, "rb") as f:
                 magic = f.read(4)
             if magic[:2] == b"PK" and _is_npz(body_path):
-                splits, names = D.load_npz(body_path)
-                names = names or [str(i) for i in range(int(max(y.max() for _, y in splits.values())) + 1)]
+                splits, given = D.load_npz(body_path, self.config.max_archive_bytes)
+                names = D.label_names_for(splits, given)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     D.safe_extract(FsPath(body_path), FsPath(tmp), self.config.max_archive_bytes)
-                    splits, names = D.load_image_folder(tmp)
+                    splits, names = D.load_image_folder(tmp, self.config.max_archive_bytes)
             add_task_arrays(self.store, name, splits, names, source="upload", private=private, acl_group=acl_group)
         except Exception as e:
             raise E.to_service_error(e) or e

@@ -136,3 +136,81 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
     np.savez(tmp_path / "p.npz", x_train=np.array([object()], dtype=object), y_train=np.array([0]))
     with pytest.raises(D.DatasetError, match="pickled"):
         D.load_npz(tmp_path / "p.npz")
+
+
+def _npz_bytes(**arrays):
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def test_hostile_npz_uploads_are_refused_before_they_are_decoded(tmp_path):
+    # 200 MB of zeros compresses to a few hundred KB: refused from the .npy headers
+    bomb = _npz_bytes(x_train=np.zeros((800, 512, 512), np.uint8), y_train=np.zeros(800, np.int64))
+    assert len(bomb) < 2 << 20
+    with pytest.raises(D.DatasetError, match="decode to more than"):
+        D.load_npz(bomb, max_bytes=64 << 20)
+    # a huge class id is refused before any label name is made (it once exhausted memory)
+    splits, names = D.load_npz(_npz_bytes(x_train=np.zeros((40, 8, 8), np.uint8),
+                                          y_train=np.array([0] * 39 + [10 ** 15], np.int64)))
+    with pytest.raises(D.DatasetError, match=r"label ids span \[0, 1000000000000000\]; allowed: 0..999"):
+        D.label_names_for(splits, names)
+    with pytest.raises(D.DatasetError, match="label ids span"):
+        D.label_names_for({"train": (np.zeros((2, 8, 8, 1), np.uint8), np.array([-1, 0]))}, None)
+    empty, names = D.load_npz(_npz_bytes(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)))
+    with pytest.raises(D.DatasetError, match="no labelled examples"):
+        D.label_names_for(empty, names)
+    with pytest.raises(D.DatasetError, match="pixels"):
+        D.load_npz(_npz_bytes(x_train=np.zeros((1, 5000, 5000), np.uint8), y_train=np.zeros(1, np.int64)))
+    with pytest.raises(D.DatasetError, match="not a valid .npz"):
+        D.load_npz(_npz_bytes(x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))[:-30])
+
+
+def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
+    from PIL import Image
+
+    # an image whose header says 8000 x 8000 is refused before it is decoded
+    big = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(big, format="PNG")
+    with zipfile.ZipFile(tmp_path / "big.zip", "w") as zf:
+        zf.writestr("cat/big.png", big.getvalue())
+        for i in range(12):
+            zf.writestr(f"cat/{i}.png", _png(i))
+            zf.writestr(f"dog/{i}.png", _png(100 + i))
+    with pytest.raises(D.DatasetError, match="8000x8000; at most"):
+        D.load_source(str(tmp_path / "big.zip"))
+    # a decoded-size budget over all images
+    _folder(tmp_path / "ok", n=12)
+    with pytest.raises(D.DatasetError, match="decode to more than"):
+        D.load_image_folder(tmp_path / "ok", max_bytes=6 * 6 * 3 * 10)
+    # a truncated .tar.gz and a zip member with a bad CRC
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "ok", arcname=".")
+    data = (tmp_path / "t.tar.gz").read_bytes()
+    (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(D.DatasetError, match="truncated or corrupt|neither"):
+        D.safe_extract(tmp_path / "cut.tar.gz", tmp_path / "out1")
+    with zipfile.ZipFile(tmp_path / "crc.zip", "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("cat/0.png", _png(1))
+    raw = bytearray((tmp_path / "crc.zip").read_bytes())
+    at = raw.index(b"IHDR") + 8
+    raw[at] ^= 0xFF  # flip a byte inside the stored member: its CRC no longer matches
+    (tmp_path / "crc.zip").write_bytes(bytes(raw))
+    with pytest.raises(D.DatasetError, match="corrupt"):
+        D.safe_extract(tmp_path / "crc.zip", tmp_path / "out2")
+
+
+def test_macos_archives_and_small_datasets_are_accepted(tmp_path):
+    with zipfile.ZipFile(tmp_path / "mac.zip", "w") as zf:
+        for label in ("cat", "dog"):
+            for i in range(30):  # 2 classes x 30 images: the smallest upload a user should be able to make
+                zf.writestr(f"pets/{label}/{i}.png", _png(i + (100 if label == "dog" else 0)))
+                zf.writestr(f"__MACOSX/pets/{label}/._{i}.png", b"\x00\x05\x16\x07 resource fork")
+            zf.writestr(f"pets/{label}/.DS_Store", b"\x00\x00\x00\x01Bud1")
+            zf.writestr(f"pets/{label}/Thumbs.db", b"\xd0\xcf\x11\xe0")
+        zf.writestr("__MACOSX/._pets", b"\x00\x05\x16\x07")
+    splits, names = D.load_source(str(tmp_path / "mac.zip"))
+    assert names == ["cat", "dog"] and len(splits["train"][1]) == 60
+    stored, exprs = D.finalize_splits(splits, names)
+    sizes = {role: D._split_size(expr, {k: len(v[1]) for k, v in stored.items()}) for role, expr in exprs.items()}
+    assert sizes == {"train": 42, "validation": 12, "test": 6}

@@ -221,7 +221,62 @@ def _many_classes():
     return buf.getvalue()
 
 
+def _npz(**arrays):
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def _huge_class_id():
+    # one label id of 10**15: the server once built 10**15 label names from it and died
+    return _npz(x_train=np.zeros((40, 8, 8), np.uint8), y_train=np.array([0] * 39 + [10 ** 15], np.int64))
+
+
+def _truncated_tar_gz():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        for c in ("a", "b"):
+            for i in range(20):
+                data = _png(i)
+                info = tarfile.TarInfo(f"{c}/{i}.png")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+def _corrupt_zip_member():
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for c in ("a", "b"):
+            for i in range(20):
+                zf.writestr(f"{c}/{i}.png", _png(i))
+    raw = bytearray(buf.getvalue())
+    raw[raw.index(b"IHDR") + 8] ^= 0xFF  # the first member's bytes no longer match its CRC
+    return bytes(raw)
+
+
+def _pixel_bomb():
+    big = io.BytesIO()
+    Image.new("L", (8000, 8000)).save(big, format="PNG")  # 64 M pixels, a few KB compressed
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("a/big.png", big.getvalue())
+        for i in range(20):
+            zf.writestr(f"a/{i}.png", _png(i))
+            zf.writestr(f"b/{i}.png", _png(100 + i))
+    return buf.getvalue()
+
+
 BAD_DATASETS = {
+    "huge_class_id": (_huge_class_id, "label ids span [0, 1000000000000000]"),
+    "npz_decode_bomb": (lambda: _npz(x_train=np.zeros((40, 512, 512), np.uint8), y_train=np.zeros(40, np.int64)),
+                        "decode to more than"),
+    "empty_npz": (lambda: _npz(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)),
+                  "no labelled examples"),
+    "no_arrays": (lambda: _npz(), "no class folders"),
+    "truncated_tar_gz": (_truncated_tar_gz, "tar"),
+    "corrupt_zip_member": (_corrupt_zip_member, "corrupt"),
+    "pixel_bomb": (_pixel_bomb, "8000x8000; at most"),
     "traversal": (lambda: _tar([("../../evil.png", _png(1), "file")]), "parent path"),
     "absolute": (_abs_zip, "absolute"),
     "symlink": (lambda: _tar([("cat/a.png", b"", "sym")]), "link"),
@@ -259,6 +314,71 @@ def test_bad_uploads_are_rejected_and_nothing_stored_is_lost(static_server, prob
     assert match in r.json()["error"]
     assert ([t.name for t in store.list_tasks()], store.system_version()) == before
     assert not os.path.exists("/etc/evil.png")
+
+
+def test_small_and_macos_uploads_are_accepted(static_server):
+    """2 classes x 30 images (a test split of 6) and a zip made on macOS (one top folder,
+    ``__MACOSX/`` and ``.DS_Store`` beside the images) become tasks with the right classes."""
+    server, store = static_server
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for label in ("cat", "dog"):
+            for i in range(30):
+                zf.writestr(f"pets/{label}/{i}.png", _png(i + (100 if label == "dog" else 0)))
+                zf.writestr(f"__MACOSX/pets/{label}/._{i}.png", b"\x00\x05\x16\x07")
+            zf.writestr(f"pets/{label}/.DS_Store", b"Bud1")
+    try:
+        r = httpx.post(server.http + "/v1/tasks", params={"name": "pets"}, content=buf.getvalue(),
+                       headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        assert r.status_code == 202, r.text
+        task = r.json()
+        assert task["labels"] == ["cat", "dog"] and sum(task["num_examples"].values()) == 60
+    finally:
+        httpx.delete(server.http + "/v1/tasks/pets", headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_malformed_requests_are_400s(static_server):
+    server, _ = static_server
+    x, _ = digits_splits()["test"]
+    png = _png(3)
+    r = httpx.post(server.http + "/v1/tasks/digits/classify", params={"top_k": "abc"}, content=png)
+    assert r.status_code == 400 and "top_k='abc' is not an integer" in r.json()["error"]
+    r = httpx.post(server.http + "/v1/tasks/digits/classify", json=[1, 2])
+    assert r.status_code == 400 and "JSON classify body is a list" in r.json()["error"]
+    r = httpx.post(server.http + "/v2/models/digits/infer", json=[1, 2])
+    assert r.status_code == 400 and "JSON list" in r.json()["error"]
+    r = httpx.post(server.http + "/v2/models/digits/infer",
+                   json={"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": ["x"]}]})
+    assert r.status_code == 400 and "malformed inference request" in r.json()["error"]
+    r = httpx.post(server.http + "/v2/models/digits/infer", json={"inputs": 7})
+    assert r.status_code == 400, r.text
+    # the server still answers correctly afterwards
+    r = httpx.post(server.http + "/v1/tasks/digits/classify", content=png)
+    assert r.status_code == 200 and len(r.json()["results"]) == 1
+
+
+def test_an_unexpected_error_is_a_500_with_a_request_id_and_no_internals(tmp_path, caplog):
+    import asyncio
+
+    from mu2net.server.http_api import build_app
+
+    class Broken:
+        metrics = None
+
+        def list_tasks(self):
+            raise RuntimeError("secret internal detail /var/lib/thing")
+
+    async def get() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_app(Broken(), str(tmp_path)))  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.get("/v1/tasks")
+
+    r = asyncio.run(get())
+    assert r.status_code == 500
+    body = r.json()
+    assert body["error"] == "internal server error" and re.fullmatch(r"[0-9a-f]{32}", body["request_id"])
+    assert "secret" not in r.text
+    assert body["request_id"] in caplog.text and "secret internal detail" in caplog.text  # logged for the operator
 
 
 def test_request_errors_map_to_the_right_codes(static_server):
