@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import struct
 import time
+import uuid
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -27,6 +29,7 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["classification", "binary_tensor_data"]
 INPUT_NAME = "IMAGE"
 OUTPUT_NAME = "PROBABILITIES"
+log = logging.getLogger("mu2net.server")
 
 
 def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
@@ -38,11 +41,16 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
             code = "OK"
             try:
                 return await fn(self, request, context)
+            except grpc.aio.AbortError:
+                raise
             except Exception as e:
                 err = E.to_service_error(e)
-                if err is None:
+                if err is None:  # a bug: logged with a request id; the client sees no internals
                     code = "INTERNAL"
-                    raise
+                    request_id = uuid.uuid4().hex
+                    log.exception("gRPC %s failed (request id %s)", fn.__name__, request_id)
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})",
+                                        trailing_metadata=(("mu2net-request-id", request_id),))
                 status, _ = E.codes(err)
                 code = status.name
                 await context.abort(status, str(err), trailing_metadata=(("mu2net-error", type(err).__name__),))
