@@ -263,10 +263,15 @@ def _fraction_arg(text: str) -> float:
 def cmd_evolve(args: argparse.Namespace) -> int:
     from mu2net.evolver import Evolver, add_task
     from mu2net.server.compute import split_cpu_devices
-    from mu2net.store import Store, TaskExists
+    from mu2net.store import EvolverRunning, Store, TaskExists, evolver_lock
 
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     split_cpu_devices(args.cpu_devices)
+    try:
+        lock = evolver_lock(args.data_dir)  # noqa: F841 (held until the process exits)
+    except EvolverRunning as e:
+        print(f"mu2net evolve: error: {e}", file=sys.stderr)
+        return 2
     store = Store(args.data_dir)
     ensure_root(store, args)
     groups = dict(g.split("=", 1) for g in args.acl_group)

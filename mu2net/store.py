@@ -116,6 +116,37 @@ class TaskNotFound(StoreError, KeyError):
     """No task of that name exists."""
 
 
+#: Lock file of the single evolver a store may have (``filelock``; see :func:`evolver_lock`).
+EVOLVER_LOCK = "evolver.lock"
+
+
+class EvolverRunning(StoreError):
+    """Another evolver process holds the store's evolver lock."""
+
+
+def evolver_lock(data_dir: str | os.PathLike[str]) -> Any:
+    """Takes the store's single-writer evolver lock (``DIR/evolver.lock``) without waiting.
+
+    Exactly one evolver (the ``mu2net serve`` evolver process or ``mu2net evolve``) may
+    train on a store; the lock is an OS file lock, so it is released when its process dies
+    (also by SIGKILL). Keep the returned lock referenced for as long as the evolver runs.
+
+    Raises:
+      EvolverRunning: naming the lock file, when another process holds it.
+    """
+    import filelock
+
+    path = os.path.join(os.fspath(data_dir), EVOLVER_LOCK)
+    os.makedirs(os.fspath(data_dir), exist_ok=True)
+    lock = filelock.FileLock(path)
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise EvolverRunning(f"another evolver process is running on the store {os.fspath(data_dir)!r} (it holds "
+                             f"{path}); stop it first: a store has one evolver at a time") from None
+    return lock
+
+
 class TaskExists(StoreError):
     """A task of that name already exists."""
 

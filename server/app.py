@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -50,8 +51,13 @@ class EvolverSupervisor:
     _task: asyncio.Task[None] | None = None
     _stopping: bool = False
 
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        # --parent-pid: the evolver dies with its server, even when the server is killed with SIGKILL
+        return subprocess.Popen([sys.executable, "-m", "mu2net.server.evolver_process", *self.argv,
+                                 "--parent-pid", str(os.getpid())])
+
     def start(self) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "mu2net.server.evolver_process", *self.argv])
+        self.process = self._spawn()
         self._task = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
@@ -68,7 +74,7 @@ class EvolverSupervisor:
                 self.restarts += 1
                 if self.metrics is not None:
                     self.metrics.evolver_restarts.inc()
-                self.process = subprocess.Popen([sys.executable, "-m", "mu2net.server.evolver_process", *self.argv])
+                self.process = self._spawn()
 
     async def stop(self) -> None:
         self._stopping = True

@@ -19,22 +19,51 @@ import time
 from typing import Sequence
 
 
+def die_with_parent(parent: int) -> None:
+    """Makes this process get SIGTERM when ``parent`` dies (Linux ``prctl(PR_SET_PDEATHSIG)``;
+    elsewhere a thread polls the parent pid every second); exits at once if it is gone already."""
+    import threading
+
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    else:
+        def watch() -> None:
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os.kill(os.getpid(), signal.SIGTERM)
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    if os.getppid() != parent:
+        print(f"evolver: the server process {parent} is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from mu2net import cli
     from mu2net.evolver import Evolver
     from mu2net.server.compute import split_cpu_devices
-    from mu2net.store import Store
+    from mu2net.store import EvolverRunning, Store, evolver_lock
 
     parser = argparse.ArgumentParser(prog="mu2net-evolver")
     parser.add_argument("--data-dir", required=True)
     parser.add_argument("--poll-seconds", type=float, default=2.0)
     parser.add_argument("--continual", action="store_true",
                         help="keep running task iterations after --iterations while a task is awake")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the server) dies, even by SIGKILL")
     cli.add_evolver_args(parser)
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        die_with_parent(args.parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s evolver %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
+    try:
+        lock = evolver_lock(args.data_dir)  # noqa: F841 (one evolver per store; held until exit)
+    except EvolverRunning as e:
+        print(f"evolver: {e}", file=sys.stderr, flush=True)
+        return 3
     store = Store(args.data_dir)
     args.preempt = True  # serving: a new upload starts at the next generation boundary
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)

@@ -777,3 +777,55 @@ def test_cli_status_wake_and_wait_log_no_http_requests(static_server, tmp_path):
     finally:
         with Client(server.grpc, server.http, token=TOKEN) as client:
             client.delete("cli_wait")
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_the_evolver_dies_with_a_killed_server_and_a_store_has_one_evolver(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mu2net.store import EvolverRunning, evolver_lock
+
+    data = str(tmp_path / "store")
+    server = RunningServer(data, TINY_SERVE_ARGS)
+    try:
+        deadline = time.time() + 60
+        while not _children(server.proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        (evolver,) = _children(server.proc.pid)
+        deadline = time.time() + 60  # the evolver takes the store's lock once it has started
+        while time.time() < deadline:
+            try:
+                evolver_lock(data).release()
+            except EvolverRunning:
+                break
+            time.sleep(0.2)
+        with pytest.raises(EvolverRunning, match="another evolver process is running"):
+            evolver_lock(data)
+        # a second evolver on the same store refuses with a clear error
+        second = subprocess.run([sys.executable, "-m", "mu2net.server.evolver_process", "--data-dir", data],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 3 and "another evolver process is running" in second.stderr, second.stderr
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(30)
+        deadline = time.time() + 30
+        while _alive(evolver) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not _alive(evolver), "the evolver outlived its SIGKILLed server"
+        evolver_lock(data).release()  # its lock went with it: a restarted server can evolve
+    finally:
+        server.stop()
