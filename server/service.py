@@ -269,7 +269,11 @@ class Service:
         return {"deleted": name, "requeued": requeued}
 
     def check_admin(self, token: str | None) -> None:
-        if self.config.admin_token is not None and token != self.config.admin_token:
+        """Raises Unauthenticated unless ``token`` is the admin token (constant-time comparison)."""
+        import hmac
+
+        expected = self.config.admin_token
+        if expected is not None and (token is None or not hmac.compare_digest(token.encode(), expected.encode())):
             raise E.Unauthenticated("this call needs the server's admin bearer token (Authorization: Bearer ...)")
 
     # ---- system -------------------------------------------------------------------------
