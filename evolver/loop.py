@@ -36,6 +36,10 @@ from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, tra
 from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, new_id, serialize_tree
 
 log = logging.getLogger("mu2net.evolver")
+#: Active phases of one task in a row that may fail (raise, or kill the evolver process)
+#: before the task ends ``failed``; between them it backs off BACKOFF_SECONDS * 2**(n-1).
+MAX_PHASE_ATTEMPTS = 3
+BACKOFF_SECONDS = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,6 +249,7 @@ class Evolver:
         self.config = config
         self.progress = progress
         self.devices = list(devices or jax.local_devices())
+        self.active_task: str | None = None  # the task of the running active phase
         root = store.root_path()
         if root is None:
             raise StoreError(f"store {store.data_dir} has no root model; initialise it first")
@@ -279,20 +284,45 @@ class Evolver:
         while (task := self.next_task(iterations, continual)) is not None:
             if stop is not None and stop():
                 break
+            attempt = self.store.begin_attempt(task.name)
+            if attempt > MAX_PHASE_ATTEMPTS:  # its last phases killed the evolver process itself
+                log.error("task %s failed: %d active phases in a row did not end", task.name, attempt - 1)
+                self.store.set_task_state(task.name, "failed", f"{attempt - 1} active phases in a row crashed the "
+                                          f"evolver (last error: {task.error or 'the process died'})")
+                continue
+            self.active_task = task.name
             try:
                 self.active_phase(task.name)
+                self.store.end_attempt(task.name)
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
                 self.store.set_task_state(task.name, "failed", str(e))
             except StoreError as e:
                 if any(t.name == task.name for t in self.store.list_tasks()):
-                    log.error("task %s failed: %s", task.name, e)
-                    self.store.set_task_state(task.name, "failed", str(e))
+                    # e.g. a component it was using went with a deleted task: a new phase starts
+                    # from the store as it is now, so the task is retried, not failed at once
+                    self._phase_raised(task, attempt, e)
                 else:  # deleted during its active phase
                     log.warning("task %s was deleted during its active phase", task.name)
+            except Exception as e:  # a bug or a fault: back off, other tasks go on
+                self._phase_raised(task, attempt, e)
+            finally:
+                self.active_task = None
             phases += 1
         self._status("idle")
         return phases
+
+    def _phase_raised(self, task: TaskRecord, attempt: int, error: Exception) -> None:
+        """A phase raised: the task backs off (BACKOFF_SECONDS * 2**(attempt-1)) while other
+        tasks go on, and ends ``failed`` after MAX_PHASE_ATTEMPTS such phases in a row."""
+        log.error("task %s: active phase (attempt %d of %d) raised", task.name, attempt, MAX_PHASE_ATTEMPTS,
+                  exc_info=error)
+        reason = f"{type(error).__name__}: {error}"
+        if attempt >= MAX_PHASE_ATTEMPTS:
+            self.store.set_task_state(task.name, "failed", f"{attempt} active phases in a row raised; last: {reason}")
+        else:
+            self.store.end_attempt(task.name, completed=False,
+                                   retry_after=time.time() + BACKOFF_SECONDS * 2 ** (attempt - 1), error=reason)
 
     def _status(self, state: str, task: TaskRecord | None = None, **fields: Any) -> None:
         """Writes what the evolver is doing now to the store (read by the server's status)."""

@@ -11,11 +11,13 @@ Order, first match wins:
    it may use (public, or of its ACL group) publishes after it paused, or when a user asks
    (``POST /v1/tasks/{name}/evolve``).
 
-Failed tasks are never chosen.
+Failed tasks are never chosen, nor a task backing off after a crashed phase (until its
+``retry_after``).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Mapping, Sequence
 
 from mu2net.store import TaskRecord
@@ -34,7 +36,7 @@ def woken(task: TaskRecord, tasks: Sequence[TaskRecord], served_versions: Mappin
 
 
 def next_task(tasks: Sequence[TaskRecord], served_versions: Mapping[str, int], iterations: int,
-              continual: bool) -> TaskRecord | None:
+              continual: bool, now: float | None = None) -> TaskRecord | None:
     """The next active task (see the module docstring), or None if there is nothing to do.
 
     Args:
@@ -43,8 +45,10 @@ def next_task(tasks: Sequence[TaskRecord], served_versions: Mapping[str, int], i
         :meth:`mu2net.store.Store.served_versions`); a task missing here was never served.
       iterations: task iterations every task gets before continual evolution.
       continual: keep evolving served tasks after their ``iterations``.
+      now: unix time compared with each task's ``retry_after`` (default: the clock).
     """
-    live = [t for t in tasks if t.state != "failed"]
+    now = time.time() if now is None else now
+    live = [t for t in tasks if t.state != "failed" and (t.retry_after is None or t.retry_after <= now)]
     new = [t for t in live if t.name not in served_versions]
     if new:
         return min(new, key=lambda t: t.seq)

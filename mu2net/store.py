@@ -57,7 +57,9 @@ CREATE TABLE IF NOT EXISTS tasks (
   improved_at REAL,
   stale_iterations INTEGER NOT NULL DEFAULT 0,
   paused_version INTEGER,
-  samples_trained INTEGER NOT NULL DEFAULT 0
+  samples_trained INTEGER NOT NULL DEFAULT 0,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  retry_after REAL
 );
 CREATE TABLE IF NOT EXISTS components (
   id TEXT PRIMARY KEY,
@@ -104,7 +106,8 @@ ROOT_PATH_ID = "root"
 
 #: Columns added to ``tasks`` after the first release (added to older stores on open).
 _TASK_COLUMNS_ADDED = (("improved_at", "REAL"), ("stale_iterations", "INTEGER NOT NULL DEFAULT 0"),
-                       ("paused_version", "INTEGER"), ("samples_trained", "INTEGER NOT NULL DEFAULT 0"))
+                       ("paused_version", "INTEGER"), ("samples_trained", "INTEGER NOT NULL DEFAULT 0"),
+                       ("attempts", "INTEGER NOT NULL DEFAULT 0"), ("retry_after", "REAL"))
 _HISTORY_COLUMNS_ADDED = (("samples_trained", "INTEGER"), ("lineage_samples", "INTEGER"))
 
 
@@ -174,6 +177,10 @@ class TaskRecord:
         while it is evolving); see :meth:`Store.set_evolution`.
       samples_trained: training examples every child of the task's phases trained on, kept
         or not (:meth:`Store.add_samples_trained`).
+      attempts: active phases of the task begun in a row that did not end (an exception, or
+        the evolver process dying inside it); see :meth:`Store.begin_attempt`.
+      retry_after: unix time before which the evolver does not start the task again (back
+        off after a crashed phase), or None.
     """
 
     name: str
@@ -193,6 +200,8 @@ class TaskRecord:
     stale_iterations: int = 0
     paused_version: int | None = None
     samples_trained: int = 0
+    attempts: int = 0
+    retry_after: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -377,7 +386,8 @@ class Store:
             dataset_dir=row["dataset_dir"], source=row["source"], state=row["state"],
             iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"],
             improved_at=row["improved_at"], stale_iterations=row["stale_iterations"],
-            paused_version=row["paused_version"], samples_trained=row["samples_trained"])
+            paused_version=row["paused_version"], samples_trained=row["samples_trained"],
+            attempts=row["attempts"], retry_after=row["retry_after"])
 
     def add_task(self, task: TaskRecord) -> TaskRecord:
         """Inserts a task at the end of the queue.
@@ -417,6 +427,43 @@ class Store:
             cur = db.execute("UPDATE tasks SET state=?, error=? WHERE name=?", (state, error, name))
             if cur.rowcount == 0:
                 raise TaskNotFound(f"unknown task {name!r}")
+
+    def begin_attempt(self, name: str) -> int:
+        """Records that an active phase of the task begins; returns the attempts in a row so
+        far, this one included. Persisted before the phase runs, so a phase that kills its
+        process (out of memory, a crash) is counted too; :meth:`end_attempt` ends it.
+
+        Raises:
+          TaskNotFound: if there is no such task.
+        """
+        with self.transaction() as db:
+            if db.execute("UPDATE tasks SET attempts = attempts + 1 WHERE name=?", (name,)).rowcount == 0:
+                raise TaskNotFound(f"unknown task {name!r}")
+            return int(db.execute("SELECT attempts FROM tasks WHERE name=?", (name,)).fetchone()[0])
+
+    def end_attempt(self, name: str, *, completed: bool = True, retry_after: float | None = None,
+                    error: str | None = None) -> None:
+        """Ends the attempt :meth:`begin_attempt` began.
+
+        Args:
+          name: the task.
+          completed: the phase ended normally (the attempt count restarts at 0); False for a
+            phase that raised, which stays counted, with ``retry_after`` (unix time) and
+            ``error`` (kept in the task's ``error`` while it is not failed).
+
+        A phase stopped on purpose (the evolver's SIGTERM) should call
+        :meth:`cancel_attempt` instead. Unknown tasks (deleted meanwhile) are ignored.
+        """
+        with self.transaction() as db:
+            if completed:
+                db.execute("UPDATE tasks SET attempts=0, retry_after=NULL WHERE name=?", (name,))
+            else:
+                db.execute("UPDATE tasks SET retry_after=?, error=? WHERE name=?", (retry_after, error, name))
+
+    def cancel_attempt(self, name: str) -> None:
+        """Uncounts the running attempt of a phase that was stopped on purpose (SIGTERM)."""
+        with self.transaction() as db:
+            db.execute("UPDATE tasks SET attempts = MAX(0, attempts - 1) WHERE name=?", (name,))
 
     def set_evolution(self, name: str, *, stale_iterations: int, paused_version: int | None) -> None:
         """Records a task's continual-evolution state (see :class:`mu2net.evolver.Evolver`).

@@ -69,8 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
 
     def stopped(signum: int, frame: object) -> None:
-        # the server's status must not keep showing the phase this process was killed in
+        # the server's status must not keep showing the phase this process was killed in, and a
+        # phase stopped on purpose is no crash (Store.begin_attempt)
         try:
+            if evolver.active_task is not None:
+                store.cancel_attempt(evolver.active_task)
             store.set_evolver_status({"state": "stopped", "task": None, "phase": "stopped",
                                       "updated": time.time(), "pid": os.getpid()})
         except Exception as e:  # e.g. inside a transaction of the interrupted phase: exit anyway

@@ -450,3 +450,46 @@ def test_identity_insertion_starts_a_child_from_its_parents_function(tiny_store)
         params, _, _ = ev._materialize(spec, t, {}, np.random.default_rng(0))
         after = P.predict(spec.architecture, params, x)
         assert np.allclose(after, before, atol=1e-5) == same
+
+
+def test_a_crashing_task_backs_off_ends_failed_and_the_others_go_on(tiny_store, monkeypatch):
+    import mu2net.evolver.loop as loop
+    from mu2net.evolver import schedule as S
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    real = ev.active_phase
+    raised = []
+
+    def phase(name):
+        if name == "digits":
+            raised.append(name)
+            raise RuntimeError("boom")
+        return real(name)
+
+    monkeypatch.setattr(ev, "active_phase", phase)
+    monkeypatch.setattr(loop, "BACKOFF_SECONDS", 3600.0)  # longer than the other tasks' phases here
+    ev.run(1)  # the first failure backs digits off: the other two tasks go on
+    digits = tiny_store.get_task("digits")
+    assert raised == ["digits"] and digits.state != "failed" and digits.attempts == 1
+    assert digits.retry_after is not None and digits.retry_after > __import__("time").time() + 3000
+    assert "RuntimeError: boom" in digits.error
+    assert [t.iterations_done for t in tiny_store.list_tasks() if t.name != "digits"] == [1, 1]
+    assert S.next_task(tiny_store.list_tasks(), tiny_store.served_versions(), 1, False) is None  # backing off
+    monkeypatch.setattr(loop, "BACKOFF_SECONDS", 0.0)
+    tiny_store.end_attempt("digits", completed=False, retry_after=0.0, error=digits.error)
+    ev.run(1)
+    digits = tiny_store.get_task("digits")
+    assert raised == ["digits"] * 3 and digits.state == "failed"
+    assert digits.error.startswith("3 active phases in a row raised; last: RuntimeError: boom")
+    # a phase that killed its process (begun, never ended) counts as well
+    for _ in range(loop.MAX_PHASE_ATTEMPTS):
+        tiny_store.begin_attempt("small")
+    tiny_store.set_evolution("small", stale_iterations=0, paused_version=None)
+    monkeypatch.setattr(ev, "active_phase", real)
+    ev.run(2)
+    small = tiny_store.get_task("small")
+    assert small.state == "failed" and "3 active phases in a row crashed the evolver" in small.error
+    assert tiny_store.get_task("parity").iterations_done == 2  # the others still go on
+    tiny_store.begin_attempt("parity")
+    tiny_store.cancel_attempt("parity")  # a phase stopped on purpose (SIGTERM) is not counted
+    assert tiny_store.get_task("parity").attempts == 0
