@@ -117,8 +117,11 @@ def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], 
             served = [h for h in points if h["time"] - t0 <= 60 * m]
             if served:
                 last = served[-1]
+                # None in a store older than the sample columns (its lineages hold steps the
+                # count of trained samples started after)
                 share = (last["lineage_samples"] / last["samples_trained"]
-                         if last.get("lineage_samples") and last.get("samples_trained") else None)
+                         if last.get("lineage_samples") and last.get("samples_trained")
+                         and last["lineage_samples"] <= last["samples_trained"] else None)
                 marks.append({"minutes": m, "system_version": last["system_version"],
                               "validation_accuracy": last["validation_accuracy"],
                               "test_accuracy": last["test_accuracy"],

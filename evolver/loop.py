@@ -15,6 +15,7 @@ import hashlib
 import logging
 import math
 import os
+import queue
 import shutil
 import threading
 import time
@@ -97,10 +98,15 @@ class EvolverConfig:
         ``children * halving`` children and trains them in rungs ending at
         ``budget.cycles // halving**j`` cycles (for 4 cycles and eta 2: 1, 2, 4); after
         each rung only the best ``1/halving`` of the children (by best validation score so
-        far, at least one per device) train on. For 4 cycles that is the compute of
-        ``children`` plain children. A stopped child keeps its best checkpoint and goes
-        through early pruning like any other (Algorithm 1). The first-answer generation
-        is not halved.
+        far, at least one per device) train on. The compute is the sum over rungs of
+        (children training) x (cycles the rung adds): for 4 cycles, eta 2 and 4 children
+        on up to 2 devices, 8 + 4 + 2x2 = 16 child-cycles, as 4 plain children; other
+        settings differ (24 cycles, 2 children, 2 devices: 4 + 2x2 + 2x3 + 2x6 + 2x12 = 50
+        against 48), so measurements report the samples trained. Every started child
+        counts as a selection of its parent (Section 3.1), also one stopped after its
+        first rung. A stopped child keeps its best checkpoint and goes through early
+        pruning like any other (Algorithm 1); between rungs a child's state is parked on
+        the host. The first-answer generation is not halved.
       identity_insertion: a block inserted by the layer-count mutation (or the first
         answer) starts as the identity (:func:`mu2net.components.identity_block`), so the
         child starts from its parent's function; off: a randomly initialised block.
@@ -383,7 +389,9 @@ class Evolver:
             if src is None:
                 key = jax.random.PRNGKey(int(rng.integers(2 ** 31)))
                 new = C.init_component(kind, spec.architecture.config, key, spec.architecture.num_classes)
-                if kind == C.TRANSFORMER_BLOCK and self.config.identity_insertion:
+                # an inserted block preserves the parent's function; a first-answer child of a
+                # random root has no function to preserve
+                if kind == C.TRANSFORMER_BLOCK and self.config.identity_insertion and "clone_all" not in spec.mutations:
                     new = C.identity_block(new)
                 params.append(jax.device_get(new))
                 opts.append(None)
@@ -479,11 +487,12 @@ class Evolver:
                 for rec, p, o in new:
                     pending[rec.id] = _Pending(rec, p, o)
 
-        def publish_if_better() -> None:
+        def publish_if_better(strict: bool = False) -> None:
             nonlocal published
             best = best_of(population)
+            better = (lambda a, b: a > b) if strict else (lambda a, b: a >= b)
             if (cfg.publish_on_improvement and best is not None
-                    and (published is None or (best.id != published.id and _score(best) >= _score(published)))
+                    and (published is None or (best.id != published.id and better(_score(best), _score(published))))
                     and best.metrics["validation_accuracy"] > chance):
                 published = self._publish(task, best, published, pending, selections, test_split)
                 # the population holds the published record (with its test accuracy): the same
@@ -513,7 +522,10 @@ class Evolver:
             label = "first answer" if gen == 0 else f"gen {gen}/{cfg.generations}"
             bar = tqdm(total=len(specs), desc=f"{task.name} it{task.iterations_done + 1} {label}",
                        disable=not self.progress, leave=False)
-            interrupt = self._new_task_waiting(task) if cfg.preempt and published is not None else None
+            waiting = self._new_task_waiting(task) if cfg.preempt else None
+            # a served task yields to a new one; published is read at each check, so a first-answer
+            # generation that has published a child yields too
+            interrupt = (lambda: published is not None and waiting()) if waiting is not None else None
             before = len(population)
             # the first-answer generation publishes each child as it completes (a new task is
             # served as soon as one child beats chance); later generations at their end
@@ -538,7 +550,10 @@ class Evolver:
             if self.progress:
                 tqdm.write(f"[{task.name}] iteration {task.iterations_done + 1} {label}: "
                            f"best score {best_now:.4f}, population {len(population)}")
-            publish_if_better()
+            # the first-answer generation published its children as they completed (latest of
+            # equal scores in completion order): at its end only a strictly better path is
+            # published, so job order cannot publish an equal-score path again
+            publish_if_better(strict=on_done is not None)
             if cfg.preempt and published is not None and gen < cfg.generations:
                 preempted_by = self._waiting_new_task(task)
                 if preempted_by is not None:
@@ -586,20 +601,33 @@ class Evolver:
             bar.update(1)
             return out
 
-        done: list[tuple[ChildSpec, P.Path, list] | None] = []
-        if len(self.devices) == 1:
-            for j in jobs:
-                done.append(run(j))
-                if on_done is not None and done[-1] is not None:
-                    on_done(done[-1])
-        else:
+        done: list[tuple[ChildSpec, P.Path, list] | None] = [None] * len(jobs)
+        finished: queue.Queue[int] = queue.Queue()
+
+        def device_queue(d: int, indices: list[int]) -> None:
+            try:
+                for i in indices:  # one child at a time per device
+                    done[i] = run(jobs[i])
+                    finished.put(i)
+            finally:
+                finished.put(-1)  # this device's queue is done (or raised)
+
+        # job i runs on device i % n (as placed above), one queue per device
+        queues = [list(range(d, len(jobs), len(self.devices))) for d in range(len(self.devices))]
+        if on_done is None:
+            self._each_device(device_queue, queues)
+        else:  # each child is reported in this thread as it completes
             with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
-                futures = [pool.submit(run, j) for j in jobs]
-                if on_done is not None:
-                    for future in concurrent.futures.as_completed(futures):
-                        if future.result() is not None:
-                            on_done(future.result())
-                done = [f.result() for f in futures]
+                futures = [pool.submit(device_queue, d, q) for d, q in enumerate(queues)]
+                running = len(futures)
+                while running:
+                    i = finished.get()
+                    if i < 0:
+                        running -= 1
+                    elif done[i] is not None:
+                        on_done(done[i])  # type: ignore[arg-type]
+                for f in futures:
+                    f.result()  # re-raises a worker's error
         results = [r for r in done if r is not None]
         skipped = [j[0] for j, r in zip(jobs, done) if r is None]
         self.stats["children"] += len(results)
@@ -618,8 +646,8 @@ class Evolver:
         children: list[ChildTraining | None] = [None] * len(jobs)
         alive = list(range(len(jobs)))
 
-        def run(i: int, milestone: int) -> None:
-            spec, params, opts, _recs, seed, device, scored = jobs[i]
+        def run(i: int, milestone: int, device: jax.Device) -> None:
+            spec, params, opts, _recs, seed, _device, scored = jobs[i]
             child = children[i]
             if child is None:
                 if interrupt is not None and interrupt():
@@ -627,7 +655,10 @@ class Evolver:
                 child = children[i] = ChildTraining(spec.architecture, params, opts, spec.trainable, spec.hparams,
                                                     train, validation, budget, self.scorer, seed, device,
                                                     scored_params=scored)
+            else:
+                child.place(device)
             child.run(milestone - child.cycles_done, interrupt=interrupt)
+            child.park()  # between rungs a child holds no device memory
 
         for r, milestone in enumerate(rungs):
             if r > 0:
@@ -639,12 +670,9 @@ class Evolver:
                     children[i].release()  # type: ignore[union-attr]
                     bar.update(1)
                 alive = sorted(ranked[:max(floor, math.ceil(len(alive) / eta))])
-            if len(self.devices) == 1:
-                for i in alive:
-                    run(i, milestone)
-            else:
-                with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
-                    list(pool.map(lambda i: run(i, milestone), alive))
+            # each rung spreads its children over the devices, one queue per device
+            queues = [[i for k, i in enumerate(alive) if k % len(self.devices) == d] for d in range(len(self.devices))]
+            self._each_device(lambda d, queue: [run(i, milestone, self.devices[d]) for i in queue], queues)
             alive = [i for i in alive if children[i] is not None]
         results, skipped = [], []
         for i, job in enumerate(jobs):
@@ -658,6 +686,15 @@ class Evolver:
             child.release()
         self.stats["children"] += len(results)
         return results, skipped
+
+    def _each_device(self, work: Callable[[int, Any], Any], queues: Sequence[Any]) -> None:
+        """Runs ``work(d, queues[d])`` for every device d, in parallel when there are several."""
+        if len(self.devices) == 1:
+            work(0, queues[0])
+            return
+        with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+            for f in [pool.submit(work, d, q) for d, q in enumerate(queues)]:
+                f.result()
 
     def _child_path(self, spec: ChildSpec, task: TaskRecord, params: Sequence[Any],
                     recs: Sequence[ComponentRecord | None], result: TrainResult,

@@ -205,6 +205,7 @@ class ChildTraining:
         self.activated = sum(C.num_params(p) for p in params) if scored_params is None else scored_params
         self.best: TrainResult | None = None
         self._val_activations: list[jax.Array] | None = None
+        self._parked = False
         self.history: list[float] = []
         self.step, self.images, self.seconds = 0, 0, 0.0
 
@@ -222,6 +223,8 @@ class ChildTraining:
         """Trains up to ``cycles`` more cycles (never past ``budget.cycles``), validating after
         each and keeping the best checkpoint; ``on_cycle`` and ``interrupt`` as in
         :func:`train_child` (``interrupt`` is not asked after the budget's last cycle)."""
+        if self._parked:
+            raise RuntimeError("a parked child must be placed on a device before it trains")
         x_train, y_train = self.train
         n, b, put = len(x_train), self.budget.batch_size, self._put
         for _ in range(min(cycles, self.budget.cycles - self.cycles_done)):
@@ -291,6 +294,23 @@ class ChildTraining:
         return dataclasses.replace(self.best, history=tuple(self.history),
                                    images_per_second=self.images / self.seconds if self.seconds else 0.0,
                                    samples=self.images)
+
+    def park(self) -> None:
+        """Moves the child's state to the host and drops its cached validation activations,
+        so a child waiting for its next rung holds no device memory; :meth:`run` (after
+        :meth:`place`) puts it back."""
+        self.prefix, self.suffix, self.momentum = jax.device_get((self.prefix, self.suffix, self.momentum))
+        self._val_activations = None
+        self._parked = True
+
+    def place(self, device: jax.Device) -> None:
+        """Puts a parked (or placed) child's state on ``device``, where its next cycles run."""
+        self._put = functools.partial(jax.device_put, device=device)
+        put = self._put
+        self.prefix, self.suffix, self.momentum = put(self.prefix), put(self.suffix), put(self.momentum)
+        self.suffix_mask, self.hp, self.total = put(self.suffix_mask), put(self.hp), put(self.total)
+        self._val_activations = None
+        self._parked = False
 
     def release(self) -> None:
         """Drops the device arrays (a stopped child keeps only its best checkpoint on the host)."""

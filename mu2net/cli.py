@@ -66,7 +66,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cycles", type=int, default=4, help="train/validation cycles per child")
     p.add_argument("--sample-cap", type=int, default=4096, help="most training examples per cycle")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--min-cycle-samples", type=int, default=0, metavar="N",
+    p.add_argument("--min-cycle-samples", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="N",
                    help="fewest training examples per cycle: a small training split is repeated for several "
                         "epochs per cycle (a cycle is min(--sample-cap, max(1 epoch, N)); 0: one epoch at most)")
     p.add_argument("--paper-preset", action="store_true", help="use the paper's budget (slow on a CPU)")
@@ -166,6 +166,9 @@ def ensure_root(store: Any, args: argparse.Namespace) -> None:
     if store.root_path() is not None:
         return
     if args.root_checkpoint:
+        if args.stem != "patch" or args.root_blocks:
+            raise SystemExit("mu2net: error: --stem and --root-blocks describe a random root; a --root-checkpoint "
+                             "brings its own architecture")
         arch, params = R.load_vit_checkpoint(args.root_checkpoint)
     else:
         stem = C.CONV_STEM if args.stem == "conv" else C.PATCH_EMBEDDING

@@ -387,14 +387,19 @@ def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None
                                            f"{list(IMAGE_SUFFIXES)}")
                     items.append((f, li))
         files[split] = items
-    decoded = 0
-    for items in files.values():
-        for f, _ in items:
-            w, h = image_size(f)
+    # sizes from the headers first: what decoding each image costs, and what the stacked
+    # arrays cost once every image is resized to the most common size
+    sizes = [(f, image_size(f)) for items in files.values() for f, _ in items]
+    if sizes:
+        decoded, target = 0, collections.Counter((h, w) for _, (w, h) in sizes).most_common(1)[0][0]
+        for f, (w, h) in sizes:
             decoded += w * h * 3
             if decoded > limit:
                 raise DatasetError(f"the images decode to more than {limit} bytes (at {f.name!r}); refusing "
                                    "(size guard)")
+        if len(sizes) * target[0] * target[1] * 3 > limit:
+            raise DatasetError(f"{len(sizes)} images at their common size {target[1]}x{target[0]} need more than "
+                               f"{limit} bytes; refusing (size guard)")
     images = {s: [_load_image(f) for f, _ in items] for s, items in files.items()}
     every = [im for ims in images.values() for im in ims]
     if not every:

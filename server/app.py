@@ -66,7 +66,11 @@ class EvolverSupervisor:
             if self.process is not None and self.process.poll() is not None and not self._stopping:
                 code = self.process.returncode
                 delay = min(30.0, 2.0 ** min(self.restarts, 5))
-                log.warning("evolver process exited with %s; restarting in %.0fs", code, delay)
+                if code == 3:  # evolver_process: another evolver holds the store's lock
+                    log.warning("another evolver process runs on this store (it holds its evolver.lock); "
+                                "this server's evolver retries in %.0fs", delay)
+                else:
+                    log.warning("evolver process exited with %s; restarting in %.0fs", code, delay)
                 await asyncio.to_thread(self._record, "restarting")
                 await asyncio.sleep(delay)
                 if self._stopping:

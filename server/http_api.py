@@ -44,7 +44,7 @@ def _content_length(request: Request) -> int | None:
     declared = request.headers.get("content-length")
     if declared is None:
         return None
-    if not declared.strip().isdigit():
+    if not (declared.strip().isascii() and declared.strip().isdigit()):
         raise E.InvalidArgument(f"Content-Length {declared!r} is not a non-negative integer")
     return int(declared)
 
@@ -286,6 +286,8 @@ def _parse_infer(doc: dict[str, Any], binary: bytes) -> tuple[list[bytes], Any, 
     raw = None
     size = (inp.get("parameters") or {}).get("binary_data_size")
     if size is not None:
+        if not 0 <= int(size) <= len(binary):
+            raise ValueError(f"binary_data_size {size} is outside 0..{len(binary)} (the binary data sent)")
         raw, offset = binary[offset:offset + int(size)], offset + int(size)
     data = inp.get("data") or []
     flat = list(np.ravel(np.asarray(data, dtype=object))) if data else []

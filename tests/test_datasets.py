@@ -183,6 +183,16 @@ def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
     _folder(tmp_path / "ok", n=12)
     with pytest.raises(D.DatasetError, match="decode to more than"):
         D.load_image_folder(tmp_path / "ok", max_bytes=6 * 6 * 3 * 10)
+    # every image is resized to the most common size: one big image among small ones of all
+    # different sizes would make that size the big one (counts tie; the first wins)
+    mixed = tmp_path / "mixed"
+    for label in ("a", "b"):
+        (mixed / label).mkdir(parents=True)
+    Image.new("L", (1000, 1000)).save(mixed / "a" / "0000.png")
+    for i in range(1, 21):
+        Image.new("L", (6 + i, 6)).save(mixed / ("a" if i % 2 else "b") / f"{i:04d}.png")
+    with pytest.raises(D.DatasetError, match="at their common size 1000x1000 need more than"):
+        D.load_image_folder(mixed, max_bytes=10 << 20)
     # a truncated .tar.gz and a zip member with a bad CRC
     with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
         tf.add(tmp_path / "ok", arcname=".")

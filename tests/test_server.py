@@ -816,6 +816,8 @@ def test_the_evolver_dies_with_a_killed_server_and_a_store_has_one_evolver(tmp_p
             time.sleep(0.2)
         with pytest.raises(EvolverRunning, match="another evolver process is running"):
             evolver_lock(data)
+        # the evolver that holds the lock (a probe above may have made an earlier one exit and restart)
+        (evolver,) = _children(server.proc.pid)
         # a second evolver on the same store refuses with a clear error
         second = subprocess.run([sys.executable, "-m", "mu2net.server.evolver_process", "--data-dir", data],
                                 capture_output=True, text=True, timeout=120)
