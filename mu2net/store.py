@@ -591,6 +591,20 @@ class Store:
         """Every retained path: the root model and each task's best path."""
         return [self._path(r) for r in self._query("SELECT * FROM paths ORDER BY system_version, id")]
 
+    def serving_state(self) -> tuple[int, list[TaskRecord], list[Path]]:
+        """The system version, every task (queue order) and every retained path, read in one
+        read transaction: a consistent view even while the evolver publishes (WAL)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                version = int(self._db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+                tasks = [self._task(r) for r in self._db.execute("SELECT * FROM tasks ORDER BY seq").fetchall()]
+                paths = [self._path(r) for r in self._db.execute(
+                    "SELECT * FROM paths ORDER BY system_version, id").fetchall()]
+            finally:
+                self._db.execute("COMMIT")
+        return version, tasks, paths
+
     def served_versions(self) -> dict[str, int]:
         """Task name -> system version of its retained (served) path's publish."""
         return {r["task"]: r["system_version"]

@@ -1,4 +1,4 @@
-"""Snapshot loading: shared components loaded once, failed loads keep the old version."""
+"""Snapshot loading: shared components loaded once, a task that fails to load is skipped and reported."""
 
 import numpy as np
 
@@ -37,11 +37,28 @@ def test_swap_loads_only_missing_components_and_a_failed_load_keeps_serving(tiny
     assert loaded_before <= set(manager._components)
     np.testing.assert_array_equal(second.paths["digits"].predict(x[:4]), probs)  # old version intact
 
-    # a publish whose array file vanished cannot be loaded: the old snapshot keeps serving
+    # a publish whose array file vanished cannot be loaded: that task is skipped and reported,
+    # every other task moves on to the new version
     ev.active_phase("parity")
     new_path = tiny_store.best_path("parity")
     comp = tiny_store.get_components([new_path.component_ids[-1]])[0]
     (tiny_store.data_dir / "arrays" / comp.params_digest[:2] / f"{comp.params_digest}.npz").unlink()
-    assert not manager.refresh()
-    assert manager.snapshot is second and manager.load_failures == 1
-    assert "missing" in manager.last_error
+    assert manager.refresh()
+    third = manager.snapshot
+    assert third.version == tiny_store.system_version() and set(third.paths) == {"digits", "small"}
+    assert manager.load_failures == 1 and set(manager.task_errors) == {"parity"}
+    assert "task parity" in manager.last_error and "missing" in manager.last_error
+    assert not manager.refresh()  # not retried before RETRY_SECONDS
+    # a served task whose new path fails keeps serving its old one
+    digits_before = third.paths["digits"].path.id
+    ev.active_phase("digits")
+    assert tiny_store.best_path("digits").id != digits_before  # (seeded) its second phase published
+    head = tiny_store.get_components([tiny_store.best_path("digits").component_ids[-1]])[0]
+    (tiny_store.data_dir / "arrays" / head.params_digest[:2] / f"{head.params_digest}.npz").unlink()
+    assert manager.refresh()
+    assert manager.snapshot.paths["digits"].path.id == digits_before and "digits" in manager.task_errors
+    np.testing.assert_array_equal(manager.snapshot.paths["digits"].predict(x[:4]), probs)
+    # unique_params reads the served snapshot: its components once each
+    served = {cid: p for sp in manager.snapshot.paths.values() for cid, p in zip(sp.path.component_ids, sp.params)}
+    import jax
+    assert manager.unique_params() == sum(x.size for p in served.values() for x in jax.tree_util.tree_leaves(p)) > 0
