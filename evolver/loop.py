@@ -34,7 +34,8 @@ from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
-from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, new_id, serialize_tree
+from mu2net.store import (ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, fsync_tree, new_id,
+                          serialize_tree)
 
 log = logging.getLogger("mu2net.evolver")
 #: Active phases of one task in a row that may fail (raise, or kill the evolver process)
@@ -211,6 +212,7 @@ def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names:
     stored, exprs = D.finalize_splits(splits, label_names)
     ds_root = store.data_dir / "datasets" / f"{name}-{new_id()[:8]}"
     dataset_dir = D.write_tfds(stored, label_names, ds_root)
+    fsync_tree(ds_root)  # on disk before the task row that points to it commits
     record = TaskRecord(
         name=name, private=private, acl_group=(acl_group or name) if private else None,
         label_names=tuple(label_names), image_shape=tuple(next(iter(stored.values()))[0].shape[1:]),  # type: ignore[arg-type]

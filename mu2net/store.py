@@ -265,6 +265,19 @@ def _fsync_dir(path: FsPath) -> None:
         os.close(fd)
 
 
+def fsync_tree(root: str | os.PathLike[str]) -> None:
+    """fsyncs every file and directory under ``root`` (e.g. a TFDS dataset before the task
+    row that points to it commits)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(FsPath(dirpath))
+
+
 def write_file_atomic(path: FsPath, data: bytes) -> None:
     """Writes ``data`` to ``path`` via a temporary name, fsync and rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -715,6 +728,39 @@ class Store:
         return version
 
     # ---- deletion and garbage collection ------------------------------------------------
+
+    def remove_orphans(self) -> dict[str, int]:
+        """Removes what a process killed mid-write leaves behind: temporary files, array files
+        no component row references, dataset directories no task references, and upload
+        spool directories (``uploads-*``). Returns the count removed per kind.
+
+        Only safe while nothing else writes to the store: ``mu2net serve`` calls it at start,
+        holding the evolver lock (:func:`evolver_lock`), before it accepts uploads.
+        """
+        removed = {"temporary_files": 0, "arrays": 0, "datasets": 0, "upload_dirs": 0}
+        with self._lock:
+            rows = self._db.execute("SELECT params_digest, opt_digest FROM components").fetchall()
+            live = {d for r in rows for d in r if d}
+            datasets = {os.path.realpath(r[0]) for r in self._db.execute("SELECT dataset_dir FROM tasks")}
+        arrays = self.data_dir / "arrays"
+        for f in arrays.rglob("*") if arrays.exists() else []:
+            if f.is_file() and f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+                removed["temporary_files"] += 1
+            elif f.is_file() and f.suffix == ".npz" and f.stem not in live:
+                f.unlink(missing_ok=True)
+                removed["arrays"] += 1
+        root = self.data_dir / "datasets"
+        for d in root.iterdir() if root.exists() else []:
+            real = os.path.realpath(d)
+            if d.is_dir() and not any(real == ds or ds.startswith(real + os.sep) for ds in datasets):
+                shutil.rmtree(d, ignore_errors=True)
+                removed["datasets"] += 1
+        for d in self.data_dir.glob("uploads-*"):
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
+                removed["upload_dirs"] += 1
+        return removed
 
     def _unreferenced_components(self, db: sqlite3.Connection) -> list[tuple[str, str | None]]:
         """Deletes component rows no retained path uses; returns their digests."""

@@ -106,10 +106,30 @@ class EvolverSupervisor:
             log.warning("could not record the evolver status %r: %s", state, e)
 
 
+def _remove_orphans(store: Store) -> None:
+    """Start-up check: removes what a killed process left behind (Store.remove_orphans),
+    holding the evolver lock so that no evolver writes meanwhile; skipped if one runs."""
+    from mu2net.store import EvolverRunning, evolver_lock
+
+    try:
+        lock = evolver_lock(store.data_dir)
+    except EvolverRunning as e:
+        log.warning("start-up cleanup skipped: %s", e)
+        return
+    try:
+        removed = store.remove_orphans()
+    finally:
+        lock.release()
+    if any(removed.values()):
+        log.warning("start-up cleanup removed %s", ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in removed.items()
+                                                             if n))
+
+
 async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config: ServiceConfig,
                 evolver_argv: Sequence[str] | None) -> int:
     """Runs the server until SIGTERM/SIGINT. ``evolver_argv=None`` runs no evolver."""
     store = Store(data_dir)
+    _remove_orphans(store)
     metrics = Metrics()
     service = Service(store, config, metrics=metrics)
     await asyncio.to_thread(service.manager.start)

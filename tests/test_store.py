@@ -84,3 +84,23 @@ def test_a_store_from_before_the_sample_columns_opens_and_gets_them(tmp_path):
     assert {"samples_trained", "lineage_samples"} <= cols
     assert "samples_trained" in {r["name"] for r in store._query("PRAGMA table_info(tasks)")}
     store.close()
+
+
+def test_remove_orphans_keeps_everything_referenced(tiny_store):
+    from mu2net import datasets as D
+
+    store = tiny_store
+    data = store.data_dir
+    (data / "arrays" / "ff").mkdir(parents=True, exist_ok=True)
+    (data / "arrays" / "ff" / ("f" * 64 + ".npz")).write_bytes(b"unreferenced")
+    (data / "arrays" / "ff" / ".x.npz.1234.tmp").write_bytes(b"half written")
+    (data / "datasets" / "ghost-12345678" / "sub").mkdir(parents=True)
+    (data / "uploads-abc").mkdir()
+    (data / "uploads-abc" / "x.upload").write_bytes(b"spooled")
+    before = store.list_paths()
+    assert store.remove_orphans() == {"temporary_files": 1, "arrays": 1, "datasets": 1, "upload_dirs": 1}
+    assert store.remove_orphans() == {"temporary_files": 0, "arrays": 0, "datasets": 0, "upload_dirs": 0}
+    for path in before:  # every retained path still loads, every task's dataset still reads
+        store.load_params(path.component_ids)
+    for t in store.list_tasks():
+        assert len(D.read_split(t.dataset_dir, t.splits["train"])[1]) > 0
