@@ -71,8 +71,7 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
     """
     from PIL import Image, UnidentifiedImageError
 
-    h, w, c = shape
-    out = np.empty((len(encoded), h, w, c), np.uint8)
+    out = np.empty((len(encoded), *shape), np.uint8)
     for i, data in enumerate(encoded):
         try:
             with Image.open(io.BytesIO(data)) as im:
@@ -80,16 +79,38 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
                 if im.width > MAX_IMAGE_SIDE or im.height > MAX_IMAGE_SIDE:
                     raise E.InvalidArgument(f"image {i} is {im.width}x{im.height}; at most {MAX_IMAGE_SIDE} per side")
                 im.load()
-                converted = im.convert("L" if c == 1 else "RGB")
-                if converted.size != (w, h):
-                    converted = converted.resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(converted, np.uint8)
+                out[i] = _conform(im, shape)
         except Image.DecompressionBombError as e:
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is too large to decode: {e}") from e
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is not a decodable image: {e}") from e
-        out[i] = arr.reshape(h, w, -1)[..., :c] if c in (1, 3) else np.repeat(arr.reshape(h, w, -1)[..., :1], c, -1)
     return out
+
+
+def _conform(im: Any, shape: tuple[int, int, int]) -> np.ndarray:
+    """A PIL image as ``[H, W, C] uint8`` at a task's stored shape (gray or RGB, bilinear resize)."""
+    from PIL import Image
+
+    h, w, c = shape
+    converted = im.convert("L" if c == 1 else "RGB")
+    if converted.size != (w, h):
+        converted = converted.resize((w, h), Image.Resampling.BILINEAR)
+    arr = np.asarray(converted, np.uint8).reshape(h, w, -1)
+    return arr[..., :c] if c in (1, 3) else np.repeat(arr[..., :1], c, -1)
+
+
+def conform_raw(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Brings a raw ``[N, H, W, C] uint8`` tensor to a task's stored image shape, as encoded
+    images are: one input shape per task reaches the compiled forward function, so a
+    client's odd shape costs no compilation (which would stall every task's batches).
+    Channels: 1 gray, 2 gray + alpha, 3 RGB, 4 RGBA (alpha dropped)."""
+    if images.shape[1:] == tuple(shape):
+        return images
+    from PIL import Image
+
+    modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+    mode = modes[images.shape[-1]]
+    return np.stack([_conform(Image.fromarray(img[..., 0] if mode == "L" else img, mode), shape) for img in images])
 
 
 def check_raw(images: np.ndarray) -> np.ndarray:
@@ -163,6 +184,8 @@ class Service:
             images = await asyncio.to_thread(decode_images, list(encoded), served.task.image_shape)
         else:
             images = check_raw(np.asarray(raw))
+            if images.shape[1:] != tuple(served.task.image_shape):
+                images = await asyncio.to_thread(conform_raw, images, served.task.image_shape)
         probs = await self.batcher.predict(served, images)
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
         scores = np.take_along_axis(probs, order, axis=-1)

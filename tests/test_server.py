@@ -831,3 +831,24 @@ def test_the_evolver_dies_with_a_killed_server_and_a_store_has_one_evolver(tmp_p
         evolver_lock(data).release()  # its lock went with it: a restarted server can evolve
     finally:
         server.stop()
+
+
+def test_a_raw_tensor_of_another_shape_is_conformed_like_an_encoded_image(static_server):
+    """A raw tensor not at the task's stored shape is resized on the host, exactly as an encoded
+    image of the same pixels is, so no new input shape reaches the compiled forward pass."""
+    server, _ = static_server
+    x, _ = digits_splits()["test"]
+    big = np.repeat(np.repeat(x[:3], 3, axis=1), 3, axis=2)  # 24x24x1 instead of 8x8x1
+    rgb = np.repeat(big, 3, axis=-1)
+    pngs = []
+    for img in big:
+        buf = io.BytesIO()
+        Image.fromarray(img[..., 0]).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    with Client(server.grpc, server.http, retries=0) as client:
+        from_raw = client.classify("digits", big, top_k=3)
+        from_rgb = client.classify("digits", rgb, top_k=3)
+        from_png = client.classify("digits", pngs, top_k=3)
+    for a, b in ((from_raw, from_png), (from_rgb, from_png)):
+        for ra, rb in zip(a, b):
+            assert ra.labels == rb.labels and np.array_equal(ra.scores, rb.scores)
