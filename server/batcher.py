@@ -3,6 +3,11 @@
 Requests for the same served path and image shape are merged into one forward call of at
 most ``max_batch_size`` images, waiting at most ``max_delay_ms`` for more to arrive. The
 batch is padded to a power-of-two bucket compiled at load time.
+
+Load is bounded: at most ``max_queued_images`` images wait or run at once; beyond that a
+request fails at once with :class:`mu2net.server.errors.Overloaded` (429 /
+RESOURCE_EXHAUSTED, with a retry hint). A request whose deadline has passed, or whose caller
+went away (its future cancelled), is dropped before it is computed.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from mu2net.server import errors as E
 from mu2net.server.snapshot import ServedPath, bucket_for
 
 
@@ -26,6 +32,7 @@ class _Request:
     images: np.ndarray
     future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
+    deadline: float | None = None  # time.monotonic() after which the request is not computed
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
@@ -39,31 +46,73 @@ class Batcher:
       max_batch_size: most images per forward call.
       max_delay_ms: longest wait for more requests after the first one of a batch.
       on_batch: called with the real batch size of every forward call (metrics).
+      max_queued_images: most images waiting or running at once (None: unbounded).
     """
 
     def __init__(self, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-                 on_batch: Callable[[int], None] | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.on_batch = on_batch
+        self.max_queued_images = max_queued_images
+        self.queued_images = 0
+        self.dropped = 0
+        self._count_lock = threading.Lock()
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
-    async def predict(self, served: ServedPath, images: np.ndarray) -> np.ndarray:
-        """Probabilities ``[N, classes] float32`` for ``images [N,H,W,C] uint8`` on ``served``."""
+    async def predict(self, served: ServedPath, images: np.ndarray, timeout: float | None = None) -> np.ndarray:
+        """Probabilities ``[N, classes] float32`` for ``images [N,H,W,C] uint8`` on ``served``.
+
+        Args:
+          timeout: seconds the caller waits (its gRPC deadline); images not started by then
+            are dropped unrun.
+
+        Raises:
+          Overloaded: more than ``max_queued_images`` would be queued.
+          DeadlineExceeded: the deadline passed before the images ran.
+        """
+        n = len(images)
+        with self._count_lock:
+            if self.max_queued_images is not None and self.queued_images + n > self.max_queued_images:
+                raise E.Overloaded(f"{self.queued_images} images are queued and this request adds {n}; at most "
+                                   f"{self.max_queued_images} may be queued; retry in {E.Overloaded.retry_after} s")
+            self.queued_images += n
         loop = asyncio.get_running_loop()
-        if len(images) <= self.max_batch_size:  # the common case: one chunk, no gather/concatenate
-            fut: asyncio.Future[np.ndarray] = loop.create_future()
-            self._queue.put(_Request(served, images, fut, loop))
-            return await fut
-        chunks = [images[i:i + self.max_batch_size] for i in range(0, len(images), self.max_batch_size)]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks = [images[i:i + self.max_batch_size] for i in range(0, n, self.max_batch_size)] or [images]
         futures: list[asyncio.Future[np.ndarray]] = []
         for chunk in chunks:
-            fut = loop.create_future()
-            self._queue.put(_Request(served, chunk, fut, loop))
+            fut: asyncio.Future[np.ndarray] = loop.create_future()
+            self._queue.put(_Request(served, chunk, fut, loop, deadline))
             futures.append(fut)
-        return np.concatenate(await asyncio.gather(*futures))
+        try:
+            if len(futures) == 1:  # the common case: one chunk, no gather/concatenate
+                return await futures[0]
+            return np.concatenate(await asyncio.gather(*futures))
+        except asyncio.CancelledError:  # the caller went away: its queued chunks are dropped unrun
+            for fut in futures:
+                fut.cancel()
+            raise
+
+    def _release(self, n: int) -> None:
+        with self._count_lock:
+            self.queued_images -= n
+
+    def _live(self, request: _Request) -> bool:
+        """False (and the request finished) for a request not worth computing any more."""
+        if request.future.cancelled():
+            self.dropped += 1
+            self._release(len(request.images))
+            return False
+        if request.deadline is not None and time.monotonic() > request.deadline:
+            self.dropped += 1
+            self._release(len(request.images))
+            request.loop.call_soon_threadsafe(_set_exception, request.future, E.DeadlineExceeded(
+                "the request's deadline passed before its images were computed; they were not run"))
+            return False
+        return True
 
     def _run(self) -> None:
         held: collections.deque[_Request] = collections.deque()
@@ -71,6 +120,8 @@ class Batcher:
             first = held.popleft() if held else self._queue.get()
             if first is None:
                 return
+            if not self._live(first):
+                continue
             batch, size = [first], len(first.images)
             deadline = time.monotonic() + self.max_delay
             others: list[_Request] = []
@@ -82,6 +133,8 @@ class Batcher:
                 if nxt is None:
                     self._queue.put(None)
                     break
+                if not self._live(nxt):
+                    continue
                 if nxt.key == first.key and size + len(nxt.images) <= self.max_batch_size:
                     batch.append(nxt)
                     size += len(nxt.images)
@@ -93,6 +146,12 @@ class Batcher:
             self._execute(batch, size)
 
     def _execute(self, batch: list[_Request], size: int) -> None:
+        try:
+            return self._compute(batch, size)
+        finally:
+            self._release(size)
+
+    def _compute(self, batch: list[_Request], size: int) -> None:
         try:
             images = np.concatenate([r.images for r in batch])
             padded = bucket_for(size, self.max_batch_size)

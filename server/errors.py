@@ -37,6 +37,16 @@ class TooLarge(ServiceError):
     """A message or body exceeds the configured limit."""
 
 
+class Overloaded(ServiceError):
+    """The server has more queued work than its bound; retry after ``retry_after`` seconds."""
+
+    retry_after = 1
+
+
+class DeadlineExceeded(ServiceError):
+    """The request's deadline passed before its images were computed (dropped unrun)."""
+
+
 class Unauthenticated(ServiceError):
     """An admin call without the configured bearer token."""
 
@@ -49,6 +59,8 @@ TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     AlreadyExists: (grpc.StatusCode.ALREADY_EXISTS, 409),
     TooLarge: (grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
+    Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
 }
 
 

@@ -53,7 +53,10 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                                         trailing_metadata=(("mu2net-request-id", request_id),))
                 status, _ = E.codes(err)
                 code = status.name
-                await context.abort(status, str(err), trailing_metadata=(("mu2net-error", type(err).__name__),))
+                metadata: tuple[tuple[str, str], ...] = (("mu2net-error", type(err).__name__),)
+                if isinstance(err, E.Overloaded):  # gRPC's retry pushback, in milliseconds
+                    metadata += (("grpc-retry-pushback-ms", str(int(err.retry_after * 1000))),)
+                await context.abort(status, str(err), trailing_metadata=metadata)
             finally:
                 if self.service.metrics is not None:
                     self.service.metrics.observe(api, fn.__name__)(code, time.perf_counter() - t0)
@@ -97,7 +100,7 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
                                         "bytes; allowed: [N, H, W, C] uint8 row-major")
             raw = np.frombuffer(data, np.uint8).reshape(shape)
         result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
-                                             top_k=request.top_k or 1)
+                                             top_k=request.top_k or 1, timeout=context.time_remaining())
         resp = pb.ClassifyResponse(system_version=result.system_version, path_id=result.path_id)
         results = resp.results
         for labels, ids, scores in zip(result.labels, result.label_ids.tolist(), result.scores.tolist()):
@@ -198,7 +201,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
         outputs = [(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs]
         k = requested_classification(outputs)
         result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels, top_k=k or 1,
-                                             clip_top_k=True)
+                                             clip_top_k=True, timeout=context.time_remaining())
         n_classes = result.probabilities.shape[1]
         resp = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(result.system_version),
                                       id=request.id)

@@ -50,7 +50,8 @@ def _content_length(request: Request) -> int | None:
 
 
 def _error(err: E.ServiceError) -> JSONResponse:
-    return JSONResponse({"error": str(err)}, status_code=E.codes(err)[1])
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, E.Overloaded) else None
+    return JSONResponse({"error": str(err)}, status_code=E.codes(err)[1], headers=headers)
 
 
 def build_app(service: Service, upload_dir: str) -> Starlette:

@@ -41,6 +41,8 @@ class ServiceConfig:
       max_message_bytes: cap of a gRPC message / classify body.
       max_archive_bytes: cap of an uploaded archive's uncompressed size (zip bomb guard).
       admin_token: bearer token required by upload and delete (None: no auth).
+      max_queued_images: most images queued for the forward pass at once; more is refused
+        with 429 / RESOURCE_EXHAUSTED and a retry hint (None: unbounded).
     """
 
     max_batch_size: int = 64
@@ -49,6 +51,7 @@ class ServiceConfig:
     max_message_bytes: int = 64 << 20
     max_archive_bytes: int = D.MAX_ARCHIVE_BYTES
     admin_token: str | None = None
+    max_queued_images: int | None = 16384
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +144,8 @@ class Service:
         self.manager = manager or SnapshotManager(store, config.max_batch_size,
                                                   on_swap=metrics.on_swap if metrics else None)
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
-                               on_batch=metrics.on_batch if metrics else None)
+                               on_batch=metrics.on_batch if metrics else None,
+                               max_queued_images=config.max_queued_images)
 
     # ---- classify -----------------------------------------------------------------------
 
@@ -158,14 +162,17 @@ class Service:
         raise E.NotReady(f"task {task!r} is {record.state} and has no served path yet; retry when it is serving")
 
     async def classify(self, task: str, *, encoded: Sequence[bytes] = (), raw: np.ndarray | None = None,
-                       top_k: int = 1, clip_top_k: bool = False) -> ClassifyResult:
+                       top_k: int = 1, clip_top_k: bool = False, timeout: float | None = None) -> ClassifyResult:
         """Classifies images with the task's served path.
 
         ``clip_top_k`` caps ``top_k`` at the served path's class count (the Open Inference
         Protocol's classification extension) instead of rejecting a larger value.
 
+        ``timeout`` (seconds; the gRPC deadline) drops images not computed by then.
+
         Raises:
-          NotFound, NotReady, InvalidArgument (see :mod:`server.errors`).
+          NotFound, NotReady, InvalidArgument, Overloaded, DeadlineExceeded (see
+          :mod:`server.errors`).
         """
         served = self.served(task)  # one snapshot read: the request finishes on this version
         n_classes = served.path.architecture.num_classes
@@ -186,7 +193,7 @@ class Service:
             images = check_raw(np.asarray(raw))
             if images.shape[1:] != tuple(served.task.image_shape):
                 images = await asyncio.to_thread(conform_raw, images, served.task.image_shape)
-        probs = await self.batcher.predict(served, images)
+        probs = await self.batcher.predict(served, images, timeout=timeout)
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
         scores = np.take_along_axis(probs, order, axis=-1)
         names = served.task.label_names
