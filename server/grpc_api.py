@@ -54,8 +54,12 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                 status, _ = E.codes(err)
                 code = status.name
                 metadata: tuple[tuple[str, str], ...] = (("mu2net-error", type(err).__name__),)
-                if isinstance(err, E.Overloaded):  # gRPC's retry pushback, in milliseconds
+                # gRPC's retry pushback (milliseconds): when an overloaded server may be retried;
+                # -1: clients' retry policies must not retry (a task not ready, a message too large)
+                if isinstance(err, E.Overloaded):
                     metadata += (("grpc-retry-pushback-ms", str(int(err.retry_after * 1000))),)
+                elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    metadata += (("grpc-retry-pushback-ms", "-1"),)
                 await context.abort(status, str(err), trailing_metadata=metadata)
             finally:
                 if self.service.metrics is not None:

@@ -53,3 +53,77 @@ def test_wait_until_rejects_bad_targets_before_any_request(accuracy, metric, mat
                 await client.wait_until("digits", accuracy, metric=metric, timeout=1, progress=False)
 
     asyncio.run(main())
+
+
+from mu2net_client._proto import mu2net_pb2_grpc as _pbgrpc  # noqa: E402
+
+
+class _FlakyServicer(_pbgrpc.Mu2NetServicer):
+    """A real gRPC Mu2Net server whose Classify answers from a script of status codes."""
+
+    def __init__(self, script):
+        self.script, self.calls = list(script), 0
+
+    def Classify(self, request, context):
+        import grpc
+
+        from mu2net_client._proto import mu2net_pb2 as pb
+
+        self.calls += 1
+        step = self.script.pop(0) if self.script else "ok"
+        if step == "unavailable":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        if step == "overloaded":
+            context.set_trailing_metadata((("mu2net-error", "Overloaded"), ("grpc-retry-pushback-ms", "50")))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+        if step == "not_ready":
+            context.set_trailing_metadata((("mu2net-error", "NotReady"), ("grpc-retry-pushback-ms", "-1")))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "task 'x' has no served path yet")
+        return pb.ClassifyResponse(system_version=7, path_id="p")
+
+
+@pytest.mark.parametrize("script, retries, calls, error", [
+    (["unavailable", "overloaded"], 3, 3, None),  # transient failures are retried by gRPC's policy
+    (["not_ready"], 3, 1, "NotReadyError"),       # pushback -1: not retried
+    (["overloaded"] * 5, 2, 3, "OverloadedError"),  # attempts end: the error names the retry hint
+    (["unavailable"], 0, 1, "TransportError"),      # retries=0: no policy
+])
+def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, calls, error):
+    from concurrent import futures
+
+    import grpc
+    import numpy as np
+
+    import mu2net_client
+    from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
+
+    servicer = _FlakyServicer(script)
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    pbgrpc.add_Mu2NetServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", UNREACHABLE[1], retries=retries, timeout=20) as client:
+            images = np.zeros((1, 8, 8, 1), np.uint8)
+            if error is None:
+                assert client.classify("x", images).system_version == 7
+            else:
+                with pytest.raises(getattr(mu2net_client, error)) as e:
+                    client.classify("x", images)
+                if error == "OverloadedError":
+                    assert e.value.retry_after == 0.05
+        assert servicer.calls == calls
+    finally:
+        server.stop(None)
+
+
+def test_http_errors_map_to_the_sdk_hierarchy():
+    import httpx
+
+    from mu2net_client import NotReadyError, OverloadedError, TimeoutError
+    from mu2net_client.errors import from_http
+
+    e = from_http(httpx.Response(429, json={"error": "queued"}, headers={"Retry-After": "2"}))
+    assert isinstance(e, OverloadedError) and e.retry_after == 2.0 and "queued" in str(e)
+    assert isinstance(from_http(httpx.Response(503, json={"error": "x"})), NotReadyError)
+    assert isinstance(from_http(httpx.Response(504, json={"error": "x"})), TimeoutError)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import time
 import zipfile
@@ -24,7 +25,6 @@ DatasetLike = Any  # directory, archive or .npz path; or a mapping of numpy arra
 
 DEFAULT_GRPC = "127.0.0.1:50051"
 DEFAULT_HTTP = "http://127.0.0.1:8000"
-_RETRYABLE = (E.TransportError,)
 
 
 def _encode_png(image: Any) -> bytes:
@@ -102,16 +102,23 @@ def dataset_body(data: DatasetLike) -> tuple[Any, str]:
     return open(path, "rb"), f"file {path}"
 
 
-def _grpc_call(fn: Callable[[], T], retries: int, backoff: float) -> T:
-    for attempt in range(retries + 1):
-        try:
-            with E.map_exceptions():
-                return fn()
-        except _RETRYABLE:
-            if attempt == retries:
-                raise
-            time.sleep(backoff * 2 ** attempt)
-    raise AssertionError("unreachable")
+def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any]]:
+    """gRPC channel options: message limits, and gRPC's own retry policy (service config) for
+    the idempotent calls (Classify, ListTasks, GetTask): up to ``retries`` retries, at most 4
+    (gRPC caps attempts at 5), with exponential backoff from 0.2 s, on UNAVAILABLE (the server
+    unreachable) and RESOURCE_EXHAUSTED (overloaded). The server's ``grpc-retry-pushback-ms``
+    sets the delay, and a negative pushback (a task not ready, a message too large) stops the
+    retries; the call's timeout covers every attempt."""
+    opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_bytes),
+                                   ("grpc.max_send_message_length", max_message_bytes)]
+    if retries > 0:
+        config = {"methodConfig": [{
+            "name": [{"service": "mu2net.v1.Mu2Net", "method": m} for m in ("Classify", "ListTasks", "GetTask")],
+            "retryPolicy": {"maxAttempts": min(retries, 4) + 1, "initialBackoff": "0.2s", "maxBackoff": "5s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+        }]}
+        opts += [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+    return opts
 
 
 def _check_serving(t: Task, deadline: float | None, timeout: float | None) -> bool:
@@ -186,19 +193,22 @@ class Client:
       http_url: base URL of the HTTP server.
       token: admin bearer token for upload/delete, if the server requires one.
       timeout: per-call timeout in seconds.
-      retries: retries of idempotent calls (classify, reads) on transport errors.
+      retries: retries of idempotent calls: gRPC Classify/ListTasks/GetTask by gRPC's retry
+        policy (see :func:`channel_options`), HTTP requests on connection failures by
+        httpx's transport. An overloaded server's 429 raises OverloadedError with its
+        ``retry_after``.
       max_message_bytes: gRPC message size limit (match the server's).
     """
 
     def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
                  timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
         self.timeout, self.retries = timeout, retries
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.insecure_channel(grpc_target, options=opts)
+        self._channel = grpc.insecure_channel(grpc_target, options=channel_options(max_message_bytes, retries))
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=http_url, timeout=timeout, headers=headers)
+        # connection failures of HTTP calls are retried by httpx's transport (``retries``)
+        self._http = httpx.Client(base_url=http_url, timeout=timeout, headers=headers,
+                                  transport=httpx.HTTPTransport(retries=retries))
 
     def __enter__(self) -> "Client":
         return self
@@ -211,15 +221,8 @@ class Client:
         self._http.close()
 
     def _get(self, url: str) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                with E.map_exceptions():
-                    r = self._http.get(url)
-                break
-            except _RETRYABLE:
-                if attempt == self.retries:
-                    raise
-                time.sleep(0.2 * 2 ** attempt)
+        with E.map_exceptions():
+            r = self._http.get(url)
         if r.status_code >= 400:
             raise E.from_http(r)
         return r.json()
@@ -233,8 +236,8 @@ class Client:
           NotFoundError, NotReadyError, InvalidArgumentError, TooLargeError, TransportError.
         """
         req = classify_request(task, images, top_k)
-        return classify_result(_grpc_call(lambda: self._stub.Classify(req, timeout=self.timeout),
-                                          self.retries, 0.2))
+        with E.map_exceptions():
+            return classify_result(self._stub.Classify(req, timeout=self.timeout))
 
     # ---- tasks (HTTP) -------------------------------------------------------------------
 
@@ -357,12 +360,11 @@ class AsyncClient:
     def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
                  timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
         self.timeout, self.retries = timeout, retries
-        opts = [("grpc.max_receive_message_length", max_message_bytes),
-                ("grpc.max_send_message_length", max_message_bytes)]
-        self._channel = grpc.aio.insecure_channel(grpc_target, options=opts)
+        self._channel = grpc.aio.insecure_channel(grpc_target, options=channel_options(max_message_bytes, retries))
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.AsyncClient(base_url=http_url, timeout=timeout, headers=headers)
+        self._http = httpx.AsyncClient(base_url=http_url, timeout=timeout, headers=headers,
+                                       transport=httpx.AsyncHTTPTransport(retries=retries))
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -374,22 +376,14 @@ class AsyncClient:
         await self._channel.close()
         await self._http.aclose()
 
-    async def _retry(self, fn: Callable[[], Any]) -> Any:
-        for attempt in range(self.retries + 1):
-            try:
-                with E.map_exceptions():
-                    return await fn()
-            except _RETRYABLE:
-                if attempt == self.retries:
-                    raise
-                await asyncio.sleep(0.2 * 2 ** attempt)
-
     async def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
         req = classify_request(task, images, top_k)
-        return classify_result(await self._retry(lambda: self._stub.Classify(req, timeout=self.timeout)))
+        with E.map_exceptions():
+            return classify_result(await self._stub.Classify(req, timeout=self.timeout))
 
     async def _get(self, url: str) -> Any:
-        r = await self._retry(lambda: self._http.get(url))
+        with E.map_exceptions():
+            r = await self._http.get(url)
         if r.status_code >= 400:
             raise E.from_http(r)
         return r.json()

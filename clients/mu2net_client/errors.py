@@ -36,6 +36,15 @@ class TooLargeError(Mu2netError):
     """Message or body over the server's limit (gRPC RESOURCE_EXHAUSTED, HTTP 413)."""
 
 
+class OverloadedError(Mu2netError):
+    """The server has more queued work than its bound (gRPC RESOURCE_EXHAUSTED with
+    ``mu2net-error: Overloaded``, HTTP 429); retry after :attr:`retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class AuthenticationError(Mu2netError):
     """Missing or wrong admin token (gRPC UNAUTHENTICATED, HTTP 401)."""
 
@@ -60,17 +69,20 @@ GRPC_ERRORS = {
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
 }
-HTTP_ERRORS = {404: NotFoundError, 503: NotReadyError, 400: InvalidArgumentError, 409: AlreadyExistsError,
-               413: TooLargeError, 401: AuthenticationError}
+HTTP_ERRORS: dict[int, type[Mu2netError]] = {404: NotFoundError, 503: NotReadyError, 400: InvalidArgumentError, 409: AlreadyExistsError,
+               413: TooLargeError, 401: AuthenticationError, 429: OverloadedError, 504: TimeoutError}
 
 
 def from_grpc(error: grpc.RpcError) -> Mu2netError:
     """Maps a gRPC error. UNAVAILABLE is NotReadyError when the server said so (trailing
     metadata ``mu2net-error``), else a TransportError."""
     code, details = error.code(), error.details() or str(code)
+    meta = dict(error.trailing_metadata() or ())
     if code == grpc.StatusCode.UNAVAILABLE:
-        meta = dict(error.trailing_metadata() or ())
         return NotReadyError(details) if meta.get("mu2net-error") == "NotReady" else TransportError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and meta.get("mu2net-error") == "Overloaded":
+        pushback = meta.get("grpc-retry-pushback-ms")
+        return OverloadedError(details, float(pushback) / 1000 if pushback else None)
     return GRPC_ERRORS.get(code, ServerError)(details)
 
 
@@ -80,7 +92,11 @@ def from_http(response: httpx.Response) -> Mu2netError:
         message = json.loads(response.content).get("error", response.text)
     except ValueError:
         message = response.text
-    return HTTP_ERRORS.get(response.status_code, ServerError)(f"HTTP {response.status_code}: {message}")
+    text = f"HTTP {response.status_code}: {message}"
+    if response.status_code == 429:
+        retry_after = response.headers.get("retry-after")
+        return OverloadedError(text, float(retry_after) if retry_after and retry_after.isdigit() else None)
+    return HTTP_ERRORS.get(response.status_code, ServerError)(text)
 
 
 @contextlib.contextmanager
