@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-message-bytes", type=int, default=64 << 20)
     sv.add_argument("--max-upload-bytes", type=int, default=512 << 20)
     sv.add_argument("--max-archive-bytes", type=int, default=2 << 30, help="uncompressed archive size cap")
+    sv.add_argument("--max-concurrent-uploads", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=2,
+                    help="uploads received or ingested at once; one more is refused with 429")
     sv.add_argument("--max-queued-images", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=16384,
                     help="most images queued for the forward pass; more is refused with 429 / RESOURCE_EXHAUSTED")
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
@@ -320,6 +322,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                            max_upload_bytes=args.max_upload_bytes, max_message_bytes=args.max_message_bytes,
                            max_archive_bytes=args.max_archive_bytes, max_queued_images=args.max_queued_images,
+                           max_concurrent_uploads=args.max_concurrent_uploads,
                            admin_token=args.admin_token)
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
                              None if args.no_evolver else evolver_argv(args)))

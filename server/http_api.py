@@ -98,6 +98,10 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         declared = _content_length(request)
         if declared is not None and declared > limit:
             raise E.TooLarge(f"body of {declared} bytes exceeds the upload limit of {limit} bytes")
+        with service.upload_slot():  # 429 when max_concurrent_uploads are in progress
+            return await _receive_upload(request, name, private, limit)
+
+    async def _receive_upload(request: Request, name: str, private: str, limit: int) -> Response:
         fd, body_path = tempfile.mkstemp(dir=upload_dir, suffix=".upload")
         try:
             size = 0
@@ -109,8 +113,11 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                     f.write(chunk)
             if size == 0:
                 raise E.InvalidArgument("empty body; send the dataset (zip, tar or npz) as the request body")
-            view = await asyncio.to_thread(service.upload_file, name, body_path, private in ("true", "1"),
-                                           request.query_params.get("acl_group"))
+            # ingestion (extraction, decoding, TFDS writing) runs on its own threads, off the
+            # default executor that classify's image decoding uses
+            view = await asyncio.get_running_loop().run_in_executor(
+                service.ingest_pool, service.upload_file, name, body_path, private in ("true", "1"),
+                request.query_params.get("acl_group"))
         finally:
             if os.path.exists(body_path):
                 os.unlink(body_path)

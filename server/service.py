@@ -8,11 +8,14 @@ forward pass, and exposes tasks, uploads, deletion and system information. Block
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import io
 import tempfile
+import threading
 from pathlib import Path as FsPath
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -43,6 +46,9 @@ class ServiceConfig:
       admin_token: bearer token required by upload and delete (None: no auth).
       max_queued_images: most images queued for the forward pass at once; more is refused
         with 429 / RESOURCE_EXHAUSTED and a retry hint (None: unbounded).
+      max_concurrent_uploads: uploads received or ingested at once (each may spool and
+        extract up to the archive cap); one more is refused with 429 and a retry hint.
+        Ingestion runs on threads of its own, off the classify path.
     """
 
     max_batch_size: int = 64
@@ -52,6 +58,7 @@ class ServiceConfig:
     max_archive_bytes: int = D.MAX_ARCHIVE_BYTES
     admin_token: str | None = None
     max_queued_images: int | None = 16384
+    max_concurrent_uploads: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +150,9 @@ class Service:
         self.metrics = metrics
         self.manager = manager or SnapshotManager(store, config.max_batch_size,
                                                   on_swap=metrics.on_swap if metrics else None)
+        self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
+        self.ingest_pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_uploads,
+                                                                 thread_name_prefix="ingest")
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
                                on_batch=metrics.on_batch if metrics else None,
                                max_queued_images=config.max_queued_images)
@@ -336,7 +346,23 @@ class Service:
             "evolver": self.store.evolver_status(),
         }
 
+    @contextlib.contextmanager
+    def upload_slot(self) -> Iterator[None]:
+        """Holds one of the ``max_concurrent_uploads`` slots while the block runs.
+
+        Raises:
+          Overloaded: every slot is taken (429 with a retry hint).
+        """
+        if not self.upload_slots.acquire(blocking=False):
+            raise E.Overloaded(f"{self.config.max_concurrent_uploads} uploads are in progress, the most this server "
+                               f"takes at once; retry in {E.Overloaded.retry_after} s")
+        try:
+            yield
+        finally:
+            self.upload_slots.release()
+
     def close(self) -> None:
+        self.ingest_pool.shutdown(wait=False, cancel_futures=True)
         self.batcher.close()
         self.manager.stop()
 

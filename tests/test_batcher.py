@@ -82,3 +82,27 @@ def test_an_overloaded_http_answer_is_a_429_with_retry_after(tmp_path):
 
     r = asyncio.run(post())
     assert r.status_code == 429 and r.headers["retry-after"] == "1" and "queued" in r.json()["error"]
+
+
+def test_concurrent_uploads_are_bounded(tmp_path):
+    from mu2net.server.service import Service, ServiceConfig
+    from mu2net.store import Store
+
+    store = Store(tmp_path / "store")
+    service = Service(store, ServiceConfig(max_concurrent_uploads=2))
+    try:
+        with service.upload_slot(), service.upload_slot():
+            with pytest.raises(E.Overloaded, match="2 uploads are in progress"):
+                with service.upload_slot():
+                    pass
+        with service.upload_slot():  # slots come back when uploads end, also by an error
+            pass
+        with pytest.raises(RuntimeError):
+            with service.upload_slot():
+                raise RuntimeError("ingestion failed")
+        with service.upload_slot(), service.upload_slot():
+            pass
+        assert service.ingest_pool._max_workers == 2  # ingestion has threads of its own
+    finally:
+        service.close()
+        store.close()
