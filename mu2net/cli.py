@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
     sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
+    sv.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and HTTPS over TLS (with --tls-key)")
+    sv.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    sv.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
     sv.add_argument("--no-continual", action="store_true",
                     help="stop evolving once every task has --iterations task iterations (default: keep "
                          "evolving while idle, least recently improved task first)")
@@ -313,6 +316,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from mu2net.server.compute import limit_compute_threads
     from mu2net.store import Store, TaskExists
 
+    if bool(args.tls_cert) != bool(args.tls_key) or (args.tls_client_ca and not args.tls_cert):
+        raise SystemExit("mu2net serve: error: TLS needs both --tls-cert and --tls-key (and --tls-client-ca only "
+                         "with them)")
+    for f in filter(None, (args.tls_cert, args.tls_key, args.tls_client_ca)):
+        if not os.path.isfile(f):
+            raise SystemExit(f"mu2net serve: error: TLS file {f!r} does not exist")
+    tls = (args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)
@@ -325,7 +335,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_concurrent_uploads=args.max_concurrent_uploads,
                            admin_token=args.admin_token)
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
-                             None if args.no_evolver else evolver_argv(args)))
+                             None if args.no_evolver else evolver_argv(args), tls))
 
 
 def _client(args: argparse.Namespace) -> Any:

@@ -126,21 +126,32 @@ def _remove_orphans(store: Store) -> None:
 
 
 async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config: ServiceConfig,
-                evolver_argv: Sequence[str] | None) -> int:
-    """Runs the server until SIGTERM/SIGINT. ``evolver_argv=None`` runs no evolver."""
+                evolver_argv: Sequence[str] | None, tls: tuple[str, str, str | None] | None = None) -> int:
+    """Runs the server until SIGTERM/SIGINT. ``evolver_argv=None`` runs no evolver.
+
+    ``tls`` = (certificate chain PEM, private key PEM, client CA PEM or None): gRPC and HTTPS
+    over TLS; with a client CA both require client certificates signed by it.
+    """
     store = Store(data_dir)
     _remove_orphans(store)
     metrics = Metrics()
     service = Service(store, config, metrics=metrics)
     await asyncio.to_thread(service.manager.start)
-    grpc_server, grpc_bound = await start_grpc(service, host, grpc_port, config.max_message_bytes)
+    grpc_server, grpc_bound = await start_grpc(service, host, grpc_port, config.max_message_bytes, tls)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, http_port))
     http_bound = sock.getsockname()[1]
     upload_dir = tempfile.mkdtemp(prefix="uploads-", dir=store.data_dir)
+    ssl_options: dict[str, object] = {}
+    if tls is not None:
+        import ssl
+
+        ssl_options = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]}
+        if tls[2] is not None:
+            ssl_options.update(ssl_ca_certs=tls[2], ssl_cert_reqs=ssl.CERT_REQUIRED)
     uv = _Uvicorn(uvicorn.Config(build_app(service, upload_dir), log_level="warning", lifespan="off",
-                                 timeout_graceful_shutdown=30))
+                                 timeout_graceful_shutdown=30, **ssl_options))  # type: ignore[arg-type]
     http_task = asyncio.create_task(uv.serve(sockets=[sock]))
     supervisor = None
     if evolver_argv is not None:
@@ -152,7 +163,8 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
         loop.add_signal_handler(sig, stop.set)
     while not uv.started and not http_task.done():
         await asyncio.sleep(0.05)
-    print(f"mu2net serving: grpc={host}:{grpc_bound} http=http://{host}:{http_bound} "
+    scheme = "https" if tls is not None else "http"
+    print(f"mu2net serving: grpc={host}:{grpc_bound} http={scheme}://{host}:{http_bound} "
           f"system_version={service.manager.snapshot.version}", flush=True)
     await stop.wait()
     # shutdown has begun: a repeated SIGTERM must not cut the drain short (or the exit code)

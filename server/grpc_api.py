@@ -267,8 +267,13 @@ def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_content
     raise E.InvalidArgument(f"input datatype {datatype!r}; allowed: UINT8 (pixels) or BYTES (encoded images)")
 
 
-async def start_grpc(service: Service, host: str, port: int, max_message_bytes: int) -> tuple[grpc.aio.Server, int]:
-    """Starts the gRPC server; returns it and the bound port."""
+async def start_grpc(service: Service, host: str, port: int, max_message_bytes: int,
+                     tls: tuple[str, str, str | None] | None = None) -> tuple[grpc.aio.Server, int]:
+    """Starts the gRPC server; returns it and the bound port.
+
+    ``tls`` = (certificate chain PEM file, private key PEM file, client CA PEM file or None):
+    serve over TLS, and with a client CA require client certificates signed by it (mutual TLS).
+    """
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
     server = grpc.aio.server(options=options)
@@ -280,7 +285,21 @@ async def start_grpc(service: Service, host: str, port: int, max_message_bytes: 
              kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        cert, key, client_ca = tls
+        with open(cert, "rb") as f:
+            chain = f.read()
+        with open(key, "rb") as f:
+            private = f.read()
+        ca = None
+        if client_ca is not None:
+            with open(client_ca, "rb") as f:
+                ca = f.read()
+        credentials = grpc.ssl_server_credentials([(private, chain)], root_certificates=ca,
+                                                  require_client_auth=ca is not None)
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
     await server.start()
     for name in ("", names[0], names[1]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

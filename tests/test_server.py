@@ -852,3 +852,50 @@ def test_a_raw_tensor_of_another_shape_is_conformed_like_an_encoded_image(static
     for a, b in ((from_raw, from_png), (from_rgb, from_png)):
         for ra, rb in zip(a, b):
             assert ra.labels == rb.labels and np.array_equal(ra.scores, rb.scores)
+
+
+def _certificates(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    import subprocess
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=mu2net test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    for name, ext in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+                      ("client", "extendedKeyUsage=clientAuth\n")):
+        (d / f"{name}.ext").write_text(ext)
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext")
+    return {k: str(d / f"{k}.pem") for k in ("ca", "server", "client")} | {
+        "server_key": str(d / "server.key"), "client_key": str(d / "client.key")}
+
+
+def test_tls_with_client_certificates_for_grpc_and_https(tmp_path):
+    from mu2net_client import TransportError
+
+    certs = _certificates(tmp_path)
+    server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver", "--tls-cert", certs["server"],
+                                                     "--tls-key", certs["server_key"],
+                                                     "--tls-client-ca", certs["ca"]])
+    try:
+        assert server.http.startswith("https://")
+        client_cert = (certs["client"], certs["client_key"])
+        with Client(server.grpc, server.http, tls_ca=certs["ca"], tls_client_cert=client_cert, retries=0) as client:
+            assert client.tasks() == []  # HTTPS, verified both ways
+            with pytest.raises(NotFoundError, match="'nope'"):  # gRPC over TLS reached the service
+                client.classify("nope", np.zeros((1, 8, 8, 1), np.uint8))
+        with Client(server.grpc, server.http, tls_ca=certs["ca"], retries=0, timeout=5) as no_cert:
+            with pytest.raises(TransportError):  # the server requires a client certificate
+                no_cert.classify("nope", np.zeros((1, 8, 8, 1), np.uint8))
+        with Client(server.grpc, server.http.replace("https", "http"), retries=0, timeout=5) as plain:
+            with pytest.raises(TransportError):
+                plain.classify("nope", np.zeros((1, 8, 8, 1), np.uint8))
+    finally:
+        assert server.stop() == 0, "".join(server.output[-30:])
+    with pytest.raises(RuntimeError, match="TLS needs both --tls-cert and --tls-key"):
+        RunningServer(str(tmp_path / "store2"), ["--no-evolver", "--tls-cert", certs["server"]])

@@ -121,6 +121,31 @@ def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any
     return opts
 
 
+def _channel_credentials(ca: str | None, client: tuple[str, str] | None) -> grpc.ChannelCredentials | None:
+    """gRPC TLS credentials from PEM files (None: plaintext)."""
+    if ca is None and client is None:
+        return None
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+    cert, key = client if client is not None else (None, None)
+    return grpc.ssl_channel_credentials(root_certificates=read(ca), private_key=read(key), certificate_chain=read(cert))
+
+
+def _http_tls(ca: str | None, client: tuple[str, str] | None) -> dict[str, Any]:
+    """httpx transport TLS options from PEM files (an SSL context verifying against ``ca``)."""
+    if ca is None and client is None:
+        return {}
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca)
+    if client is not None:
+        context.load_cert_chain(*client)
+    return {"verify": context}
+
+
 def _check_serving(t: Task, deadline: float | None, timeout: float | None) -> bool:
     """True when ``t`` serves; raises when it failed or the deadline passed."""
     if t.state == "serving":
@@ -198,17 +223,26 @@ class Client:
         httpx's transport. An overloaded server's 429 raises OverloadedError with its
         ``retry_after``.
       max_message_bytes: gRPC message size limit (match the server's).
+      tls_ca: PEM file of the CA that signed a TLS server's certificate (``mu2net serve
+        --tls-cert``): gRPC over TLS, and HTTPS verified against it (give an ``https://``
+        ``http_url``). None: plaintext gRPC.
+      tls_client_cert: (certificate PEM, key PEM) files presented to a server that requires
+        client certificates (``--tls-client-ca``).
     """
 
     def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
-                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
+                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20,
+                 tls_ca: str | None = None, tls_client_cert: tuple[str, str] | None = None) -> None:
         self.timeout, self.retries = timeout, retries
-        self._channel = grpc.insecure_channel(grpc_target, options=channel_options(max_message_bytes, retries))
+        options = channel_options(max_message_bytes, retries)
+        credentials = _channel_credentials(tls_ca, tls_client_cert)
+        self._channel = grpc.insecure_channel(grpc_target, options=options) if credentials is None else \
+            grpc.secure_channel(grpc_target, credentials, options=options)
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # connection failures of HTTP calls are retried by httpx's transport (``retries``)
         self._http = httpx.Client(base_url=http_url, timeout=timeout, headers=headers,
-                                  transport=httpx.HTTPTransport(retries=retries))
+                                  transport=httpx.HTTPTransport(retries=retries, **_http_tls(tls_ca, tls_client_cert)))
 
     def __enter__(self) -> "Client":
         return self
@@ -358,13 +392,18 @@ class AsyncClient:
     """Asynchronous client (grpc.aio and httpx.AsyncClient); same API as :class:`Client`."""
 
     def __init__(self, grpc_target: str = DEFAULT_GRPC, http_url: str = DEFAULT_HTTP, *, token: str | None = None,
-                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20) -> None:
+                 timeout: float = 30.0, retries: int = 3, max_message_bytes: int = 64 << 20,
+                 tls_ca: str | None = None, tls_client_cert: tuple[str, str] | None = None) -> None:
         self.timeout, self.retries = timeout, retries
-        self._channel = grpc.aio.insecure_channel(grpc_target, options=channel_options(max_message_bytes, retries))
+        options = channel_options(max_message_bytes, retries)
+        credentials = _channel_credentials(tls_ca, tls_client_cert)
+        self._channel = grpc.aio.insecure_channel(grpc_target, options=options) if credentials is None else \
+            grpc.aio.secure_channel(grpc_target, credentials, options=options)
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._http = httpx.AsyncClient(base_url=http_url, timeout=timeout, headers=headers,
-                                       transport=httpx.AsyncHTTPTransport(retries=retries))
+                                       transport=httpx.AsyncHTTPTransport(retries=retries,
+                                                                          **_http_tls(tls_ca, tls_client_cert)))
 
     async def __aenter__(self) -> "AsyncClient":
         return self
