@@ -80,10 +80,13 @@ def test_bad_datasets_are_rejected_with_a_clear_error(tmp_path, problem, match):
             for i in range(5):
                 add(f"cat/{i}.png", _png(i))
                 add(f"dog/{i}.png", _png(100 + i))
+    dest = tmp_path / "extract" / "out"  # "../evil" of a member would land in tmp_path / "extract"
+    dest.mkdir(parents=True)
     with pytest.raises(D.DatasetError, match=match):
-        splits, names = D.load_source(str(archive))
+        D.safe_extract(archive, dest)
+        splits, names = D.load_image_folder(dest)
         D.finalize_splits(splits, names)
-    assert not (tmp_path / "evil").exists()
+    assert not (tmp_path / "extract" / "evil").exists() and sorted(tmp_path.glob("extract/*")) == [dest]
 
 
 def test_npz_source_split_rules_and_tfds_round_trip(tmp_path):

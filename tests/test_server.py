@@ -313,7 +313,13 @@ def test_bad_uploads_are_rejected_and_nothing_stored_is_lost(static_server, prob
     assert r.status_code == 400, r.text
     assert match in r.json()["error"]
     assert ([t.name for t in store.list_tasks()], store.system_version()) == before
-    assert not os.path.exists("/etc/evil.png")
+    # where a "../../evil.png" member would land from the server's extraction directory (a system
+    # temporary directory) or from its data directory
+    import pathlib
+    import tempfile
+    tmp = pathlib.Path(tempfile.gettempdir())
+    assert not [p for p in (tmp / "evil.png", tmp.parent / "evil.png", pathlib.Path("/etc/evil.png")) if p.exists()]
+    assert not list(pathlib.Path(store.data_dir).rglob("evil*"))
 
 
 def test_small_and_macos_uploads_are_accepted(static_server):
