@@ -18,17 +18,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mu2net.server import errors as E
+from mu2net.server.oip import (EXTENSIONS, INPUT_NAME, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION,  # noqa: F401
+                               classification_strings, deserialize_bytes_tensor, infer_input, model_metadata,
+                               requested_classification, serialize_bytes_tensor)
 from mu2net.server._proto import grpc_predict_v2_pb2 as kpb
 from mu2net.server._proto import grpc_predict_v2_pb2_grpc as kgrpc
 from mu2net.server.service import Service
 from mu2net_client._proto import mu2net_pb2 as pb
 from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
 
-SERVER_NAME = "mu2net"
-SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["classification", "binary_tensor_data"]
-INPUT_NAME = "IMAGE"
-OUTPUT_NAME = "PROBABILITIES"
 log = logging.getLogger("mu2net.server")
 
 
@@ -124,45 +122,6 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
         return _task_message(await asyncio.to_thread(self.service.task_view, request.name))
 
 
-# ---- Open Inference Protocol helpers (shared with the REST front end) -------------------
-
-def serialize_bytes_tensor(items: list[bytes]) -> bytes:
-    """BYTES tensor raw encoding: each element as a 4-byte little-endian length + bytes."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def deserialize_bytes_tensor(data: bytes) -> list[bytes]:
-    """Inverse of :func:`serialize_bytes_tensor`.
-
-    Raises:
-      InvalidArgument: on a truncated element.
-    """
-    out, i = [], 0
-    while i < len(data):
-        if i + 4 > len(data):
-            raise E.InvalidArgument("BYTES tensor is truncated (incomplete length prefix)")
-        (n,) = struct.unpack_from("<I", data, i)
-        if i + 4 + n > len(data):
-            raise E.InvalidArgument(f"BYTES tensor element of {n} bytes is truncated")
-        out.append(data[i + 4:i + 4 + n])
-        i += 4 + n
-    return out
-
-
-def classification_strings(result: Any, k: int) -> list[bytes]:
-    """Classification extension: ``"<score>:<index>:<label>"`` per image and rank, row-major."""
-    return [f"{s:f}:{i}:{l}".encode() for ids, scores, labels in
-            zip(result.label_ids[:, :k], result.scores[:, :k], result.labels) for i, s, l in zip(ids, scores, labels[:k])]
-
-
-def model_metadata(service: Service, name: str) -> dict[str, Any]:
-    served = service.served(name)
-    h, w, c = served.task.image_shape
-    return {"name": name, "versions": [str(served.version)], "platform": "mu2net_jax",
-            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, h, w, c]}],
-            "outputs": [{"name": OUTPUT_NAME, "datatype": "FP32", "shape": [-1, served.path.architecture.num_classes]}]}
-
-
 class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """``inference.GRPCInferenceService``: model name = task name."""
 
@@ -224,47 +183,6 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
 def _param(p: Any) -> Any:
     which = p.WhichOneof("parameter_choice")
     return getattr(p, which) if which else None
-
-
-def requested_classification(outputs: list[tuple[str, dict[str, Any]]]) -> int:
-    """The classification extension's class count (0 = plain probabilities).
-
-    Raises:
-      InvalidArgument: for an unknown output name or a bad class count.
-    """
-    k = 0
-    for name, params in outputs:
-        if name != OUTPUT_NAME:
-            raise E.InvalidArgument(f"unknown output {name!r}; allowed: {OUTPUT_NAME!r}")
-        if params.get("classification") is not None:
-            k = int(params["classification"])
-            if k < 1:
-                raise E.InvalidArgument(f"classification={k}; allowed: >= 1")
-    return k
-
-
-def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_contents: list[int],
-                bytes_contents: list[bytes]) -> tuple[list[bytes], np.ndarray | None]:
-    """Decodes the one inference input: UINT8 pixels or BYTES encoded images.
-
-    Returns:
-      (encoded images, raw pixels): exactly one is non-empty.
-    """
-    if datatype == "UINT8":
-        if len(shape) == 3:
-            shape = [1] + shape
-        if len(shape) != 4 or any(s < 1 for s in shape):
-            raise E.InvalidArgument(f"UINT8 input shape {shape}; allowed: [N, H, W, C] (or [H, W, C])")
-        data = raw if raw is not None else bytes(np.asarray(uint_contents, np.uint8))
-        if len(data) != int(np.prod(shape)):
-            raise E.InvalidArgument(f"UINT8 input of shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")
-        return [], np.frombuffer(data, np.uint8).reshape(shape)
-    if datatype == "BYTES":
-        items = deserialize_bytes_tensor(raw) if raw is not None else list(bytes_contents)
-        if len(shape) not in (1, 2) or int(np.prod(shape)) != len(items) or not items:
-            raise E.InvalidArgument(f"BYTES input shape {shape} does not match its {len(items)} elements; allowed: [N]")
-        return items, None
-    raise E.InvalidArgument(f"input datatype {datatype!r}; allowed: UINT8 (pixels) or BYTES (encoded images)")
 
 
 async def start_grpc(service: Service, host: str, port: int, max_message_bytes: int,

@@ -20,8 +20,8 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from mu2net.server import errors as E
-from mu2net.server.grpc_api import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
-                                    infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
+from mu2net.server.oip import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
+                               infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
 from mu2net.server.page import render_page
 from mu2net.server.service import Service
 
