@@ -9,6 +9,7 @@ Killed at any moment and started again, it continues from the last published sta
 from __future__ import annotations
 
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -34,8 +35,8 @@ from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
-from mu2net.store import (ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskRecord, fsync_tree, new_id,
-                          serialize_tree)
+from mu2net.store import (ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskNotFound, TaskRecord, fsync_tree,
+                          new_id, serialize_tree)
 
 log = logging.getLogger("mu2net.evolver")
 #: Active phases of one task in a row that may fail (raise, or kill the evolver process)
@@ -289,22 +290,34 @@ class Evolver:
           Number of active phases run.
         """
         phases = 0
-        while (task := self.next_task(iterations, continual)) is not None:
+        while True:
+            task = self.next_task(iterations, continual)
+            if task is None:
+                if not self._backing_off(iterations, continual) or (stop is not None and stop()):
+                    break
+                time.sleep(1.0)  # a task backs off after a crashed phase: wait for it (new tasks still come first)
+                continue
             if stop is not None and stop():
                 break
-            attempt = self.store.begin_attempt(task.name)
+            self.active_task = task.name  # before the attempt is counted: a SIGTERM uncounts it
+            try:
+                attempt = self.store.begin_attempt(task.name)
+            except TaskNotFound:  # deleted since it was chosen
+                self.active_task = None
+                continue
             if attempt > MAX_PHASE_ATTEMPTS:  # its last phases killed the evolver process itself
                 log.error("task %s failed: %d active phases in a row did not end", task.name, attempt - 1)
                 self.store.set_task_state(task.name, "failed", f"{attempt - 1} active phases in a row crashed the "
                                           f"evolver (last error: {task.error or 'the process died'})")
+                self.active_task = None
                 continue
-            self.active_task = task.name
             try:
                 self.active_phase(task.name)
                 self.store.end_attempt(task.name)
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
-                self.store.set_task_state(task.name, "failed", str(e))
+                with contextlib.suppress(TaskNotFound):  # deleted meanwhile
+                    self.store.set_task_state(task.name, "failed", str(e))
             except StoreError as e:
                 if any(t.name == task.name for t in self.store.list_tasks()):
                     # e.g. a component it was using went with a deleted task: a new phase starts
@@ -320,17 +333,27 @@ class Evolver:
         self._status("idle")
         return phases
 
+    def _backing_off(self, iterations: int, continual: bool) -> bool:
+        """Whether a task that still has work is only waiting out a back-off (so ``run`` waits
+        for it instead of returning with the task neither done nor failed)."""
+        now, served = time.time(), self.store.served_versions()
+        return any(t.state != "failed" and t.retry_after is not None and t.retry_after > now
+                   and (continual or t.name not in served or t.iterations_done < iterations)
+                   for t in self.store.list_tasks())
+
     def _phase_raised(self, task: TaskRecord, attempt: int, error: Exception) -> None:
         """A phase raised: the task backs off (BACKOFF_SECONDS * 2**(attempt-1)) while other
         tasks go on, and ends ``failed`` after MAX_PHASE_ATTEMPTS such phases in a row."""
         log.error("task %s: active phase (attempt %d of %d) raised", task.name, attempt, MAX_PHASE_ATTEMPTS,
                   exc_info=error)
         reason = f"{type(error).__name__}: {error}"
-        if attempt >= MAX_PHASE_ATTEMPTS:
-            self.store.set_task_state(task.name, "failed", f"{attempt} active phases in a row raised; last: {reason}")
-        else:
-            self.store.end_attempt(task.name, completed=False,
-                                   retry_after=time.time() + BACKOFF_SECONDS * 2 ** (attempt - 1), error=reason)
+        with contextlib.suppress(TaskNotFound):  # deleted during the phase
+            if attempt >= MAX_PHASE_ATTEMPTS:
+                self.store.set_task_state(task.name, "failed",
+                                          f"{attempt} active phases in a row raised; last: {reason}")
+            else:
+                self.store.end_attempt(task.name, completed=False,
+                                       retry_after=time.time() + BACKOFF_SECONDS * 2 ** (attempt - 1), error=reason)
 
     def _status(self, state: str, task: TaskRecord | None = None, **fields: Any) -> None:
         """Writes what the evolver is doing now to the store (read by the server's status)."""

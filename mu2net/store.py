@@ -468,8 +468,9 @@ class Store:
         :meth:`cancel_attempt` instead. Unknown tasks (deleted meanwhile) are ignored.
         """
         with self.transaction() as db:
-            if completed:
-                db.execute("UPDATE tasks SET attempts=0, retry_after=NULL WHERE name=?", (name,))
+            if completed:  # a transient error of an earlier attempt no longer applies
+                db.execute("UPDATE tasks SET attempts=0, retry_after=NULL, error=CASE WHEN state='failed' THEN "
+                           "error ELSE NULL END WHERE name=?", (name,))
             else:
                 db.execute("UPDATE tasks SET retry_after=?, error=? WHERE name=?", (retry_after, error, name))
 
@@ -729,19 +730,26 @@ class Store:
 
     # ---- deletion and garbage collection ------------------------------------------------
 
-    def remove_orphans(self) -> dict[str, int]:
+    def remove_orphans(self, min_age_seconds: float = 3600.0) -> dict[str, int]:
         """Removes what a process killed mid-write leaves behind: temporary files, array files
         no component row references, dataset directories no task references, and upload
         spool directories (``uploads-*``). Returns the count removed per kind.
 
         Only safe while nothing else writes to the store: ``mu2net serve`` calls it at start,
-        holding the evolver lock (:func:`evolver_lock`), before it accepts uploads.
+        holding the evolver lock (:func:`evolver_lock`), before it accepts uploads. Dataset
+        and upload directories are removed only when older than ``min_age_seconds`` (another
+        server on the same store may be writing a young one), and dataset directories are
+        matched by their name under ``datasets/`` (a moved store keeps its datasets); if no
+        task's dataset is found there at all, no dataset directory is removed.
         """
         removed = {"temporary_files": 0, "arrays": 0, "datasets": 0, "upload_dirs": 0}
         with self._lock:
             rows = self._db.execute("SELECT params_digest, opt_digest FROM components").fetchall()
             live = {d for r in rows for d in r if d}
-            datasets = {os.path.realpath(r[0]) for r in self._db.execute("SELECT dataset_dir FROM tasks")}
+            dirs = [FsPath(r[0]).parts for r in self._db.execute("SELECT dataset_dir FROM tasks")]
+        # the folder under datasets/ each task's dataset lives in, wherever the store was when written
+        referenced = {p[p.index("datasets") + 1] for p in dirs if "datasets" in p[:-1]}
+        cutoff = time.time() - min_age_seconds
         arrays = self.data_dir / "arrays"
         for f in arrays.rglob("*") if arrays.exists() else []:
             if f.is_file() and f.name.endswith(".tmp"):
@@ -751,13 +759,14 @@ class Store:
                 f.unlink(missing_ok=True)
                 removed["arrays"] += 1
         root = self.data_dir / "datasets"
-        for d in root.iterdir() if root.exists() else []:
-            real = os.path.realpath(d)
-            if d.is_dir() and not any(real == ds or ds.startswith(real + os.sep) for ds in datasets):
-                shutil.rmtree(d, ignore_errors=True)
-                removed["datasets"] += 1
+        present = {d.name for d in root.iterdir()} if root.exists() else set()
+        if not dirs or referenced & present:  # else the tasks' paths do not match this store: keep all
+            for d in root.iterdir() if root.exists() else []:
+                if d.is_dir() and d.name not in referenced and d.stat().st_mtime < cutoff:
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed["datasets"] += 1
         for d in self.data_dir.glob("uploads-*"):
-            if d.is_dir():
+            if d.is_dir() and d.stat().st_mtime < cutoff:
                 shutil.rmtree(d, ignore_errors=True)
                 removed["upload_dirs"] += 1
         return removed

@@ -177,8 +177,11 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     uv.should_exit = True
     # HTTP, gRPC and the evolver drain at once, each within 30 s (with 15 s for the evolver's
     # SIGTERM), so a shutdown takes at most about 30 s
-    await asyncio.gather(http_task, grpc_server.stop(grace=30),
-                         *([supervisor.stop()] if supervisor is not None else []))
+    results = await asyncio.gather(http_task, grpc_server.stop(grace=30),
+                                   *([supervisor.stop()] if supervisor is not None else []), return_exceptions=True)
+    for r in results:  # one part failing must not cut the others' drain short
+        if isinstance(r, BaseException):
+            log.error("shutdown: %r", r)
     service.close()
     store.close()
     return 0

@@ -58,6 +58,7 @@ class Batcher:
         self.queued_images = 0
         self.dropped = 0
         self._count_lock = threading.Lock()
+        self._closed = False
         self._queue: queue.Queue[_Request | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
@@ -74,6 +75,10 @@ class Batcher:
           DeadlineExceeded: the deadline passed before the images ran.
         """
         n = len(images)
+        if self._closed:
+            raise E.NotReady("the server is shutting down; retry on another replica or after it restarts")
+        if self.max_queued_images is not None and n > self.max_queued_images:
+            raise E.TooLarge(f"{n} images in one request; this server queues at most {self.max_queued_images}")
         with self._count_lock:
             if self.max_queued_images is not None and self.queued_images + n > self.max_queued_images:
                 raise E.Overloaded(f"{self.queued_images} images are queued and this request adds {n}; at most "
@@ -109,7 +114,7 @@ class Batcher:
         if request.deadline is not None and time.monotonic() > request.deadline:
             self.dropped += 1
             self._release(len(request.images))
-            request.loop.call_soon_threadsafe(_set_exception, request.future, E.DeadlineExceeded(
+            _deliver(request, _set_exception, E.DeadlineExceeded(
                 "the request's deadline passed before its images were computed; they were not run"))
             return False
         return True
@@ -162,17 +167,27 @@ class Batcher:
                 self.on_batch(size)
         except Exception as e:  # deliver the failure to every waiting request
             for r in batch:
-                r.loop.call_soon_threadsafe(_set_exception, r.future, e)
+                _deliver(r, _set_exception, e)
             return
         offset = 0
         for r in batch:
             n = len(r.images)
-            r.loop.call_soon_threadsafe(_set_result, r.future, probs[offset:offset + n])
+            _deliver(r, _set_result, probs[offset:offset + n])
             offset += n
 
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._thread.join(timeout=10)
+
+
+def _deliver(request: _Request, setter: Callable[..., None], value: object) -> None:
+    """Hands a result to the request's event loop; a loop already closed (its caller gone)
+    must not kill the batcher thread."""
+    try:
+        request.loop.call_soon_threadsafe(setter, request.future, value)
+    except RuntimeError:
+        pass
 
 
 def _set_result(fut: asyncio.Future[np.ndarray], value: np.ndarray) -> None:

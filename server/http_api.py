@@ -163,7 +163,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                         doc["raw"]["shape"])
                 else:
                     raise E.InvalidArgument("JSON body needs 'images' (base64 list) or 'raw' {shape, data}")
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
                 raise E.InvalidArgument(f"bad JSON classify body: {e}") from e
         else:
             encoded = [body]
@@ -232,7 +232,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
             raise E.InvalidArgument(f"inference request is a JSON {type(doc).__name__}; allowed: an object")
         try:  # malformed fields of the request are the client's error
             encoded, pixels, k, want_binary = _parse_infer(doc, body[n:])
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise E.InvalidArgument(f"malformed inference request: {e}") from e
         result = await service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True)
         n_classes = result.probabilities.shape[1]

@@ -68,7 +68,10 @@ def requested_classification(outputs: list[tuple[str, dict[str, Any]]]) -> int:
         if name != OUTPUT_NAME:
             raise E.InvalidArgument(f"unknown output {name!r}; allowed: {OUTPUT_NAME!r}")
         if params.get("classification") is not None:
-            k = int(params["classification"])
+            try:
+                k = int(params["classification"])
+            except (ValueError, TypeError, OverflowError):
+                raise E.InvalidArgument(f"classification={params['classification']!r}; allowed: an integer >= 1") from None
             if k < 1:
                 raise E.InvalidArgument(f"classification={k}; allowed: >= 1")
     return k
@@ -86,6 +89,8 @@ def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_content
             shape = [1] + shape
         if len(shape) != 4 or any(s < 1 for s in shape):
             raise E.InvalidArgument(f"UINT8 input shape {shape}; allowed: [N, H, W, C] (or [H, W, C])")
+        if raw is None and any(not 0 <= v <= 255 for v in uint_contents):
+            raise E.InvalidArgument("UINT8 input contents must lie in 0..255")
         data = raw if raw is not None else bytes(np.asarray(uint_contents, np.uint8))
         if len(data) != int(np.prod(shape)):
             raise E.InvalidArgument(f"UINT8 input of shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")

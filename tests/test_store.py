@@ -98,9 +98,18 @@ def test_remove_orphans_keeps_everything_referenced(tiny_store):
     (data / "uploads-abc").mkdir()
     (data / "uploads-abc" / "x.upload").write_bytes(b"spooled")
     before = store.list_paths()
-    assert store.remove_orphans() == {"temporary_files": 1, "arrays": 1, "datasets": 1, "upload_dirs": 1}
+    assert store.remove_orphans(min_age_seconds=3600) == {"temporary_files": 1, "arrays": 1, "datasets": 0,
+                                                         "upload_dirs": 0}  # young directories are kept
+    assert store.remove_orphans(min_age_seconds=0) == {"temporary_files": 0, "arrays": 0, "datasets": 1, "upload_dirs": 1}
     assert store.remove_orphans() == {"temporary_files": 0, "arrays": 0, "datasets": 0, "upload_dirs": 0}
     for path in before:  # every retained path still loads, every task's dataset still reads
         store.load_params(path.component_ids)
     for t in store.list_tasks():
         assert len(D.read_split(t.dataset_dir, t.splits["train"])[1]) > 0
+    # a store whose recorded dataset paths match none of its folders (moved, restored elsewhere
+    # under other names) keeps every dataset folder
+    kept = sorted(p.name for p in (data / "datasets").iterdir())
+    with store.transaction() as db:
+        db.execute("UPDATE tasks SET dataset_dir = '/elsewhere/datasets/other-1/task_dataset/1.0.0'")
+    assert store.remove_orphans(min_age_seconds=0)["datasets"] == 0
+    assert sorted(p.name for p in (data / "datasets").iterdir()) == kept and len(kept) == 3
