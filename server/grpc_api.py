@@ -7,7 +7,6 @@ import asyncio
 import functools
 import logging
 import math
-import struct
 import time
 import uuid
 from typing import Any, Awaitable, Callable
