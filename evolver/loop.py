@@ -35,8 +35,8 @@ from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
-from mu2net.store import (ROOT_PATH_ID, ComponentRecord, Store, StoreError, TaskNotFound, TaskRecord, fsync_tree,
-                          new_id, serialize_tree)
+from mu2net.store import (ROOT_PATH_ID, ComponentRecord, ComponentsGone, Store, StoreError, TaskNotFound,
+                          TaskRecord, fsync_tree, new_id, serialize_tree)
 
 log = logging.getLogger("mu2net.evolver")
 #: Active phases of one task in a row that may fail (raise, or kill the evolver process)
@@ -267,7 +267,8 @@ class Evolver:
         self.reference_params = reference_params(int(root.metrics["activated_params"]), C.num_params(block),
                                                  root.architecture.num_blocks)
         self.scorer = make_scorer(config.scorer, self.reference_params, config.size_penalty_base)
-        self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "images_per_second": []}
+        self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "requeued": 0,
+                                      "images_per_second": []}
 
     # ---- queue --------------------------------------------------------------------------
 
@@ -314,14 +315,24 @@ class Evolver:
             try:
                 self.active_phase(task.name)
                 self.store.end_attempt(task.name)
+            except ComponentsGone as e:
+                # a path the phase used went with a deleted task: the deletion wins, the phase is
+                # dropped uncounted (not a failure, no back-off) and the task is requeued: its next
+                # phase starts from the store as it is now
+                if any(t.name == task.name for t in self.store.list_tasks()):
+                    log.warning("task %s: its active phase lost components to a deleted task (%s); requeued",
+                                task.name, e)
+                    self.store.cancel_attempt(task.name)
+                    self.stats["requeued"] += 1
+                else:
+                    log.warning("task %s was deleted during its active phase", task.name)
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
                 with contextlib.suppress(TaskNotFound):  # deleted meanwhile
                     self.store.set_task_state(task.name, "failed", str(e))
             except StoreError as e:
                 if any(t.name == task.name for t in self.store.list_tasks()):
-                    # e.g. a component it was using went with a deleted task: a new phase starts
-                    # from the store as it is now, so the task is retried, not failed at once
+                    # e.g. a missing or corrupt array file: backs off, retried, failed after K tries
                     self._phase_raised(task, attempt, e)
                 else:  # deleted during its active phase
                     log.warning("task %s was deleted during its active phase", task.name)

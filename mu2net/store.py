@@ -119,6 +119,13 @@ class TaskNotFound(StoreError, KeyError):
     """No task of that name exists."""
 
 
+class ComponentsGone(StoreError):
+    """Components are no longer in the layer pool: deleted with a task (``DELETE``, Section
+    3.4's removal of a task's knowledge) after a reader, e.g. an active phase, chose a path
+    that uses them. The evolver requeues such a phase (it starts again from the store as it
+    is now) instead of counting it as a failed attempt."""
+
+
 #: Lock file of the single evolver a store may have (``filelock``; see :func:`evolver_lock`).
 EVOLVER_LOCK = "evolver.lock"
 
@@ -370,12 +377,18 @@ class Store:
         """Reads the pytree written by :meth:`put_arrays`.
 
         Raises:
-          StoreError: if the file is missing or its content does not match the digest.
+          ComponentsGone: if the file is missing because no component uses it any more (its
+            component was deleted, e.g. with its task, after the caller read the record).
+          StoreError: if the file is missing although a component uses it, or its content does
+            not match the digest.
         """
         path = self._array_path(digest)
         try:
             data = path.read_bytes()
         except FileNotFoundError as e:
+            if not self._query("SELECT 1 FROM components WHERE params_digest=? OR opt_digest=? LIMIT 1",
+                               (digest, digest)):
+                raise ComponentsGone(f"array file {digest} was deleted with its component") from e
             raise StoreError(f"array file {digest} is missing from {self.data_dir}") from e
         if hashlib.sha256(data).hexdigest() != digest:
             raise StoreError(f"array file {path} is corrupt (content does not match its digest)")
@@ -571,14 +584,14 @@ class Store:
         """Component records in the order of ``ids``.
 
         Raises:
-          StoreError: if an id is not in the layer pool.
+          ComponentsGone: if an id is not in the layer pool.
         """
         ids = list(ids)
         rows = {r["id"]: r for r in self._query(
             f"SELECT * FROM components WHERE id IN ({','.join('?' * len(ids))})", ids)}
         missing = [i for i in ids if i not in rows]
         if missing:
-            raise StoreError(f"components {missing} are not in the layer pool")
+            raise ComponentsGone(f"components {missing} are not in the layer pool")
         return [self._component(rows[i]) for i in ids]
 
     def list_components(self) -> list[ComponentRecord]:
@@ -667,6 +680,8 @@ class Store:
           The system version after the transaction.
 
         Raises:
+          ComponentsGone: if ``path`` uses components no longer in the layer pool (deleted
+            with another task during the phase).
           StoreError: if a referenced array file is missing, or the task was deleted.
         """
         for c in new_components:
@@ -694,7 +709,7 @@ class Store:
                 missing = [cid for cid in path.component_ids if not db.execute(
                     "SELECT 1 FROM components WHERE id=?", (cid,)).fetchone()]
                 if missing:
-                    raise StoreError(f"path {path.id} uses components {missing} not in the layer pool")
+                    raise ComponentsGone(f"path {path.id} uses components {missing} not in the layer pool")
                 if path.task is not None:
                     prev = db.execute("SELECT score FROM paths WHERE task=?", (path.task,)).fetchone()
                     db.execute("DELETE FROM paths WHERE task=?", (path.task,))

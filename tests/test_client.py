@@ -127,3 +127,92 @@ def test_http_errors_map_to_the_sdk_hierarchy():
     assert isinstance(e, OverloadedError) and e.retry_after == 2.0 and "queued" in str(e)
     assert isinstance(from_http(httpx.Response(503, json={"error": "x"})), NotReadyError)
     assert isinstance(from_http(httpx.Response(504, json={"error": "x"})), TimeoutError)
+
+
+class _OverloadedHTTP:
+    """A real HTTP server (http.server on 127.0.0.1) that refuses the first ``refusals``
+    requests with 429 and ``Retry-After: 0``, then answers like mu2net's task endpoints;
+    it records each request's method, path and body."""
+
+    def __init__(self, refusals: int):
+        import http.server
+        import json
+        import threading
+
+        owner = self
+        self.refusals, self.requests = refusals, []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bytes) -> None:
+                owner.requests.append((self.command, self.path.split("?")[0], body))
+                if len(owner.requests) <= owner.refusals:
+                    payload, code = json.dumps({"error": "2 uploads are in progress"}).encode(), 429
+                else:
+                    payload, code = json.dumps({**OLD_SERVER_TASK, "state": "queued"}).encode(), 202
+                self.send_response(code)
+                if code == 429:
+                    self.send_header("Retry-After", "0")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_POST(self):  # noqa: N802
+                self._answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+            def do_GET(self):  # noqa: N802
+                self._answer(b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("refusals, retries, ok", [(2, 3, True), (3, 2, False)])
+def test_an_upload_refused_with_429_is_retried_after_retry_after_with_the_whole_body(tmp_path, refusals, retries,
+                                                                                      ok):
+    from mu2net_client import OverloadedError
+
+    dataset = tmp_path / "data.npz"
+    dataset.write_bytes(b"PK" + bytes(range(256)) * 64)  # an upload from a file: rewound for each attempt
+    for sync in (True, False):
+        server = _OverloadedHTTP(refusals)
+        try:
+            if sync:
+                with Client(UNREACHABLE[0], server.url, retries=retries) as client:
+                    call = lambda: client.upload("digits", dataset)  # noqa: E731
+                    outcome = call() if ok else pytest.raises(OverloadedError, call)
+            else:
+                async def main():
+                    async with AsyncClient(UNREACHABLE[0], server.url, retries=retries) as client:
+                        if ok:
+                            return await client.upload("digits", dataset)
+                        with pytest.raises(OverloadedError) as e:
+                            await client.upload("digits", dataset)
+                        return e
+                outcome = asyncio.run(main())
+            assert len(server.requests) == (refusals + 1 if ok else retries + 1)
+            assert all(r == ("POST", "/v1/tasks", dataset.read_bytes()) for r in server.requests)
+            if ok:
+                assert outcome.name == "digits" and outcome.state == "queued"
+            else:
+                assert outcome.value.retry_after == 0.0 and "uploads are in progress" in str(outcome.value)
+        finally:
+            server.close()
+
+
+def test_reads_refused_with_429_are_retried_after_retry_after():
+    server = _OverloadedHTTP(2)
+    try:
+        with Client(UNREACHABLE[0], server.url, retries=3) as client:
+            assert client.task("digits").name == "digits"
+        assert [r[:2] for r in server.requests] == [("GET", "/v1/tasks/digits")] * 3
+    finally:
+        server.close()

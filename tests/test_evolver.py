@@ -11,6 +11,7 @@ from conftest import TINY_EVOLVER
 from mu2net import datasets as D
 from mu2net import paths as P
 from mu2net.evolver import Evolver, locked_components
+from mu2net.store import StoreError
 
 
 def _test_predictions(store, task):
@@ -503,3 +504,45 @@ def test_a_crashing_task_backs_off_ends_failed_and_the_others_go_on(tiny_store, 
     tiny_store.begin_attempt("parity")
     tiny_store.cancel_attempt("parity")  # a phase stopped on purpose (SIGTERM) is not counted
     assert tiny_store.get_task("parity").attempts == 0
+
+
+def test_a_phase_that_loses_a_parent_to_a_deleted_task_is_requeued_not_failed(tiny_store, monkeypatch):
+    from conftest import digits_splits
+    from mu2net.evolver import add_task_arrays
+    from mu2net.store import ComponentsGone
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    digits_path = tiny_store.best_path("digits")
+    add_task_arrays(tiny_store, "late", digits_splits(lambda y: (y % 3 == 0).astype(int)), ["no", "yes"],
+                    source="test")
+    real = ev._train_generation
+    calls = []
+
+    def generation(specs, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:  # late's first-answer generation reuses digits' path: delete digits now
+            assert any(s.parent.id == digits_path.id for s in specs)
+            assert tiny_store.delete_task("digits") == []
+        return real(specs, *args, **kwargs)  # materializes the children: digits' components are gone
+
+    monkeypatch.setattr(ev, "_train_generation", generation)
+    ev.run(1, stop=lambda: "late" in tiny_store.served_versions())
+    late = tiny_store.get_task("late")
+    assert ev.stats["requeued"] == 1  # the phase that lost digits' components was dropped ...
+    assert late.state != "failed" and late.attempts == 0 and late.error is None  # ... uncounted, no back-off
+    assert late.retry_after is None
+    assert "late" in tiny_store.served_versions()  # and the requeued task's next phase served it
+    assert all("digits" not in c.steps for c in tiny_store.list_components())
+    with pytest.raises(ComponentsGone):
+        tiny_store.get_components(digits_path.component_ids)
+    # an array file read after its component was deleted is ComponentsGone; a missing file of a
+    # live component stays a plain StoreError (the store is damaged, not changed)
+    live = tiny_store.get_components([tiny_store.best_path("late").component_ids[-1]])[0]
+    f = tiny_store.data_dir / "arrays" / live.params_digest[:2] / f"{live.params_digest}.npz"
+    assert f.exists()
+    f.rename(f.with_suffix(".bak"))
+    with pytest.raises(StoreError) as e:
+        tiny_store.get_arrays(live.params_digest)
+    assert not isinstance(e.value, ComponentsGone)
+    f.with_suffix(".bak").rename(f)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping, TypeVar
 import grpc
 import httpx
 import numpy as np
+import tenacity
 
 from mu2net_client import errors as E
 from mu2net_client._proto import mu2net_pb2 as pb
@@ -121,6 +122,37 @@ def channel_options(max_message_bytes: int, retries: int) -> list[tuple[str, Any
     return opts
 
 
+#: Longest wait honoured from a server's Retry-After (seconds); a longer hint is cut to this.
+MAX_RETRY_AFTER = 30.0
+
+
+def _wait_retry_after(state: tenacity.RetryCallState) -> float:
+    """Seconds before the next attempt after an OverloadedError: the server's Retry-After
+    (HTTP) / ``grpc-retry-pushback-ms`` hint, at most :data:`MAX_RETRY_AFTER`; without a hint
+    exponential back-off, 0.5 s doubling to 8 s."""
+    error = state.outcome.exception() if state.outcome is not None else None
+    hint = getattr(error, "retry_after", None)
+    if hint is not None:
+        return float(min(max(0.0, hint), MAX_RETRY_AFTER))
+    return float(min(8.0, 0.5 * 2 ** (state.attempt_number - 1)))
+
+
+def overload_retry(retries: int) -> dict[str, Any]:
+    """tenacity arguments that retry a call refused with 429 / RESOURCE_EXHAUSTED
+    (:class:`~mu2net_client.errors.OverloadedError`) up to ``retries`` times, waiting as the
+    server asks (:func:`_wait_retry_after`); the last refusal is re-raised. Only for calls the
+    server refused before doing anything (overload), so a retry cannot apply one twice."""
+    return dict(retry=tenacity.retry_if_exception_type(E.OverloadedError), wait=_wait_retry_after,
+                stop=tenacity.stop_after_attempt(max(0, retries) + 1), reraise=True)
+
+
+def _rewind(body: Any) -> Any:
+    """The upload body ready to be sent (again): a file is rewound to its start."""
+    if hasattr(body, "seek"):
+        body.seek(0)
+    return body
+
+
 def _channel_credentials(ca: str | None, client: tuple[str, str] | None) -> grpc.ChannelCredentials | None:
     """gRPC TLS credentials from PEM files (None: plaintext)."""
     if ca is None and client is None:
@@ -220,8 +252,9 @@ class Client:
       timeout: per-call timeout in seconds.
       retries: retries of idempotent calls: gRPC Classify/ListTasks/GetTask by gRPC's retry
         policy (see :func:`channel_options`), HTTP requests on connection failures by
-        httpx's transport. An overloaded server's 429 raises OverloadedError with its
-        ``retry_after``.
+        httpx's transport; an overloaded server's 429 / RESOURCE_EXHAUSTED (nothing done) by
+        waiting its Retry-After (:func:`overload_retry`; also uploads). After the last
+        retry, OverloadedError with the server's ``retry_after``.
       max_message_bytes: gRPC message size limit (match the server's).
       tls_ca: PEM file of the CA that signed a TLS server's certificate (``mu2net serve
         --tls-cert``): gRPC over TLS, and HTTPS verified against it (give an ``https://``
@@ -255,10 +288,12 @@ class Client:
         self._http.close()
 
     def _get(self, url: str) -> Any:
-        with E.map_exceptions():
-            r = self._http.get(url)
-        if r.status_code >= 400:
-            raise E.from_http(r)
+        for attempt in tenacity.Retrying(**overload_retry(self.retries)):
+            with attempt:
+                with E.map_exceptions():
+                    r = self._http.get(url)
+                if r.status_code >= 400:
+                    raise E.from_http(r)
         return r.json()
 
     # ---- classify (gRPC) ----------------------------------------------------------------
@@ -286,7 +321,11 @@ class Client:
         return doc
 
     def upload(self, name: str, data: DatasetLike, *, private: bool = False, acl_group: str | None = None) -> Task:
-        """Uploads a labeled dataset as a new task (not retried: not idempotent).
+        """Uploads a labeled dataset as a new task.
+
+        Not retried on a transport failure (the server may have created the task); a 429 (every
+        upload slot of the server is taken: nothing was stored) is retried up to ``retries``
+        times after the server's Retry-After (:func:`overload_retry`).
 
         Args:
           name: task name.
@@ -299,14 +338,17 @@ class Client:
         body, _ = dataset_body(data)
         params = _upload_params(name, private, acl_group)
         try:
-            with E.map_exceptions():
-                r = self._http.post("/v1/tasks", params=params, content=body,
-                                    headers={"Content-Type": "application/octet-stream"},
-                                    timeout=max(self.timeout, 600.0))
+            for attempt in tenacity.Retrying(**overload_retry(self.retries)):
+                with attempt:
+                    with E.map_exceptions():
+                        r = self._http.post("/v1/tasks", params=params, content=_rewind(body),
+                                            headers={"Content-Type": "application/octet-stream"},
+                                            timeout=max(self.timeout, 600.0))
+                    view = _json(r)
         finally:
             if hasattr(body, "close"):
                 body.close()
-        return Task.from_json(_json(r))
+        return Task.from_json(view)
 
     def delete(self, name: str) -> dict[str, Any]:
         with E.map_exceptions():
@@ -421,10 +463,12 @@ class AsyncClient:
             return classify_result(await self._stub.Classify(req, timeout=self.timeout))
 
     async def _get(self, url: str) -> Any:
-        with E.map_exceptions():
-            r = await self._http.get(url)
-        if r.status_code >= 400:
-            raise E.from_http(r)
+        async for attempt in tenacity.AsyncRetrying(**overload_retry(self.retries)):
+            with attempt:
+                with E.map_exceptions():
+                    r = await self._http.get(url)
+                if r.status_code >= 400:
+                    raise E.from_http(r)
         return r.json()
 
     async def tasks(self) -> list[Task]:
@@ -444,11 +488,14 @@ class AsyncClient:
             with body:
                 body = body.read()
         params = _upload_params(name, private, acl_group)
-        with E.map_exceptions():
-            r = await self._http.post("/v1/tasks", params=params, content=body,
-                                      headers={"Content-Type": "application/octet-stream"},
-                                      timeout=max(self.timeout, 600.0))
-        return Task.from_json(_json(r))
+        async for attempt in tenacity.AsyncRetrying(**overload_retry(self.retries)):
+            with attempt:
+                with E.map_exceptions():
+                    r = await self._http.post("/v1/tasks", params=params, content=body,
+                                              headers={"Content-Type": "application/octet-stream"},
+                                              timeout=max(self.timeout, 600.0))
+                view = _json(r)
+        return Task.from_json(view)
 
     async def delete(self, name: str) -> dict[str, Any]:
         with E.map_exceptions():
