@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print tasks, accuracies, parameters and the layer pool")
     rp.add_argument("--data-dir", required=True)
     rp.add_argument("--json", action="store_true", help="machine-readable output")
+    rp.add_argument("--verify", action="store_true",
+                    help="also check the store's invariants (SQLite integrity, array digests, paths' components, "
+                         "dataset directories); exit 1 if any is broken")
 
     sv = sub.add_parser("serve", help="run the gRPC/HTTP server with its evolver process")
     sv.add_argument("--data-dir", required=True)
@@ -510,9 +513,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not (Path(args.data_dir) / "mu2net.sqlite").exists():
         print(f"error: {args.data_dir!r} is not a mu2net store (no mu2net.sqlite)", file=sys.stderr)
         return 2
-    rep = report(Store(args.data_dir))
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
-    return 0
+    store = Store(args.data_dir)
+    rep = report(store)
+    problems = store.verify() if args.verify else None
+    if args.json:
+        print(json.dumps(rep if problems is None else {**rep, "problems": problems}, indent=2))
+    else:
+        print(format_report(rep))
+        if problems is not None:
+            print("\n".join(["store check:", *(f"  {p}" for p in problems)]) if problems else "store check: ok")
+    return 1 if problems else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

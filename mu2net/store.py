@@ -786,6 +786,46 @@ class Store:
                 removed["upload_dirs"] += 1
         return removed
 
+    def verify(self) -> list[str]:
+        """Checks the store's invariants (what a process killed at any moment must leave
+        intact); returns the problems found, empty when there are none.
+
+        Checked: SQLite's ``PRAGMA integrity_check``; every component's array files exist and
+        hash to their digests; every retained path's components are in the layer pool; every
+        task's recorded dataset directory exists; the system version is at least every
+        publish's version in the history. Leftovers that :meth:`remove_orphans` removes
+        (temporary files, unreferenced array files) are not problems.
+        """
+        problems: list[str] = []
+        with self._lock:
+            check = [r[0] for r in self._db.execute("PRAGMA integrity_check").fetchall()]
+        if check != ["ok"]:
+            problems.append(f"SQLite integrity_check: {'; '.join(check)[:500]}")
+        components = {c.id: c for c in self.list_components()}
+        for c in components.values():
+            for digest in (c.params_digest, c.opt_digest):
+                if digest is None:
+                    continue
+                try:
+                    data = self._array_path(digest).read_bytes()
+                except FileNotFoundError:
+                    problems.append(f"component {c.id}: array file {digest} is missing")
+                    continue
+                if hashlib.sha256(data).hexdigest() != digest:
+                    problems.append(f"component {c.id}: array file {digest} does not match its digest")
+        for p in self.list_paths():
+            gone = [cid for cid in p.component_ids if cid not in components]
+            if gone:
+                problems.append(f"path {p.id} (task {p.task}) uses components {gone} not in the layer pool")
+        for t in self.list_tasks():
+            if not FsPath(t.dataset_dir).is_dir():
+                problems.append(f"task {t.name}: dataset directory {t.dataset_dir} is missing")
+        version = self.system_version()
+        last = max((h["system_version"] for h in self.history()), default=0)
+        if last > version:
+            problems.append(f"system version {version} is below the history's latest publish {last}")
+        return problems
+
     def _unreferenced_components(self, db: sqlite3.Connection) -> list[tuple[str, str | None]]:
         """Deletes component rows no retained path uses; returns their digests."""
         used: set[str] = set()

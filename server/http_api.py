@@ -22,11 +22,13 @@ from starlette.routing import Route
 from mu2net.server import errors as E
 from mu2net.server.oip import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
                                infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
+from mu2net.server.openapi import document as openapi_document
 from mu2net.server.page import render_page
 from mu2net.server.service import Service
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 log = logging.getLogger("mu2net.server")
+OPENAPI = openapi_document()
 
 
 def _int_param(request: Request, name: str, default: int) -> int:
@@ -173,6 +175,10 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
             "results": [{"labels": labels, "label_ids": ids.tolist(), "scores": scores.tolist()}
                         for labels, ids, scores in zip(result.labels, result.label_ids, result.scores)]})
 
+    @endpoint("openapi")
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(OPENAPI)
+
     @endpoint("system")
     async def system(request: Request) -> Response:
         return JSONResponse(await asyncio.to_thread(service.system))
@@ -263,7 +269,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         Route("/v1/tasks/{name}", get_task, methods=["GET"]), Route("/v1/tasks/{name}", delete_task, methods=["DELETE"]),
         Route("/v1/tasks/{name}/classify", classify, methods=["POST"]),
         Route("/v1/tasks/{name}/evolve", evolve_task, methods=["POST"]),
-        Route("/v1/system", system),
+        Route("/v1/system", system), Route("/openapi.json", openapi),
         Route("/v2/health/live", v2_live), Route("/v2/health/ready", v2_ready), Route("/v2", v2_metadata),
         Route("/v2/models/{name}", v2_model_metadata), Route("/v2/models/{name}/versions/{version}", v2_model_metadata),
         Route("/v2/models/{name}/ready", v2_model_ready),

@@ -42,6 +42,19 @@ def test_evolve_then_report(tmp_path):
     proc = _cli("evolve", "--data-dir", data, "--iterations", "2", *TINY_ARGS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(_cli("report", "--data-dir", data, "--json").stdout)["tasks"][0]["iterations_done"] == 2
+    # report --verify checks the store: ok, then a damaged array file is named and exits 1
+    ok = _cli("report", "--data-dir", data, "--verify")
+    assert ok.returncode == 0 and "store check: ok" in ok.stdout, ok.stdout[-2000:] + ok.stderr[-2000:]
+    from mu2net.store import Store
+
+    with Store(data) as store:
+        comp = store.get_components([store.best_path("d").component_ids[-1]])[0]
+    f = tmp_path / "store" / "arrays" / comp.params_digest[:2] / f"{comp.params_digest}.npz"
+    f.write_bytes(b"not the array")
+    bad = _cli("report", "--data-dir", data, "--verify", "--json")
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["problems"] == [
+        f"component {comp.id}: array file {comp.params_digest} does not match its digest"]
 
 
 def test_children_trained_in_parallel_on_cpu_devices_match_one_device(tmp_path):

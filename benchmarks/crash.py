@@ -1,0 +1,283 @@
+"""kill -9 at random moments during uploads, publishes and deletes, then restart: what the
+store keeps (issue 17's fault figures, docs/reliability.md).
+
+Each round starts a real ``mu2net serve`` (a tiny ViT on sklearn-digits tasks, so a round
+takes seconds, with continual evolution: the evolver is always training or publishing) on
+one store. A client thread uploads tasks over HTTP, deletes some, and polls what each task
+serves. After a random delay the harness SIGKILLs the server, or (every ``--evolver-every``
+round) SIGKILLs the evolver process first and then the server, so neither gets to clean up.
+Then, with no process running:
+
+* the start-up sweep runs (:meth:`mu2net.store.Store.remove_orphans`, what ``mu2net serve``
+  does at start; the count it removed is reported) and a second sweep must find nothing;
+* :meth:`mu2net.store.Store.verify` must find no problem (SQLite integrity, every component's
+  array files present and matching their digests, every path's components in the pool,
+  every task's dataset directory present, the system version not behind the history);
+* every task seen served before the kill (and not deleted with a 200 answer) still serves,
+  at a system version not below the last one seen (*published paths lost*);
+* every upload answered 202 is still a task unless it was then deleted (*uploads
+  acknowledged then lost*); its splits read back whole;
+* at the next start, each task still on a path seen before answers a fixed probe batch with
+  bit-identical scores over gRPC.
+
+Before the first round a server serves a first task (so every round has a published path
+to lose); at the end a last server runs until every remaining task serves again
+(resumption).
+
+    python benchmarks/crash.py --rounds 50 --out docs/crash.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from mu2net import datasets as D
+from mu2net.server.launcher import RunningServer
+from mu2net.store import Store
+
+#: ``mu2net serve`` flags of the harness: a tiny ViT for 8x8 digits, short children.
+SERVE_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
+              "--generations", "2", "--children", "2", "--cycles", "2", "--sample-cap", "256",
+              "--batch-size", "32", "--quiet", "--iterations", "1", "--root-hparam", "flip=false",
+              "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05"]
+
+#: Label maps of the uploaded tasks (sklearn digits, 0-9).
+LABELINGS = {"digits": lambda y: y, "parity": lambda y: y % 2, "ge5": lambda y: (y >= 5).astype(int),
+             "mod3": lambda y: y % 3}
+
+
+def digits_upload(labeling: str, seed: int) -> dict[str, np.ndarray]:
+    """An upload body (the SDK sends it as .npz): 450 sklearn digits images, 8x8 uint8."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(d.target))[:450]
+    x = np.round(d.images[idx] * (255 / 16)).astype(np.uint8)[:, :, :, None]
+    y = LABELINGS[labeling](d.target[idx]).astype(np.int64)
+    return {"x_train": x[:350], "y_train": y[:350], "x_test": x[350:], "y_test": y[350:]}
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+class Workload(threading.Thread):
+    """Uploads, deletes and polls against one running server until stopped; records what
+    the server acknowledged (the harness's ground truth after the kill)."""
+
+    def __init__(self, server: RunningServer, state: dict[str, Any], rng: random.Random) -> None:
+        super().__init__(daemon=True)
+        self.server, self.state, self.rng = server, state, rng
+        self.stop_flag = threading.Event()
+        self.in_flight: str | None = None
+
+    def run(self) -> None:
+        from mu2net_client import Client, Mu2netError
+
+        st = self.state
+        try:
+            with Client(self.server.grpc, self.server.http, timeout=10, retries=0) as client:
+                while not self.stop_flag.is_set():
+                    for t in client.tasks():  # what each task serves now
+                        if t.path_id is not None:
+                            st["served"][t.name] = (t.system_version, t.path_id)
+                    names = [n for n in st["acked"] if n not in st["deleted"]]
+                    action = self.rng.random()
+                    if action < 0.25 or not names:
+                        st["uploads"] += 1
+                        name = f"{self.rng.choice(sorted(LABELINGS))}-{st['uploads']}"
+                        self.in_flight = f"upload {name}"
+                        task = client.upload(name, digits_upload(name.split("-")[0], st["uploads"]))
+                        st["acked"].append(task.name)
+                    elif action < 0.35 and len(names) > 2:
+                        name = self.rng.choice(names)
+                        self.in_flight = f"delete {name}"
+                        st["deleting"] = name
+                        client.delete(name)
+                        st["deleted"].append(name)
+                        st["served"].pop(name, None)
+                        st["deleting"] = None
+                    self.in_flight = None
+                    self.stop_flag.wait(self.rng.uniform(0.2, 1.5))
+        except (Mu2netError, OSError):
+            pass  # the server was killed under a request: its outcome is checked from the store
+
+
+def probe_scores(server: RunningServer, names: list[str]) -> dict[str, tuple[str, list[list[float]]]]:
+    """Each task's served path id and its top-k scores (all classes) on a fixed probe batch."""
+    from mu2net_client import Client, Mu2netError
+
+    x = digits_upload("digits", 0)["x_test"][:16]
+    out = {}
+    with Client(server.grpc, server.http, timeout=30) as client:
+        for name in names:
+            try:
+                task = client.task(name)
+                r = client.classify(name, x, top_k=len(task.labels))
+            except Mu2netError:
+                continue
+            out[name] = (r.path_id, [sorted(zip(c.label_ids, c.scores)) for c in r.results])
+    return out
+
+
+def check_after_kill(data_dir: str, state: dict[str, Any]) -> dict[str, Any]:
+    """The checks of the module docstring that need no server; returns counts and problems."""
+    with Store(data_dir) as store:
+        swept = store.remove_orphans(min_age_seconds=0)  # the start-up sweep, nothing else running
+        again = store.remove_orphans(min_age_seconds=0)
+        problems = store.verify()
+        tasks = {t.name: t for t in store.list_tasks()}
+        served = store.served_versions()
+        lost_paths = []
+        for name, (version, _) in state["served"].items():
+            if name in state["deleted"] or name == state["deleting"]:
+                continue
+            if name not in served or served[name] < version:
+                lost_paths.append(f"{name}: seen at v{version}, now {served.get(name)}")
+        lost_uploads = [n for n in state["acked"] if n not in state["deleted"] and n != state["deleting"]
+                        and n not in tasks]
+        for name, t in tasks.items():
+            for split in ("train", "validation", "test"):
+                try:
+                    D.read_split(t.dataset_dir, t.splits[split])
+                except Exception as e:  # a half-written dataset of an acknowledged upload
+                    problems.append(f"task {name}: {split} split unreadable: {e}")
+    return {"swept": swept, "orphans_after_sweep": sum(again.values()), "problems": problems,
+            "lost_paths": lost_paths, "lost_uploads": lost_uploads, "tasks": set(tasks)}
+
+
+def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evolver_every: int = 3,
+        log: Any = print) -> dict[str, Any]:
+    """Runs ``rounds`` kill rounds on the store ``data_dir`` (created if new); returns the
+    figures (see the module docstring)."""
+    rng = random.Random(seed)
+    state: dict[str, Any] = {"acked": [], "deleted": [], "deleting": None, "served": {}, "uploads": 0}
+    recorded: dict[str, tuple[str, list]] = {}  # task -> (path id, scores) from the last round
+    totals = {"rounds": 0, "kills_server": 0, "kills_evolver_then_server": 0, "in_flight": {},
+              "published_paths_lost": 0, "uploads_acknowledged_then_lost": 0, "orphans_removed_by_sweep": 0,
+              "orphans_after_sweep": 0, "store_problems": 0, "bit_identical_checked": 0,
+              "bit_identical_failed": 0, "details": []}
+    # a first task served before the first kill, so every round has a published path to lose
+    server = RunningServer(data_dir, SERVE_ARGS)
+    try:
+        from mu2net_client import Client
+
+        with Client(server.grpc, server.http, timeout=30) as client:
+            if not client.tasks():
+                state["uploads"] += 1
+                state["acked"].append(client.upload("digits-0", digits_upload("digits", 0)).name)
+            for t in client.tasks():
+                t = client.wait_until_serving(t.name, timeout=600, progress=False)
+                state["served"][t.name] = (t.system_version, t.path_id)
+        recorded = probe_scores(server, sorted(state["served"]))
+    finally:
+        server.stop()
+    for r in range(rounds):
+        server = RunningServer(data_dir, SERVE_ARGS)
+        try:
+            # tasks still on a path of the last round answer bit-identically
+            now = probe_scores(server, sorted(recorded))
+            for name, (pid, scores) in now.items():
+                if recorded[name][0] == pid:
+                    totals["bit_identical_checked"] += 1
+                    if scores != recorded[name][1]:
+                        totals["bit_identical_failed"] += 1
+                        totals["details"].append(f"round {r}: {name} on {pid[:8]} answered differently")
+            work = Workload(server, state, rng)
+            work.start()
+            time.sleep(rng.uniform(1.0, max_delay))
+            recorded = probe_scores(server, [n for n in state["served"] if n not in state["deleted"]])
+            time.sleep(rng.uniform(0.0, 1.0))
+            doing = work.in_flight or "evolver only"
+            evolvers = _children(server.proc.pid)
+            if evolver_every and r % evolver_every == evolver_every - 1 and evolvers:
+                for pid in evolvers:
+                    os.kill(pid, signal.SIGKILL)
+                totals["kills_evolver_then_server"] += 1
+            else:
+                totals["kills_server"] += 1
+            os.kill(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(30)
+            work.stop_flag.set()
+            work.join(30)
+        finally:
+            if server.proc.poll() is None:
+                server.proc.kill()
+        deadline = time.time() + 30  # the evolver goes with its server (PDEATHSIG)
+        while any(os.path.exists(f"/proc/{p}") for p in evolvers) and time.time() < deadline:
+            time.sleep(0.1)
+        kind = doing.split(" ")[0]
+        totals["in_flight"][kind] = totals["in_flight"].get(kind, 0) + 1
+        c = check_after_kill(data_dir, state)
+        totals["rounds"] += 1
+        totals["published_paths_lost"] += len(c["lost_paths"])
+        totals["uploads_acknowledged_then_lost"] += len(c["lost_uploads"])
+        totals["orphans_removed_by_sweep"] += sum(c["swept"].values())
+        totals["orphans_after_sweep"] += c["orphans_after_sweep"]
+        totals["store_problems"] += len(c["problems"])
+        for key in ("lost_paths", "lost_uploads", "problems"):
+            totals["details"] += [f"round {r}: {x}" for x in c[key]]
+        log(f"round {r + 1}/{rounds}: killed during {doing}; swept {c['swept']}; problems {len(c['problems'])}, "
+            f"paths lost {len(c['lost_paths'])}, uploads lost {len(c['lost_uploads'])}")
+        # a task deleted in flight either went or stayed: both are fine
+        if state["deleting"] is not None and state["deleting"] not in c["tasks"]:
+            state["deleted"].append(state["deleting"])
+            state["served"].pop(state["deleting"], None)
+        state["deleting"] = None
+    # resumption: every remaining task serves again
+    with Store(data_dir) as store:
+        remaining = [t.name for t in store.list_tasks()]
+    server = RunningServer(data_dir, SERVE_ARGS)
+    t0 = time.time()
+    try:
+        from mu2net_client import Client
+
+        with Client(server.grpc, server.http, timeout=30) as client:
+            for name in remaining:
+                client.wait_until_serving(name, timeout=600, progress=False)
+        totals["resumed_tasks"] = len(remaining)
+        totals["resume_seconds"] = round(time.time() - t0, 1)
+    finally:
+        server.stop()
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-delay", type=float, default=12.0, help="most seconds from a start to its kill")
+    ap.add_argument("--data-dir", default=None, help="store directory (default: a new temporary one)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: allowed: an integer >= 1")
+    data_dir = args.data_dir or os.path.join(tempfile.mkdtemp(prefix="mu2net-crash-"), "store")
+    t0 = time.time()
+    result = {"config": vars(args), "serve_args": SERVE_ARGS,
+              **run(data_dir, args.rounds, args.seed, args.max_delay)}
+    result["seconds"] = round(time.time() - t0, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Property-based fuzzing of a real server: the HTTP API against its OpenAPI document with
+schemathesis, the gRPC messages with hypothesis. No input may get a 5xx (HTTP) or
+UNKNOWN / INTERNAL / DATA_LOSS (gRPC), or kill the server; the store stays unchanged.
+
+Bounded here to a few hundred cases; a soak run is the same with more examples
+(docs/reliability.md):
+
+    MU2NET_FUZZ_EXAMPLES=2000 python -m pytest tests/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import TINY, TINY_EVOLVER, digits_splits
+from mu2net import root as R
+from mu2net.evolver import Evolver, add_task_arrays, init_root
+from mu2net.server.launcher import RunningServer
+from mu2net.server.openapi import document as openapi_document
+from mu2net.store import Store
+from mu2net_client._proto import mu2net_pb2 as pb
+from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
+
+EXAMPLES = int(os.environ.get("MU2NET_FUZZ_EXAMPLES", "25"))
+TOKEN = "fuzz-token"
+SERVER_ERRORS = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.DATA_LOSS}
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory):
+    """A server without evolver over a store with 'digits' served (10 classes, 8x8x1)."""
+    data = tmp_path_factory.mktemp("fuzz") / "store"
+    store = Store(data)
+    arch, params = R.random_root(TINY, 0, seed=0)
+    init_root(store, arch, params, {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop": False})
+    add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
+    Evolver(store, TINY_EVOLVER, progress=False).active_phase("digits")
+    before = (store.system_version(), [(t.name, t.state) for t in store.list_tasks()], store.verify())
+    server = RunningServer(str(data), ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32",
+                                       "--num-heads", "2", "--quiet", "--no-evolver", "--admin-token", TOKEN,
+                                       "--max-upload-bytes", str(1 << 20), "--max-message-bytes", str(1 << 20)])
+    yield server, store, before
+    assert server.proc.poll() is None, "the server died under fuzzing:\n" + "".join(server.output[-60:])
+    assert server.stop() == 0, "".join(server.output[-40:])
+    store.close()
+
+
+def test_openapi_document_names_every_route(fuzz_server):
+    server, _, _ = fuzz_server
+    doc = httpx.get(f"{server.http}/openapi.json").json()
+    assert doc["openapi"].startswith("3.1")
+    assert {"/v1/tasks", "/v1/tasks/{name}", "/v1/tasks/{name}/classify", "/v1/tasks/{name}/evolve", "/v1/system",
+            "/v2/models/{name}/infer", "/metrics", "/openapi.json"} <= set(doc["paths"])
+    assert httpx.get(f"{server.http}/v1/tasks/digits").json()["name"] == "digits"
+
+
+def test_schemathesis_finds_no_server_error_in_the_http_api(fuzz_server, tmp_path):
+    server, store, before = fuzz_server
+    st_cli = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
+    assert st_cli, "schemathesis is a test dependency (pyproject [test])"
+    proc = subprocess.run(
+        [st_cli, "run", f"{server.http}/openapi.json", "--checks", "not_a_server_error",
+         "--max-examples", str(EXAMPLES), "--seed", "0", "-H", f"Authorization: Bearer {TOKEN}",
+         "--request-timeout", "30", "--no-color",
+         "--report", "junit", "--report-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    selected = re.search(r"Selected: (\d+)/(\d+)", proc.stdout)
+    tested = re.search(r"Tested: (\d+)", proc.stdout)
+    generated = re.search(r"(\d+) generated", proc.stdout)
+    operations = sum(m in ("get", "post", "delete") for p in openapi_document()["paths"].values() for m in p)
+    assert selected and tested and int(tested.group(1)) == int(selected.group(2)) >= operations - 1, proc.stdout[-3000:]
+    assert generated and int(generated.group(1)) >= 10 * EXAMPLES, proc.stdout[-3000:]  # cases actually sent
+    assert "Server error" not in proc.stdout
+    # the store is consistent (random uploads were refused or made new tasks; deletes of
+    # random names found nothing, or removed a task whole)
+    assert store.verify() == []
+
+
+_raw = st.builds(lambda shape, data: pb.RawTensor(shape=shape, data=data),
+                 st.lists(st.integers(-2 ** 40, 2 ** 40) | st.sampled_from([0, 1, 8, 3]), max_size=5),
+                 st.binary(max_size=2048))
+
+
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+_images = st.lists(st.binary(max_size=512) | st.just(_png()) | st.builds(lambda b: _png()[:b], st.integers(0, 60)),
+                   max_size=4)
+_requests = st.builds(
+    lambda task, images, raw, use_raw, top_k: pb.ClassifyRequest(
+        task=task, encoded_images=[] if use_raw else images, raw=raw if use_raw else None, top_k=top_k),
+    st.sampled_from(["digits", "", "nope", "x" * 300]) | st.text(max_size=20),
+    _images, _raw, st.booleans(), st.integers(-2 ** 31, 2 ** 31 - 1))
+
+
+def test_hypothesis_finds_no_server_error_in_the_grpc_messages(fuzz_server):
+    server, store, _ = fuzz_server
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = pbgrpc.Mu2NetStub(channel)
+        codes: dict[str, int] = {}
+
+        @settings(max_examples=EXAMPLES * 8, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(_requests)
+        def classify(request):
+            try:
+                stub.Classify(request, timeout=30)
+                codes["OK"] = codes.get("OK", 0) + 1
+            except grpc.RpcError as e:
+                assert e.code() not in SERVER_ERRORS, (request, e.code(), e.details())
+                codes[e.code().name] = codes.get(e.code().name, 0) + 1
+
+        classify()
+        for name in ("digits", "", "nope", "a" * 200):
+            try:
+                stub.GetTask(pb.GetTaskRequest(name=name), timeout=30)
+            except grpc.RpcError as e:
+                assert e.code() not in SERVER_ERRORS, (name, e.code())
+        assert codes.get("INVALID_ARGUMENT", 0) > 0 and codes.get("NOT_FOUND", 0) > 0, codes
+    assert store.verify() == []
