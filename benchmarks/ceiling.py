@@ -14,8 +14,9 @@ The summed ``seconds`` say whether such a plain run fits the experiment's 60 min
 training for issue 16's anytime curves: the evolver's first T minutes against plain training
 of each task for T/3 minutes, the share of the machine a task gets when the evolver serves
 three): a one-cycle run compiles the steps, a 4-cycle calibration run then measures the
-task's seconds per cycle (validation included), and the sample count is the whole cycles
-that fit in M minutes (the calibration runs themselves are not counted).
+task's seconds per cycle (validation included; its set-up and final test evaluation too, so
+the count errs slightly low), and the sample count is the whole cycles that fit in M
+minutes (the calibration runs themselves are not counted).
 
     python benchmarks/ceiling.py --data-dir /tmp/mu2net-ceiling --out docs/quality_ceiling.json
     python benchmarks/ceiling.py --data-dir /tmp/mu2net-ceiling --minutes 5 --out docs/plain_5min.json

@@ -4,19 +4,28 @@ store keeps (issue 17's fault figures, docs/reliability.md).
 Each round starts a real ``mu2net serve`` (a tiny ViT on sklearn-digits tasks, so a round
 takes seconds, with continual evolution: the evolver is always training or publishing) on
 one store. A client thread uploads tasks over HTTP, deletes some, and polls what each task
-serves. After a random delay the harness SIGKILLs the server, or (every ``--evolver-every``
-round) SIGKILLs the evolver process first and then the server, so neither gets to clean up.
-Then, with no process running:
+serves. After a random delay (1 to ``--max-delay`` s) the harness SIGKILLs the server (its
+evolver then gets the SIGTERM of its parent-death signal and exits at once), or, every
+``--evolver-every``-th round, SIGKILLs the evolver process first and then the server, so
+neither cleans up. Kills land wherever the random moment falls (training, a file write, a
+publish transaction, an upload's ingestion, a delete); the round records what the client
+had in flight. Then, with no process running:
 
-* the start-up sweep runs (:meth:`mu2net.store.Store.remove_orphans`, what ``mu2net serve``
-  does at start; the count it removed is reported) and a second sweep must find nothing;
+* the start-up sweep runs (:meth:`mu2net.store.Store.remove_orphans` with its default
+  ages, what ``mu2net serve`` does at start; the count it removed is reported), and the
+  files it should have removed are counted independently afterwards: temporary files,
+  ``.upload`` spool files and unreferenced array files must be 0 (*orphans left after the
+  start-up check*); dataset and upload directories younger than an hour are kept by design
+  (another server may be writing them) and reported;
 * :meth:`mu2net.store.Store.verify` must find no problem (SQLite integrity, every component's
   array files present and matching their digests, every path's components in the pool,
   every task's dataset directory present, the system version not behind the history);
-* every task seen served before the kill (and not deleted with a 200 answer) still serves,
-  at a system version not below the last one seen (*published paths lost*);
+* the system version never goes back between rounds;
+* every task seen served before the kill (and not deleted with a 200 answer, nor requeued by
+  one) still serves that path or one published later (*published paths lost*);
 * every upload answered 202 is still a task unless it was then deleted (*uploads
-  acknowledged then lost*); its splits read back whole;
+  acknowledged then lost*); every task's splits read back from disk with the recorded
+  number of examples;
 * at the next start, each task still on a path seen before answers a fixed probe batch with
   bit-identical scores over gRPC.
 
@@ -30,6 +39,7 @@ to lose); at the end a last server runs until every remaining task serves again
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -37,6 +47,7 @@ import signal
 import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -108,9 +119,12 @@ class Workload(threading.Thread):
                         name = self.rng.choice(names)
                         self.in_flight = f"delete {name}"
                         st["deleting"] = name
-                        client.delete(name)
+                        answer = client.delete(name)
                         st["deleted"].append(name)
-                        st["served"].pop(name, None)
+                        # tasks whose path used its components lost that path with it (Section 3.4) and
+                        # are queued again: not a loss
+                        for lost in [name, *answer.get("requeued", [])]:
+                            st["served"].pop(lost, None)
                         st["deleting"] = None
                     self.in_flight = None
                     self.stop_flag.wait(self.rng.uniform(0.2, 1.5))
@@ -135,30 +149,61 @@ def probe_scores(server: RunningServer, names: list[str]) -> dict[str, tuple[str
     return out
 
 
+def _leftovers(data_dir: str, store: Store) -> tuple[int, int]:
+    """What a sweep should have removed, counted independently of it: (temporary and
+    unreferenced array files, dataset and upload directories no task uses)."""
+    live = {d for c in store.list_components() for d in (c.params_digest, c.opt_digest) if d}
+    root = Path(data_dir)
+    files = [f for f in root.rglob("*") if f.is_file() and (
+        f.name.endswith(".tmp") or f.name.endswith(".upload")
+        or (f.parent.parent.name == "arrays" and f.suffix == ".npz" and f.stem not in live))]
+    used = {Path(t.dataset_dir).name for t in store.list_tasks()}
+    dirs = [d for d in (root / "datasets").iterdir() if d.is_dir() and d.name not in used] \
+        if (root / "datasets").exists() else []
+    return len(files), len(dirs) + len(list(root.glob("uploads-*")))
+
+
 def check_after_kill(data_dir: str, state: dict[str, Any]) -> dict[str, Any]:
     """The checks of the module docstring that need no server; returns counts and problems."""
+    D._CACHE.clear()  # read every split from disk again, not from this process's cache
     with Store(data_dir) as store:
-        swept = store.remove_orphans(min_age_seconds=0)  # the start-up sweep, nothing else running
-        again = store.remove_orphans(min_age_seconds=0)
+        swept = store.remove_orphans()  # the start-up sweep of ``mu2net serve``, nothing else running
+        files_left, dirs_left = _leftovers(data_dir, store)
         problems = store.verify()
+        version = store.system_version()
+        if version < state["version"]:
+            problems.append(f"system version went back from {state['version']} to {version}")
+        state["version"] = version
         tasks = {t.name: t for t in store.list_tasks()}
-        served = store.served_versions()
+        served = store.served_versions()  # task -> system version its served path was published at
+        published = {h["path_id"]: h["system_version"] for h in store.history()}
         lost_paths = []
-        for name, (version, _) in state["served"].items():
+        # a delete in flight that went through requeued the tasks that used its components
+        # (their paths went with it); which ones, its lost answer would have said
+        deleted_in_flight = state["deleting"] is not None and state["deleting"] not in tasks
+        for name, (_, path_id) in list(state["served"].items()):
             if name in state["deleted"] or name == state["deleting"]:
                 continue
-            if name not in served or served[name] < version:
-                lost_paths.append(f"{name}: seen at v{version}, now {served.get(name)}")
+            if deleted_in_flight and name in tasks and name not in served and tasks[name].iterations_done == 0:
+                continue
+            seen = published.get(path_id)
+            if name not in served or seen is None or served[name] < seen:
+                lost_paths.append(f"{name}: served path {path_id[:8]} (published at v{seen}), now "
+                                  f"{'none' if name not in served else f'published at v{served[name]}'}")
         lost_uploads = [n for n in state["acked"] if n not in state["deleted"] and n != state["deleting"]
                         and n not in tasks]
         for name, t in tasks.items():
-            for split in ("train", "validation", "test"):
-                try:
-                    D.read_split(t.dataset_dir, t.splits[split])
-                except Exception as e:  # a half-written dataset of an acknowledged upload
-                    problems.append(f"task {name}: {split} split unreadable: {e}")
-    return {"swept": swept, "orphans_after_sweep": sum(again.values()), "problems": problems,
-            "lost_paths": lost_paths, "lost_uploads": lost_uploads, "tasks": set(tasks)}
+            try:
+                n = sum(len(D.read_split(t.dataset_dir, t.splits[split])[1])
+                        for split in ("train", "validation", "test"))
+            except Exception as e:  # a half-written dataset of an acknowledged upload
+                problems.append(f"task {name}: a split is unreadable: {e}")
+                continue
+            if n != sum(t.num_examples.values()):
+                problems.append(f"task {name}: {n} examples read back, {sum(t.num_examples.values())} recorded")
+    return {"swept": swept, "orphan_files_after_sweep": files_left, "young_dirs_kept": dirs_left,
+            "problems": problems, "lost_paths": lost_paths, "lost_uploads": lost_uploads, "tasks": set(tasks),
+            "unserved": {n for n in tasks if n not in served}}
 
 
 def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evolver_every: int = 3,
@@ -166,11 +211,11 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
     """Runs ``rounds`` kill rounds on the store ``data_dir`` (created if new); returns the
     figures (see the module docstring)."""
     rng = random.Random(seed)
-    state: dict[str, Any] = {"acked": [], "deleted": [], "deleting": None, "served": {}, "uploads": 0}
+    state: dict[str, Any] = {"acked": [], "deleted": [], "deleting": None, "served": {}, "uploads": 0, "version": 0}
     recorded: dict[str, tuple[str, list]] = {}  # task -> (path id, scores) from the last round
     totals = {"rounds": 0, "kills_server": 0, "kills_evolver_then_server": 0, "in_flight": {},
               "published_paths_lost": 0, "uploads_acknowledged_then_lost": 0, "orphans_removed_by_sweep": 0,
-              "orphans_after_sweep": 0, "store_problems": 0, "bit_identical_checked": 0,
+              "orphan_files_after_sweep": 0, "young_dirs_kept_at_end": 0, "store_problems": 0, "bit_identical_checked": 0,
               "bit_identical_failed": 0, "details": []}
     # a first task served before the first kill, so every round has a published path to lose
     server = RunningServer(data_dir, SERVE_ARGS)
@@ -198,10 +243,10 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
                     if scores != recorded[name][1]:
                         totals["bit_identical_failed"] += 1
                         totals["details"].append(f"round {r}: {name} on {pid[:8]} answered differently")
-            work = Workload(server, state, rng)
+            work = Workload(server, state, random.Random(rng.random()))
             work.start()
             time.sleep(rng.uniform(1.0, max_delay))
-            recorded = probe_scores(server, [n for n in state["served"] if n not in state["deleted"]])
+            recorded = probe_scores(server, [n for n in list(state["served"]) if n not in state["deleted"]])
             time.sleep(rng.uniform(0.0, 1.0))
             doing = work.in_flight or "evolver only"
             evolvers = _children(server.proc.pid)
@@ -221,6 +266,9 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
         deadline = time.time() + 30  # the evolver goes with its server (PDEATHSIG)
         while any(os.path.exists(f"/proc/{p}") for p in evolvers) and time.time() < deadline:
             time.sleep(0.1)
+        for pid in evolvers:  # nothing may write while the store is checked
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         kind = doing.split(" ")[0]
         totals["in_flight"][kind] = totals["in_flight"].get(kind, 0) + 1
         c = check_after_kill(data_dir, state)
@@ -228,16 +276,18 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
         totals["published_paths_lost"] += len(c["lost_paths"])
         totals["uploads_acknowledged_then_lost"] += len(c["lost_uploads"])
         totals["orphans_removed_by_sweep"] += sum(c["swept"].values())
-        totals["orphans_after_sweep"] += c["orphans_after_sweep"]
+        totals["orphan_files_after_sweep"] += c["orphan_files_after_sweep"]
+        totals["young_dirs_kept_at_end"] = c["young_dirs_kept"]
         totals["store_problems"] += len(c["problems"])
         for key in ("lost_paths", "lost_uploads", "problems"):
             totals["details"] += [f"round {r}: {x}" for x in c[key]]
         log(f"round {r + 1}/{rounds}: killed during {doing}; swept {c['swept']}; problems {len(c['problems'])}, "
-            f"paths lost {len(c['lost_paths'])}, uploads lost {len(c['lost_uploads'])}")
+            f"paths lost {len(c['lost_paths'])}, uploads lost {len(c['lost_uploads'])} {c['lost_paths']}")
         # a task deleted in flight either went or stayed: both are fine
         if state["deleting"] is not None and state["deleting"] not in c["tasks"]:
             state["deleted"].append(state["deleting"])
-            state["served"].pop(state["deleting"], None)
+            for name in [state["deleting"], *c["unserved"]]:  # the deleted task, and those it requeued
+                state["served"].pop(name, None)
         state["deleting"] = None
     # resumption: every remaining task serves again
     with Store(data_dir) as store:
@@ -262,6 +312,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-delay", type=float, default=12.0, help="most seconds from a start to its kill")
+    ap.add_argument("--evolver-every", type=int, default=3,
+                    help="every N-th round SIGKILLs the evolver process before the server (0: never)")
     ap.add_argument("--data-dir", default=None, help="store directory (default: a new temporary one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -270,7 +322,8 @@ def main() -> None:
     data_dir = args.data_dir or os.path.join(tempfile.mkdtemp(prefix="mu2net-crash-"), "store")
     t0 = time.time()
     result = {"config": vars(args), "serve_args": SERVE_ARGS,
-              **run(data_dir, args.rounds, args.seed, args.max_delay)}
+              **run(data_dir, args.rounds, args.seed, args.max_delay, args.evolver_every,
+                    log=lambda m: print(m, flush=True))}
     result["seconds"] = round(time.time() - t0, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -269,6 +269,7 @@ class Evolver:
         self.scorer = make_scorer(config.scorer, self.reference_params, config.size_penalty_base)
         self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "requeued": 0,
                                       "images_per_second": []}
+        self._requeues: dict[str, int] = {}  # task -> phases in a row dropped for ComponentsGone
 
     # ---- queue --------------------------------------------------------------------------
 
@@ -315,11 +316,17 @@ class Evolver:
             try:
                 self.active_phase(task.name)
                 self.store.end_attempt(task.name)
+                self._requeues.pop(task.name, None)
             except ComponentsGone as e:
                 # a path the phase used went with a deleted task: the deletion wins, the phase is
                 # dropped uncounted (not a failure, no back-off) and the task is requeued: its next
                 # phase starts from the store as it is now
-                if any(t.name == task.name for t in self.store.list_tasks()):
+                self._requeues[task.name] = self._requeues.get(task.name, 0) + 1
+                if self._requeues[task.name] > MAX_PHASE_ATTEMPTS:
+                    # phase after phase loses components: not a delete racing it but a damaged store
+                    # (a retained path naming a missing component); back off and end failed as any fault
+                    self._phase_raised(task, attempt, e)
+                elif any(t.name == task.name for t in self.store.list_tasks()):
                     log.warning("task %s: its active phase lost components to a deleted task (%s); requeued",
                                 task.name, e)
                     self.store.cancel_attempt(task.name)

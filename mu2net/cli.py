@@ -508,14 +508,21 @@ def format_report(rep: dict[str, Any]) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mu2net.store import Store
+    from mu2net.store import Store, StoreError
 
     if not (Path(args.data_dir) / "mu2net.sqlite").exists():
         print(f"error: {args.data_dir!r} is not a mu2net store (no mu2net.sqlite)", file=sys.stderr)
         return 2
     store = Store(args.data_dir)
-    rep = report(store)
     problems = store.verify() if args.verify else None
+    try:
+        rep = report(store)
+    except (KeyError, StoreError) as e:  # a damaged store: the report needs every path's components
+        if problems is None:
+            raise
+        print(json.dumps({"problems": problems}, indent=2) if args.json else
+              "\n".join([f"no report ({type(e).__name__}: {e}); store check:", *(f"  {p}" for p in problems)]))
+        return 1
     if args.json:
         print(json.dumps(rep if problems is None else {**rep, "problems": problems}, indent=2))
     else:

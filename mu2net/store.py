@@ -680,14 +680,11 @@ class Store:
           The system version after the transaction.
 
         Raises:
-          ComponentsGone: if ``path`` uses components no longer in the layer pool (deleted
-            with another task during the phase).
+          ComponentsGone: if ``path`` uses components no longer in the layer pool, or a new
+            component was trained on a task that no longer exists (deleted with another task
+            during the phase: Section 3.4's removal must not be undone).
           StoreError: if a referenced array file is missing, or the task was deleted.
         """
-        for c in new_components:
-            for d in (c.params_digest, c.opt_digest):
-                if d and not self._array_path(d).exists():
-                    raise StoreError(f"component {c.id}: array file {d} was not written first")
         return self._commit_publish(path, new_components, task or (path.task if path else None),
                                     iteration_done, selections or {})
 
@@ -695,10 +692,23 @@ class Store:
                         task: str | None, iteration_done: bool,
                         selections: Mapping[str, int]) -> int:
         with self.transaction() as db:
+            # checked inside the write transaction: a delete unlinks a file only inside one of its
+            # own after checking no row references it (_delete_component_files)
+            for c in new_components:
+                for d in (c.params_digest, c.opt_digest):
+                    if d and not self._array_path(d).exists():
+                        raise StoreError(f"component {c.id}: array file {d} was not written first")
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
             if task is not None and not db.execute("SELECT 1 FROM tasks WHERE name=?", (task,)).fetchone():
                 raise StoreError(f"task {task!r} was deleted during its active phase; nothing published")
             if path is not None:
+                # a component trained (also cloned from) on a task deleted meanwhile carries that
+                # task's knowledge: it must not come back into the layer pool (Section 3.4)
+                live = {r[0] for r in db.execute("SELECT name FROM tasks")}
+                for c in new_components:
+                    gone = sorted(set(c.steps) - live)
+                    if gone:
+                        raise ComponentsGone(f"component {c.id} was trained on the deleted task(s) {gone}")
                 version += 1
                 db.execute("UPDATE meta SET value=? WHERE key='system_version'", (str(version),))
                 for c in new_components:
@@ -794,7 +804,9 @@ class Store:
         hash to their digests; every retained path's components are in the layer pool; every
         task's recorded dataset directory exists; the system version is at least every
         publish's version in the history. Leftovers that :meth:`remove_orphans` removes
-        (temporary files, unreferenced array files) are not problems.
+        (temporary files, unreferenced array files) are not problems. Run it on a store no
+        process is writing to (rows and files are read one after another, so a publish or
+        delete in between can show as a missing file or component).
         """
         problems: list[str] = []
         with self._lock:
@@ -840,11 +852,18 @@ class Store:
         return [(p, o) for _, p, o in doomed if p not in live]
 
     def _delete_component_files(self, doomed: Iterable[tuple[str, str | None]]) -> None:
+        """Unlinks the array files of deleted component rows, each inside a write transaction
+        that first checks no component row references the digest: a publish (another process)
+        that reused the same content-addressed file after the rows went keeps it."""
         for pd, od in doomed:
             for d in (pd, od):
                 if d:
-                    with contextlib.suppress(FileNotFoundError):
-                        self._array_path(d).unlink()
+                    with self.transaction() as db:
+                        if db.execute("SELECT 1 FROM components WHERE params_digest=? OR opt_digest=? LIMIT 1",
+                                      (d, d)).fetchone():
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            self._array_path(d).unlink()
 
     def delete_task(self, name: str) -> list[str]:
         """Deletes a task, its path and every component trained on its data.

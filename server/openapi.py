@@ -22,6 +22,7 @@ def _errors(*codes: int) -> dict[str, Any]:
             413: "body or request larger than the server's limit",
             429: "overloaded: retry after the Retry-After header's seconds",
             503: "not ready: the task has no served path yet, or the server is shutting down",
+            504: "the request's deadline passed before its images were computed",
             500: "internal error (logged with the request_id; no internals in the answer)"}
     out: dict[str, Any] = {}
     for c in (*codes, 500):
@@ -57,7 +58,8 @@ _TASK = {
         "splits": {"type": "object", "additionalProperties": {"type": "string"}},
         "iterations_done": {"type": "integer", "minimum": 0},
         "error": {"type": ["string", "null"]},
-        "system_version": {"type": "integer", "minimum": 0, "description": "of the served path; 0: none"},
+        "system_version": {"type": "integer", "minimum": 0, "description": "of the snapshot that loaded the "
+                           "served path; 0: none"},
         "path_id": {"type": ["string", "null"]},
         "path_length": {"type": "integer"},
         "metrics": {"type": "object", "description": "validation_accuracy, test_accuracy (fractions in [0, 1]), "
@@ -119,7 +121,8 @@ def document() -> dict[str, Any]:
                      "security": _ADMIN,
                      "parameters": [
                          {"name": "name", "in": "query", "required": True, "schema": _NAME["schema"]},
-                         {"name": "private", "in": "query", "schema": {"enum": ["true", "false", "1", "0"]}},
+                         {"name": "private", "in": "query", "schema": {"type": "string", "description":
+                                                                       "true/false/1/0, any case"}},
                          {"name": "acl_group", "in": "query", "schema": {"type": "string"}}],
                      "requestBody": {"required": True, "description": "an ImageFolder zip or tar(.gz) archive, or "
                                      ".npz arrays x_train [N,H,W(,C)] uint8, y_train [N] int (optionally x_val, "
@@ -155,7 +158,7 @@ def document() -> dict[str, Any]:
                              "top_k": {"type": "integer", "minimum": 1}}}},
                          "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                                  "description": "one encoded image"}}}},
-                     "responses": {"200": _json(_CLASSIFY_RESULT), **_errors(400, 404, 413, 429, 503)}},
+                     "responses": {"200": _json(_CLASSIFY_RESULT), **_errors(400, 404, 413, 429, 503, 504)}},
         },
         "/v1/tasks/{name}/evolve": {
             "parameters": [_NAME],
@@ -184,15 +187,20 @@ def document() -> dict[str, Any]:
              "responses": {"200": {"description": "inference response", "content": {
                  "application/json": {"schema": _INFER_RESPONSE},
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
-                 **_errors(400, 404, 413, 429, 503)}}
-    metadata = {"responses": {"200": _json({"type": "object", "required": ["name"]}), **_errors(404)}}
+                 **_errors(400, 404, 413, 429, 503, 504)}}
+    infer["parameters"] = [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                            "description": "length of the JSON header before the binary tensor data (binary "
+                            "tensor extension)", "schema": {"type": "integer", "minimum": 0}}]
+    metadata = {"responses": {"200": _json({"type": "object", "required": ["name"]}), **_errors(404, 503)}}
+    not_ready = {"description": "not ready (no served path yet)",
+                 "content": {"application/json": {"schema": {"type": "object", "required": ["ready"]}}}}
     ready = {"responses": {"200": _json({"type": "object", "required": ["ready"]}),
-                           **_errors(404, 503)}}
+                           **_errors(404), "503": not_ready}}
     v2_paths = {
         "/v2/health/live": {"get": {"operationId": "serverLive", "responses": {
             "200": _json({"type": "object", "required": ["live"]}), **_errors()}}},
         "/v2/health/ready": {"get": {"operationId": "serverReady", "responses": {
-            "200": _json({"type": "object", "required": ["ready"]}), **_errors(503)}}},
+            "200": _json({"type": "object", "required": ["ready"]}), **_errors(), "503": not_ready}}},
         "/v2": {"get": {"operationId": "serverMetadata", "responses": {
             "200": _json({"type": "object", "required": ["name", "version", "extensions"]}), **_errors()}}},
         "/v2/models/{name}": {"parameters": [_NAME], "get": {"operationId": "modelMetadata", **metadata}},

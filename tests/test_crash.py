@@ -17,7 +17,7 @@ def test_random_kills_lose_nothing_acknowledged_and_leave_a_consistent_store(tmp
     result = crash.run(str(tmp_path / "store"), rounds=4, seed=1, max_delay=6.0, evolver_every=2, log=lines.append)
     assert result["rounds"] == 4 and result["kills_evolver_then_server"] == 2, lines
     assert result["details"] == [], result["details"]
-    for key in ("published_paths_lost", "uploads_acknowledged_then_lost", "orphans_after_sweep", "store_problems",
+    for key in ("published_paths_lost", "uploads_acknowledged_then_lost", "orphan_files_after_sweep", "store_problems",
                 "bit_identical_failed"):
         assert result[key] == 0, (key, result["details"])
     assert result["resumed_tasks"] >= 1  # something was uploaded, and every remaining task serves again

@@ -527,12 +527,16 @@ def test_a_phase_that_loses_a_parent_to_a_deleted_task_is_requeued_not_failed(ti
         return real(specs, *args, **kwargs)  # materializes the children: digits' components are gone
 
     monkeypatch.setattr(ev, "_train_generation", generation)
-    ev.run(1, stop=lambda: "late" in tiny_store.served_versions())
+    head = tiny_store.get_components([digits_path.component_ids[-1]])[0]
+    ev.run(1, stop=lambda: ev.stats["requeued"] >= 1)  # stops right after the dropped phase
     late = tiny_store.get_task("late")
-    assert ev.stats["requeued"] == 1  # the phase that lost digits' components was dropped ...
+    assert ev.stats["requeued"] == 1 and "late" not in tiny_store.served_versions()  # the phase was dropped ...
     assert late.state != "failed" and late.attempts == 0 and late.error is None  # ... uncounted, no back-off
     assert late.retry_after is None
-    assert "late" in tiny_store.served_versions()  # and the requeued task's next phase served it
+    with pytest.raises(ComponentsGone):  # its array file went with its row
+        tiny_store.get_arrays(head.params_digest)
+    ev.run(1, stop=lambda: "late" in tiny_store.served_versions())
+    assert ev.stats["requeued"] == 1 and "late" in tiny_store.served_versions()  # the requeued phase served it
     assert all("digits" not in c.steps for c in tiny_store.list_components())
     with pytest.raises(ComponentsGone):
         tiny_store.get_components(digits_path.component_ids)

@@ -51,6 +51,7 @@ def fuzz_server(tmp_path_factory):
                                        "--num-heads", "2", "--quiet", "--no-evolver", "--admin-token", TOKEN,
                                        "--max-upload-bytes", str(1 << 20), "--max-message-bytes", str(1 << 20)])
     yield server, store, before
+    assert store.verify() == before[2] == []
     assert server.proc.poll() is None, "the server died under fuzzing:\n" + "".join(server.output[-60:])
     assert server.stop() == 0, "".join(server.output[-40:])
     store.close()
@@ -66,7 +67,7 @@ def test_openapi_document_names_every_route(fuzz_server):
 
 
 def test_schemathesis_finds_no_server_error_in_the_http_api(fuzz_server, tmp_path):
-    server, store, before = fuzz_server
+    server, store, (version, _, _) = fuzz_server
     st_cli = shutil.which("st", path=os.path.dirname(sys.executable)) or shutil.which("st")
     assert st_cli, "schemathesis is a test dependency (pyproject [test])"
     proc = subprocess.run(
@@ -83,9 +84,10 @@ def test_schemathesis_finds_no_server_error_in_the_http_api(fuzz_server, tmp_pat
     assert selected and tested and int(tested.group(1)) == int(selected.group(2)) >= operations - 1, proc.stdout[-3000:]
     assert generated and int(generated.group(1)) >= 10 * EXAMPLES, proc.stdout[-3000:]  # cases actually sent
     assert "Server error" not in proc.stdout
+    print(f"schemathesis: {tested.group(1)} operations, {generated.group(1)} cases, no server error")
     # the store is consistent (random uploads were refused or made new tasks; deletes of
-    # random names found nothing, or removed a task whole)
-    assert store.verify() == []
+    # random names found nothing, or removed a task whole), and its version never went back
+    assert store.verify() == [] and store.system_version() >= version
 
 
 _raw = st.builds(lambda shape, data: pb.RawTensor(shape=shape, data=data),
@@ -136,4 +138,5 @@ def test_hypothesis_finds_no_server_error_in_the_grpc_messages(fuzz_server):
             except grpc.RpcError as e:
                 assert e.code() not in SERVER_ERRORS, (name, e.code())
         assert codes.get("INVALID_ARGUMENT", 0) > 0 and codes.get("NOT_FOUND", 0) > 0, codes
+        print(f"hypothesis gRPC Classify: {sum(codes.values())} cases, status codes {codes}")
     assert store.verify() == []

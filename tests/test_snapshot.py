@@ -62,3 +62,60 @@ def test_swap_loads_only_missing_components_and_a_failed_load_keeps_serving(tiny
     served = {cid: p for sp in manager.snapshot.paths.values() for cid, p in zip(sp.path.component_ids, sp.params)}
     import jax
     assert manager.unique_params() == sum(x.size for p in served.values() for x in jax.tree_util.tree_leaves(p)) > 0
+
+
+def test_a_request_held_in_the_batcher_across_a_publish_answers_from_its_own_version(tiny_store):
+    """A classify call reads the snapshot once: held inside the batcher while a new version of
+    its task is published and swapped in, it answers bit-identically from the path it read;
+    the next call answers from the new one."""
+    import asyncio
+    import threading
+
+    from mu2net.server.service import Service, ServiceConfig
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    service = Service(tiny_store, ServiceConfig(max_batch_size=8))
+    x, _ = digits_splits()["test"]
+    try:
+        assert service.manager.refresh()
+        old = service.manager.snapshot.paths["digits"]
+        gate, entered = threading.Event(), threading.Event()
+        real_predict = type(old).predict
+
+        def held_predict(self, images):
+            if self is old and not gate.is_set():
+                entered.set()
+                assert gate.wait(60)  # the batcher thread holds this batch until the swap is done
+            return real_predict(self, images)
+
+        type(old).predict = held_predict
+        try:
+            async def scenario():
+                call = asyncio.ensure_future(service.classify("digits", raw=x[:5], top_k=10))
+                assert await asyncio.to_thread(entered.wait, 60)
+                first = service.manager.snapshot.version
+                for _ in range(4):  # later phases of digits until one publishes a new path
+                    await asyncio.to_thread(ev.active_phase, "digits")
+                    if tiny_store.best_path("digits").id != old.path.id:
+                        break
+                assert tiny_store.best_path("digits").id != old.path.id, "no phase published a new path"
+                assert await asyncio.to_thread(service.manager.refresh)  # swapped while the call is held
+                new = service.manager.snapshot.paths["digits"]
+                assert new.version > first and new.path.id != old.path.id
+                gate.set()
+                held = await call
+                after = await service.classify("digits", raw=x[:5], top_k=10)
+                return held, after, new
+
+            held, after, new = asyncio.run(scenario())
+        finally:
+            type(old).predict = real_predict
+        assert (held.system_version, held.path_id) == (old.version, old.path.id)
+        # bit for bit what the old path computes for the same padded batch (5 images -> bucket 8)
+        padded = np.concatenate([x[:5], np.zeros((bucket_for(5, 8) - 5,) + x.shape[1:], x.dtype)])
+        np.testing.assert_array_equal(held.probabilities, real_predict(old, padded)[:5])
+        assert not np.array_equal(after.probabilities, held.probabilities)  # the new path answers differently
+        assert (after.system_version, after.path_id) == (new.version, new.path.id)
+    finally:
+        service.close()
