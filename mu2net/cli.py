@@ -51,6 +51,14 @@ def _cpu_devices_arg(text: str) -> int:
     return _count_arg(text, 1, "allowed: a positive count")
 
 
+def _read_token_arg(text: str) -> tuple[str, str]:
+    """argparse type of ``serve --read-token GROUP=TOKEN``."""
+    group, sep, token = text.partition("=")
+    if not sep or not group or not token:
+        raise argparse.ArgumentTypeError(f"--read-token {text!r} must be GROUP=TOKEN with both non-empty")
+    return group, token
+
+
 def _task_arg(text: str) -> tuple[str, str]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--task {text!r} must be NAME=SOURCE")
@@ -216,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most images queued for the forward pass; more is refused with 429 / RESOURCE_EXHAUSTED")
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
+    sv.add_argument("--read-token", action="append", type=_read_token_arg, default=[], metavar="GROUP=TOKEN",
+                    help="bearer token that lists, reads and classifies the private tasks of ACL group GROUP "
+                         "(repeatable); with an admin token or read tokens, private tasks are invisible "
+                         "(404) to every other caller")
     sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
     sv.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and HTTPS over TLS (with --tls-key)")
     sv.add_argument("--tls-key", help="PEM private key of --tls-cert")
@@ -336,7 +348,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_upload_bytes=args.max_upload_bytes, max_message_bytes=args.max_message_bytes,
                            max_archive_bytes=args.max_archive_bytes, max_queued_images=args.max_queued_images,
                            max_concurrent_uploads=args.max_concurrent_uploads,
-                           admin_token=args.admin_token)
+                           admin_token=args.admin_token, read_tokens=dict(args.read_token))
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
                              None if args.no_evolver else evolver_argv(args), tls))
 

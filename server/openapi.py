@@ -40,7 +40,7 @@ _NAME = {"name": "name", "in": "path", "required": True, "description": "task na
          "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "description": "model version (ignored: the "
             "served path answers)", "schema": {"type": "string"}}
-_ADMIN = [{"bearer": []}, {}]  # the token is needed only when the server has one (--admin-token)
+_ADMIN: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # the token is needed only when the server has one (--admin-token)
 
 _TASK = {
     "type": "object",
@@ -177,7 +177,7 @@ def document() -> dict[str, Any]:
         "/openapi.json": {"get": {"operationId": "openapi", "summary": "this document",
                                   "responses": {"200": _json({"type": "object"})}}},
     }
-    infer = {"operationId": "modelInfer", "summary": "Open Inference Protocol inference (binary tensor and "
+    infer: dict[str, Any] = {"operationId": "modelInfer", "summary": "Open Inference Protocol inference (binary tensor and "
              "classification extensions)",
              "requestBody": {"required": True, "content": {
                  "application/json": {"schema": _INFER_REQUEST},

@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import io
 import tempfile
 import threading
 from pathlib import Path as FsPath
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -30,6 +31,12 @@ from mu2net.server.snapshot import ServedPath, Snapshot, SnapshotManager
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGES_PER_REQUEST = 8192
 #: Keys of one point of a task resource's ``history``.
+#: The bearer token of the request being handled, or None: set by the HTTP and gRPC front ends
+#: for each request (``Authorization: Bearer ...``; gRPC metadata ``authorization``) and read by
+#: :meth:`Service.visible`. A context variable, so it follows the request into
+#: ``asyncio.to_thread``.
+CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("mu2net_caller_token", default=None)
+
 HISTORY_KEYS = ("system_version", "time", "validation_accuracy", "test_accuracy")
 
 
@@ -44,6 +51,11 @@ class ServiceConfig:
       max_message_bytes: cap of a gRPC message / classify body.
       max_archive_bytes: cap of an uploaded archive's uncompressed size (zip bomb guard).
       admin_token: bearer token required by upload and delete (None: no auth).
+      read_tokens: ACL group -> bearer token that reads that group's private tasks. When the
+        server has an admin token or read tokens, a private task is visible (listed, read,
+        classified, its labels and metrics shown) only to a caller presenting the admin
+        token or its group's read token; to anyone else it does not exist (404 / NOT_FOUND,
+        the same answer as an unknown name). Without either, every task is visible.
       max_queued_images: most images queued for the forward pass at once; more is refused
         with 429 / RESOURCE_EXHAUSTED and a retry hint (None: unbounded).
       max_concurrent_uploads: uploads received or ingested at once (each may spool and
@@ -59,6 +71,7 @@ class ServiceConfig:
     admin_token: str | None = None
     max_queued_images: int | None = 16384
     max_concurrent_uploads: int = 2
+    read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,18 +170,65 @@ class Service:
                                on_batch=metrics.on_batch if metrics else None,
                                max_queued_images=config.max_queued_images)
 
+    # ---- visibility of private tasks ----------------------------------------------------
+
+    def visible(self, task: TaskRecord) -> bool:
+        """Whether the caller (:data:`CALLER_TOKEN`) may see ``task`` (see
+        :attr:`ServiceConfig.read_tokens`); tokens compared in constant time."""
+        import hmac
+
+        cfg = self.config
+        if not task.private or (cfg.admin_token is None and not cfg.read_tokens):
+            return True
+        token = CALLER_TOKEN.get()
+        if token is None:
+            return False
+        allowed = [t for t in (cfg.admin_token, cfg.read_tokens.get(task.acl_group or task.name)) if t is not None]
+        return any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed)
+
+    def _unknown(self, name: str) -> E.NotFound:
+        """The answer for an unknown task, and for a private one the caller may not see: the
+        same words, naming only the tasks the caller may see."""
+        known = sorted(t.name for t in self.store.list_tasks() if self.visible(t))
+        return E.NotFound(f"unknown task {name!r}; known tasks: {known}")
+
+    def _get_task(self, name: str) -> TaskRecord:
+        """The task record, if the caller may see it.
+
+        Raises:
+          NotFound: unknown, or private and not visible to the caller (:meth:`_unknown`).
+        """
+        from mu2net.store import TaskNotFound
+
+        try:
+            record = self.store.get_task(name)
+        except TaskNotFound:
+            raise self._unknown(name) from None
+        except Exception as e:
+            raise E.to_service_error(e) or e
+        if not self.visible(record):
+            raise self._unknown(name)
+        return record
+
+    def _check_visible(self, task: TaskRecord) -> None:
+        if not self.visible(task):
+            raise self._unknown(task.name)
+
     # ---- classify -----------------------------------------------------------------------
 
     def served(self, task: str, snapshot: Snapshot | None = None) -> ServedPath:
-        """The task's served path in ``snapshot`` (read once by the caller)."""
+        """The task's served path in ``snapshot`` (read once by the caller).
+
+        Raises:
+          NotFound: unknown task, or a private one the caller may not see.
+          NotReady: the task has no served path yet.
+        """
         snap = snapshot or self.manager.snapshot
         sp = snap.paths.get(task)
         if sp is not None:
+            self._check_visible(sp.task)
             return sp
-        try:
-            record = self.store.get_task(task)
-        except Exception as e:
-            raise E.to_service_error(e) or e
+        record = self._get_task(task)
         raise E.NotReady(f"task {task!r} is {record.state} and has no served path yet; retry when it is serving")
 
     async def classify(self, task: str, *, encoded: Sequence[bytes] = (), raw: np.ndarray | None = None,
@@ -224,8 +284,8 @@ class Service:
         Raises:
           NotFound: for an unknown task.
         """
+        t = self._get_task(name)
         try:
-            t = self.store.get_task(name)
             history = self.store.history(name)
             evolver = self.store.evolver_status()
         except Exception as e:
@@ -235,7 +295,7 @@ class Service:
     def list_tasks(self) -> list[dict[str, Any]]:
         """Every task resource in queue order (the store's history and evolver status read once)."""
         snap = self.manager.snapshot
-        records = self.store.list_tasks()
+        records = [t for t in self.store.list_tasks() if self.visible(t)]
         by_task: dict[str, list[dict[str, Any]]] = {}
         for h in self.store.history():
             by_task.setdefault(h["task"], []).append(h)
@@ -325,6 +385,8 @@ class Service:
         tasks: dict[str, dict[str, Any]] = {}
         usage: dict[str, list[str]] = {}
         for name, sp in snap.paths.items():
+            if not self.visible(sp.task):
+                continue
             ids = [c for c in sp.path.component_ids if c in comps]
             tasks[name] = {"path_id": sp.path.id, "components": ids,
                            "activated_params": sum(comps[c].num_params for c in ids), "version": sp.version}
@@ -332,6 +394,7 @@ class Service:
                 usage.setdefault(c, []).append(name)
         sharing = {a: {b: len(set(tasks[a]["components"]) & set(tasks[b]["components"])) for b in tasks if b != a}
                    for a in tasks}
+        hidden = {t.name for t in self.store.list_tasks() if not self.visible(t)}
         return {
             "system_version": snap.version, "store_version": self.store.system_version(),
             "total_params": sum(c.num_params for c in comps.values()),
@@ -339,12 +402,25 @@ class Service:
             "loaded_param_bytes": self.manager.param_bytes(),
             "live_array_bytes": int(sum(a.nbytes for a in jax.live_arrays())),  # type: ignore[no-untyped-call]
             "tasks": tasks, "sharing": sharing,
-            "components": [{"id": c.id, "kind": c.kind, "task": c.task, "num_params": c.num_params,
+            "components": [{"id": c.id, "kind": c.kind, "task": None if c.task in hidden else c.task,
+                            "num_params": c.num_params,
                             "private": c.acl_group is not None, "parent_id": c.parent_id,
                             "used_by": usage.get(c.id, [])} for c in comps.values()],
-            "last_load_error": self.manager.last_error,
-            "evolver": self.store.evolver_status(),
+            "last_load_error": (None if self.manager.last_error is None else "a task the caller may not see failed "
+                                "to load" if any(repr(h) in self.manager.last_error or f"task {h}:" in
+                                                 self.manager.last_error for h in hidden)
+                                else self.manager.last_error),
+            "evolver": self._evolver_status(hidden),
         }
+
+    def _evolver_status(self, hidden: set[str]) -> dict[str, Any]:
+        """The evolver's status; while it works on a task the caller may not see, only its
+        state and time (no task name, iteration or counts)."""
+        status = self.store.evolver_status()
+        if status.get("task") in hidden:
+            return {"state": status.get("state"), "task": None, "phase": "private task",
+                    "updated": status.get("updated")}
+        return status
 
     @contextlib.contextmanager
     def upload_slot(self) -> Iterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import os
 import re
 import tarfile
@@ -909,3 +910,61 @@ def test_tls_with_client_certificates_for_grpc_and_https(tmp_path):
         assert server.stop() == 0, "".join(server.output[-30:])
     with pytest.raises(RuntimeError, match="TLS needs both --tls-cert and --tls-key"):
         RunningServer(str(tmp_path / "store2"), ["--no-evolver", "--tls-cert", certs["server"]])
+
+
+def test_private_tasks_are_invisible_without_their_groups_read_token_or_the_admin_token(tmp_path):
+    from mu2net_client import Client, NotFoundError
+
+    data = tmp_path / "store"
+    store = Store(data)
+    arch, params = R.random_root(TINY, 0, seed=0)
+    init_root(store, arch, params, {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop": False})
+    add_task_arrays(store, "public", digits_splits(), [str(i) for i in range(10)], source="test")
+    add_task_arrays(store, "secret", digits_splits(lambda y: y % 2), ["even", "odd"], source="test", private=True,
+                    acl_group="team")
+    ev = Evolver(store, TINY_EVOLVER, progress=False)
+    ev.active_phase("public")
+    ev.active_phase("secret")
+    store.close()
+    server = RunningServer(str(data), [*TINY_SERVE_ARGS, "--no-evolver", "--admin-token", TOKEN,
+                                       "--read-token", "team=team-token", "--read-token", "other=other-token"])
+    x, _ = digits_splits()["test"]
+    try:
+        for token in (None, "wrong", "other-token"):  # not admin, not the group's read token
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            listed = httpx.get(f"{server.http}/v1/tasks", headers=headers).json()["tasks"]
+            assert [t["name"] for t in listed] == ["public"], token
+            for url in ("/v1/tasks/secret", "/v2/models/secret", "/v2/models/secret/ready"):
+                r = httpx.get(f"{server.http}{url}", headers=headers)
+                assert r.status_code == 404 and r.json()["error"] == "unknown task 'secret'; known tasks: ['public']", \
+                    (token, url, r.text)
+            r = httpx.get(f"{server.http}/v1/tasks/nope", headers=headers)  # the same answer as for a name unused
+            assert r.status_code == 404 and r.json()["error"] == "unknown task 'nope'; known tasks: ['public']"
+            system = httpx.get(f"{server.http}/v1/system", headers=headers).json()
+            assert set(system["tasks"]) == {"public"} and "secret" not in json.dumps(system)
+            assert "secret" not in httpx.get(f"{server.http}/", headers=headers).text
+            with Client(server.grpc, server.http, token=token) as client:
+                with pytest.raises(NotFoundError, match="unknown task 'secret'"):
+                    client.classify("secret", x[:2])
+                assert client.classify("public", x[:2]).system_version >= 2
+            with grpc.insecure_channel(server.grpc) as ch:  # gRPC task resources as well
+                stub = pbgrpc.Mu2NetStub(ch)
+                md = (("authorization", f"Bearer {token}"),) if token else None
+                assert [t.name for t in stub.ListTasks(pb.ListTasksRequest(), metadata=md).tasks] == ["public"]
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.GetTask(pb.GetTaskRequest(name="secret"), metadata=md)
+                assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        for token in ("team-token", TOKEN):  # the group's read token, or the admin token, sees it
+            headers = {"Authorization": f"Bearer {token}"}
+            assert [t["name"] for t in httpx.get(f"{server.http}/v1/tasks", headers=headers).json()["tasks"]] == \
+                ["public", "secret"]
+            assert httpx.get(f"{server.http}/v1/tasks/secret", headers=headers).json()["labels"] == ["even", "odd"]
+            with Client(server.grpc, server.http, token=token) as client:
+                assert client.task("secret").name == "secret"
+                result = client.classify("secret", x[:2])
+                assert len(result.results) == 2 and result.results[0].labels[0] in ("even", "odd")
+        # a read token is not the admin token: it cannot upload or delete
+        r = httpx.delete(f"{server.http}/v1/tasks/secret", headers={"Authorization": "Bearer team-token"})
+        assert r.status_code == 401
+    finally:
+        assert server.stop() == 0, "".join(server.output[-40:])

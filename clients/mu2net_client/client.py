@@ -248,7 +248,9 @@ class Client:
     Args:
       grpc_target: ``host:port`` of the gRPC server.
       http_url: base URL of the HTTP server.
-      token: admin bearer token for upload/delete, if the server requires one.
+      token: bearer token sent with every call (HTTP ``Authorization``, gRPC ``authorization``
+        metadata): the server's admin token (upload, delete, and every private task), or an
+        ACL group's read token (``mu2net serve --read-token``: that group's private tasks).
       timeout: per-call timeout in seconds.
       retries: retries of idempotent calls: gRPC Classify/ListTasks/GetTask by gRPC's retry
         policy (see :func:`channel_options`), HTTP requests on connection failures by
@@ -273,6 +275,7 @@ class Client:
             grpc.secure_channel(grpc_target, credentials, options=options)
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None  # gRPC calls
         # connection failures of HTTP calls are retried by httpx's transport (``retries``)
         self._http = httpx.Client(base_url=http_url, timeout=timeout, headers=headers,
                                   transport=httpx.HTTPTransport(retries=retries, **_http_tls(tls_ca, tls_client_cert)))
@@ -306,7 +309,7 @@ class Client:
         """
         req = classify_request(task, images, top_k)
         with E.map_exceptions():
-            return classify_result(self._stub.Classify(req, timeout=self.timeout))
+            return classify_result(self._stub.Classify(req, timeout=self.timeout, metadata=self._metadata))
 
     # ---- tasks (HTTP) -------------------------------------------------------------------
 
@@ -443,6 +446,7 @@ class AsyncClient:
             grpc.aio.secure_channel(grpc_target, credentials, options=options)
         self._stub = pbgrpc.Mu2NetStub(self._channel)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None  # gRPC calls
         self._http = httpx.AsyncClient(base_url=http_url, timeout=timeout, headers=headers,
                                        transport=httpx.AsyncHTTPTransport(retries=retries,
                                                                           **_http_tls(tls_ca, tls_client_cert)))
@@ -460,7 +464,7 @@ class AsyncClient:
     async def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
         req = classify_request(task, images, top_k)
         with E.map_exceptions():
-            return classify_result(await self._stub.Classify(req, timeout=self.timeout))
+            return classify_result(await self._stub.Classify(req, timeout=self.timeout, metadata=self._metadata))
 
     async def _get(self, url: str) -> Any:
         async for attempt in tenacity.AsyncRetrying(**overload_retry(self.retries)):
