@@ -24,7 +24,6 @@ The run needs the machine to itself (it measures wall-clock time).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 
 from mu2net import datasets as D
 from mu2net.server.launcher import RunningServer
+from report import write_json
 
 
 def upload_arrays(source: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
@@ -159,7 +159,7 @@ def main() -> None:
         if args.svg:
             with open(args.svg, "w") as f:
                 f.write(svg + "\n")
-        _write(result, args.out)
+        write_json(result, args.out)
         return
     data_dir = args.data_dir or tempfile.mkdtemp(prefix=f"mu2net-anytime-{args.scenario}-")
     serve_args = ["--quiet", *args.server_args]
@@ -183,15 +183,7 @@ def main() -> None:
                   **measure(server, task, source, marks)}
     finally:
         server.stop()
-    _write(result, args.out)
-
-
-def _write(result: dict[str, Any], out: str | None) -> None:
-    text = json.dumps(result, indent=2)
-    print(text)
-    if out:
-        with open(out, "w") as f:
-            f.write(text + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

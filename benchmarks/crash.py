@@ -31,7 +31,9 @@ had in flight. Then, with no process running:
 
 Before the first round a server serves a first task (so every round has a published path
 to lose); at the end a last server runs until every remaining task serves again
-(resumption).
+(resumption); a task the crash-loop guard ended ``failed`` (``MAX_PHASE_ATTEMPTS`` phases in
+a row whose evolver process died: a SIGKILL of the evolver cannot be told from a crash) is
+reported instead.
 
     python benchmarks/crash.py --rounds 50 --out docs/crash.json
 """
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import random
 import signal
@@ -54,6 +55,7 @@ import numpy as np
 
 from mu2net import datasets as D
 from mu2net.server.launcher import RunningServer
+from report import write_json
 from mu2net.store import Store
 
 #: ``mu2net serve`` flags of the harness: a tiny ViT for 8x8 digits, short children.
@@ -150,17 +152,20 @@ def probe_scores(server: RunningServer, names: list[str]) -> dict[str, tuple[str
 
 
 def _leftovers(data_dir: str, store: Store) -> tuple[int, int]:
-    """What a sweep should have removed, counted independently of it: (temporary and
-    unreferenced array files, dataset and upload directories no task uses)."""
+    """What a sweep should have removed, counted independently of it: (temporary, spool and
+    unreferenced array files outside the directories kept by design, and those directories:
+    dataset and upload directories no task uses, which the sweep keeps while younger than an
+    hour)."""
     live = {d for c in store.list_components() for d in (c.params_digest, c.opt_digest) if d}
     root = Path(data_dir)
-    files = [f for f in root.rglob("*") if f.is_file() and (
-        f.name.endswith(".tmp") or f.name.endswith(".upload")
-        or (f.parent.parent.name == "arrays" and f.suffix == ".npz" and f.stem not in live))]
     used = {Path(t.dataset_dir).name for t in store.list_tasks()}
     dirs = [d for d in (root / "datasets").iterdir() if d.is_dir() and d.name not in used] \
         if (root / "datasets").exists() else []
-    return len(files), len(dirs) + len(list(root.glob("uploads-*")))
+    kept = dirs + [d for d in root.glob("uploads-*") if d.is_dir()]  # young: kept by design, with their files
+    files = [f for f in root.rglob("*") if f.is_file() and not any(k in f.parents for k in kept) and (
+        f.name.endswith(".tmp") or f.name.endswith(".upload")
+        or (f.parent.parent.name == "arrays" and f.suffix == ".npz" and f.stem not in live))]
+    return len(files), len(kept)
 
 
 def check_after_kill(data_dir: str, state: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +287,9 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
         for key in ("lost_paths", "lost_uploads", "problems"):
             totals["details"] += [f"round {r}: {x}" for x in c[key]]
         log(f"round {r + 1}/{rounds}: killed during {doing}; swept {c['swept']}; problems {len(c['problems'])}, "
-            f"paths lost {len(c['lost_paths'])}, uploads lost {len(c['lost_uploads'])} {c['lost_paths']}")
+            f"paths lost {len(c['lost_paths'])}, uploads lost {len(c['lost_uploads'])} {c['lost_paths']}; "
+            f"bit-identical so far {totals['bit_identical_checked'] - totals['bit_identical_failed']}/"
+            f"{totals['bit_identical_checked']}")
         # a task deleted in flight either went or stayed: both are fine
         if state["deleting"] is not None and state["deleting"] not in c["tasks"]:
             state["deleted"].append(state["deleting"])
@@ -297,10 +304,17 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
     try:
         from mu2net_client import Client
 
+        from mu2net_client import ServerError
+
+        failed = {}
         with Client(server.grpc, server.http, timeout=30) as client:
             for name in remaining:
-                client.wait_until_serving(name, timeout=600, progress=False)
-        totals["resumed_tasks"] = len(remaining)
+                try:
+                    client.wait_until_serving(name, timeout=600, progress=False)
+                except ServerError as e:  # ended failed: the crash-loop guard (reported, not a loss)
+                    failed[name] = str(e)
+        totals["resumed_tasks"] = len(remaining) - len(failed)
+        totals["tasks_failed_by_kills"] = failed
         totals["resume_seconds"] = round(time.time() - t0, 1)
     finally:
         server.stop()
@@ -325,11 +339,7 @@ def main() -> None:
               **run(data_dir, args.rounds, args.seed, args.max_delay, args.evolver_every,
                     log=lambda m: print(m, flush=True))}
     result["seconds"] = round(time.time() - t0, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import threading
 import time
@@ -36,6 +35,7 @@ import numpy as np
 
 from mu2net import root as R
 from mu2net.server.launcher import RunningServer
+from report import write_json
 from serving import grpc_throughput, make_store
 
 
@@ -148,11 +148,7 @@ def main() -> None:
                "server_alive": alive, "images_per_second_after": round(after, 1)}
     finally:
         server.stop()
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    write_json(out, args.out)
 
 
 if __name__ == "__main__":

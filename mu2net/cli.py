@@ -344,6 +344,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ensure_root(store, args)
     _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)
     store.close()
+    if args.read_token and not args.admin_token:
+        raise SystemExit("mu2net serve: error: --read-token needs --admin-token (or $MU2NET_ADMIN_TOKEN): without "
+                         "one, upload and delete are open to anyone, private tasks included")
     config = ServiceConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                            max_upload_bytes=args.max_upload_bytes, max_message_bytes=args.max_message_bytes,
                            max_archive_bytes=args.max_archive_bytes, max_queued_images=args.max_queued_images,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import logging
 import os
@@ -119,9 +120,10 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                 raise E.InvalidArgument("empty body; send the dataset (zip, tar or npz) as the request body")
             # ingestion (extraction, decoding, TFDS writing) runs on its own threads, off the
             # default executor that classify's image decoding uses
+            # run_in_executor does not copy context variables: the caller's token goes along explicitly
             view = await asyncio.get_running_loop().run_in_executor(
-                service.ingest_pool, service.upload_file, name, body_path, private in ("true", "1"),
-                request.query_params.get("acl_group"))
+                service.ingest_pool, contextvars.copy_context().run, service.upload_file, name, body_path,
+                private in ("true", "1"), request.query_params.get("acl_group"))
         finally:
             if os.path.exists(body_path):
                 os.unlink(body_path)

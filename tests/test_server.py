@@ -966,5 +966,12 @@ def test_private_tasks_are_invisible_without_their_groups_read_token_or_the_admi
         # a read token is not the admin token: it cannot upload or delete
         r = httpx.delete(f"{server.http}/v1/tasks/secret", headers={"Authorization": "Bearer team-token"})
         assert r.status_code == 401
+        # the admin uploads a private task over HTTP: its answer shows it (ingestion runs on its own
+        # threads, with the caller's token), and it is invisible without a token
+        with Client(server.grpc, server.http, token=TOKEN) as client:
+            task = client.upload("secret2", _npz_dict(digits_splits()), private=True, acl_group="team")
+            assert task.name == "secret2" and task.private and task.state == "queued"
+        assert "secret2" not in httpx.get(f"{server.http}/v1/tasks").text
+        assert "secret2" in httpx.get(f"{server.http}/v1/tasks", headers={"Authorization": "Bearer team-token"}).text
     finally:
         assert server.stop() == 0, "".join(server.output[-40:])
