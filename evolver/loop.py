@@ -326,7 +326,7 @@ class Evolver:
                     # phase after phase loses components: not a delete racing it but a damaged store
                     # (a retained path naming a missing component); back off and end failed as any fault
                     self._phase_raised(task, attempt, e)
-                elif any(t.name == task.name for t in self.store.list_tasks()):
+                elif self._exists(task.name):
                     log.warning("task %s: its active phase lost components to a deleted task (%s); requeued",
                                 task.name, e)
                     self.store.cancel_attempt(task.name)
@@ -338,7 +338,7 @@ class Evolver:
                 with contextlib.suppress(TaskNotFound):  # deleted meanwhile
                     self.store.set_task_state(task.name, "failed", str(e))
             except StoreError as e:
-                if any(t.name == task.name for t in self.store.list_tasks()):
+                if self._exists(task.name):
                     # e.g. a missing or corrupt array file: backs off, retried, failed after K tries
                     self._phase_raised(task, attempt, e)
                 else:  # deleted during its active phase
@@ -350,6 +350,14 @@ class Evolver:
             phases += 1
         self._status("idle")
         return phases
+
+    def _exists(self, name: str) -> bool:
+        """Whether the task is still in the store (not deleted meanwhile)."""
+        try:
+            self.store.get_task(name)
+        except TaskNotFound:
+            return False
+        return True
 
     def _backing_off(self, iterations: int, continual: bool) -> bool:
         """Whether a task that still has work is only waiting out a back-off (so ``run`` waits

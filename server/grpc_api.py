@@ -22,7 +22,7 @@ from mu2net.server.oip import (EXTENSIONS, INPUT_NAME, OUTPUT_NAME, SERVER_NAME,
                                requested_classification, serialize_bytes_tensor)
 from mu2net.server._proto import grpc_predict_v2_pb2 as kpb
 from mu2net.server._proto import grpc_predict_v2_pb2_grpc as kgrpc
-from mu2net.server.service import CALLER_TOKEN, Service
+from mu2net.server.service import CALLER_TOKEN, Service, bearer_token
 from mu2net_client._proto import mu2net_pb2 as pb
 from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
 
@@ -36,8 +36,8 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
-            auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), "")
-            CALLER_TOKEN.set(auth[7:] if auth.lower().startswith("bearer ") else None)  # this call's task
+            auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
+            CALLER_TOKEN.set(bearer_token(auth))  # this call's task
             try:
                 return await fn(self, request, context)
             except grpc.aio.AbortError:

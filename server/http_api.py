@@ -25,7 +25,7 @@ from mu2net.server.oip import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERS
                                infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
 from mu2net.server.openapi import document as openapi_document
 from mu2net.server.page import render_page
-from mu2net.server.service import CALLER_TOKEN, Service
+from mu2net.server.service import CALLER_TOKEN, Service, bearer_token
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 log = logging.getLogger("mu2net.server")
@@ -66,8 +66,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         def deco(fn: Handler) -> Handler:
             async def handler(request: Request) -> Response:
                 t0 = time.perf_counter()
-                auth = request.headers.get("authorization", "")
-                CALLER_TOKEN.set(auth[7:] if auth.lower().startswith("bearer ") else None)  # this request's task
+                CALLER_TOKEN.set(bearer_token(request.headers.get("authorization")))  # this request's task
                 try:
                     resp = await fn(request)
                 except Exception as e:
@@ -87,8 +86,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         return deco
 
     def admin(request: Request) -> None:
-        auth = request.headers.get("authorization", "")
-        service.check_admin(auth[7:] if auth.lower().startswith("bearer ") else None)
+        service.check_admin(bearer_token(request.headers.get("authorization")))
 
     @endpoint("upload")
     async def upload(request: Request) -> Response:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from mu2net.datasets import TASK_NAME_RE
+
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _TASK_REF = {"$ref": "#/components/schemas/Task"}
 
@@ -37,7 +39,7 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 _NAME = {"name": "name", "in": "path", "required": True, "description": "task name",
-         "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"}}
+         "schema": {"type": "string", "pattern": TASK_NAME_RE.pattern}}
 _VERSION = {"name": "version", "in": "path", "required": True, "description": "model version (ignored: the "
             "served path answers)", "schema": {"type": "string"}}
 _ADMIN: list[dict[str, list[str]]] = [{"bearer": []}, {}]  # the token is needed only when the server has one (--admin-token)

@@ -12,6 +12,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
+import hmac
 import io
 import tempfile
 import threading
@@ -36,6 +37,18 @@ MAX_IMAGES_PER_REQUEST = 8192
 #: :meth:`Service.visible`. A context variable, so it follows the request into
 #: ``asyncio.to_thread``.
 CALLER_TOKEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("mu2net_caller_token", default=None)
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` value (HTTP header or gRPC metadata), else None."""
+    if authorization and authorization[:7].lower() == "bearer ":
+        return authorization[7:]
+    return None
+
+
+def _token_matches(token: str | None, expected: str) -> bool:
+    """Constant-time comparison of a presented token with an expected one."""
+    return token is not None and hmac.compare_digest(token.encode(), expected.encode())
+
 
 HISTORY_KEYS = ("system_version", "time", "validation_accuracy", "test_accuracy")
 
@@ -175,16 +188,12 @@ class Service:
     def visible(self, task: TaskRecord) -> bool:
         """Whether the caller (:data:`CALLER_TOKEN`) may see ``task`` (see
         :attr:`ServiceConfig.read_tokens`); tokens compared in constant time."""
-        import hmac
-
         cfg = self.config
         if not task.private or (cfg.admin_token is None and not cfg.read_tokens):
             return True
         token = CALLER_TOKEN.get()
-        if token is None:
-            return False
         allowed = [t for t in (cfg.admin_token, cfg.read_tokens.get(task.acl_group or task.name)) if t is not None]
-        return any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed)
+        return any(_token_matches(token, t) for t in allowed)
 
     def _unknown(self, name: str) -> E.NotFound:
         """The answer for an unknown task, and for a private one the caller may not see: the
@@ -370,10 +379,8 @@ class Service:
 
     def check_admin(self, token: str | None) -> None:
         """Raises Unauthenticated unless ``token`` is the admin token (constant-time comparison)."""
-        import hmac
-
         expected = self.config.admin_token
-        if expected is not None and (token is None or not hmac.compare_digest(token.encode(), expected.encode())):
+        if expected is not None and not _token_matches(token, expected):
             raise E.Unauthenticated("this call needs the server's admin bearer token (Authorization: Bearer ...)")
 
     # ---- system -------------------------------------------------------------------------
