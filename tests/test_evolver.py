@@ -227,10 +227,21 @@ def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, mo
     assert root.architecture.num_blocks == 1 and "insert_block:3" in root.mutations
     import mu2net.evolver.loop as loop
 
+    import threading
+
+    t = tiny_store.get_task("small")
+    y_val = D.read_split(t.dataset_dir, t.splits["validation"])[1]
+    chance = np.bincount(y_val).max() / len(y_val)
     trained = []  # validation accuracy of each child, in completion order (one device here)
     real_train = loop.train_child
+    served = threading.Event()
+    waited = []
 
     def spy(*a, **k):
+        # the next child trains while the one before is published; once a child has beaten
+        # chance, the next one finishes only after the publish, so the order below is exact
+        if any(acc > chance for acc in trained):
+            waited.append(served.wait(timeout=120))
         res = real_train(*a, **k)
         trained.append(res.validation_accuracy)
         return res
@@ -242,15 +253,14 @@ def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, mo
     def publish(path, new_components, **kw):
         if path is not None and not first_publish:
             first_publish.append((len(trained), path))
+            served.set()
         return real(path, new_components, **kw)
 
     monkeypatch.setattr(tiny_store, "publish", publish)
     ev.active_phase("small")
     n, path = first_publish[0]
-    t = tiny_store.get_task("small")
-    y_val = D.read_split(t.dataset_dir, t.splits["validation"])[1]
-    chance = np.bincount(y_val).max() / len(y_val)
-    # served at once: right after the first first-answer child that beats chance, before the next one trains
+    assert all(waited), "a child beat chance but was not published before the next child finished"
+    # served at once: right after the first first-answer child that beats chance, before the next one completes
     assert 1 <= n <= TINY_EVOLVER.children and all(a <= chance for a in trained[:n - 1]) and trained[n - 1] > chance
     assert path.metrics["validation_accuracy"] == trained[n - 1]
     # what is served is one of the two first-answer children, as specified above
