@@ -63,7 +63,8 @@ from mu2net.store import Store
 SERVE_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
               "--generations", "2", "--children", "2", "--cycles", "2", "--sample-cap", "256",
               "--batch-size", "32", "--quiet", "--iterations", "1", "--root-hparam", "flip=false",
-              "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05"]
+              "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05",
+              "--root-blocks", "0", "--first-answer-epochs", "0"]
 
 #: Label maps of the uploaded tasks (sklearn digits, 0-9).
 LABELINGS = {"digits": lambda y: y, "parity": lambda y: y % 2, "ge5": lambda y: (y >= 5).astype(int),

@@ -48,6 +48,9 @@ class ChildSpec:
       trainable: per position, whether the child trains it (cloned or new).
       hparams: mutated Table 1 hyperparameters.
       mutations: human-readable list of the applied mutations (for logs and provenance).
+      cycles: train cycles of this child when they are not its generation's budget (a
+        random root's first-answer child on one long schedule,
+        :attr:`mu2net.evolver.EvolverConfig.first_answer_epochs`); None: the budget's.
     """
 
     parent: Path
@@ -57,6 +60,7 @@ class ChildSpec:
     trainable: tuple[bool, ...]
     hparams: Mapping[str, Any]
     mutations: tuple[str, ...]
+    cycles: int | None = None
 
 
 def mutation_probability(hparams: dict[str, Any], mutation: str, rng: np.random.Generator,

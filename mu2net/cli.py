@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from typing import Any, Sequence
@@ -66,6 +67,33 @@ def _task_arg(text: str) -> tuple[str, str]:
     return name, source
 
 
+#: ``mu2net serve``'s default ``--first-answer-epochs`` (issue 16's fresh-server probes,
+#: docs/results.md "A long first child"); ``mu2net evolve`` keeps Algorithm 1's short
+#: first children (0).
+SERVE_FIRST_ANSWER_EPOCHS = 150.0
+#: ``mu2net serve``'s random root for a new store: a few blocks, trained whole by a new
+#: task's long first child, so a fresh server starts like plain training of a 4-block ViT
+#: (issue 16); ``mu2net evolve`` (the preliminary experiment) keeps 0 blocks.
+SERVE_ROOT_BLOCKS = 4
+#: ``mu2net serve``'s random root's hyperparameters over Table 1's defaults: the values of the
+#: plain-training reference (benchmarks/quality.py ROOT_HPARAMS: learning rate 0.05, crops
+#: keeping at least half the image, no flips; mu 0.3), which reach 0.957 on MNIST-5k in 4.5
+#: minutes here where Table 1's defaults (tuned for ImageNet fine-tuning) train a random
+#: ViT slowly. ``--root-hparam`` overrides each; evolution mutates them from there.
+SERVE_ROOT_HPARAMS: dict[str, Any] = {"learning_rate": 0.05, "crop_area_min": 0.5, "flip": False, "mu": 0.3}
+
+
+def _nonnegative_float_arg(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: a finite number >= 0")
+    return value
+
+
 def add_evolver_args(p: argparse.ArgumentParser) -> None:
     """Budget, scorer and root-model flags shared by ``evolve``, ``serve`` and the evolver process."""
     p.add_argument("--iterations", type=int, default=2, help="task iterations per task (paper Section 4: 2)")
@@ -100,6 +128,14 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clone-random-root", action="store_true",
                    help="children always clone (train) the components of a randomly initialised root "
                         "instead of sharing them frozen unless the layer-cloning mutation picks them")
+    p.add_argument("--first-answer-epochs", type=_nonnegative_float_arg, default=None, metavar="E",
+                   help="a new task's first child on a randomly initialised root trains on one long schedule "
+                        "of E epochs of its training split (at most --first-answer-max-samples examples), "
+                        "publishing its improving checkpoints as it trains; 0: a short child "
+                        f"(default: {SERVE_FIRST_ANSWER_EPOCHS:g} for serve, 0 for evolve)")
+    p.add_argument("--first-answer-max-samples", type=lambda t: _count_arg(t, 1, "an integer >= 1"),
+                   default=None, metavar="N", help="cap on the long first child's training examples "
+                                                   "(default: 400000)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -108,17 +144,21 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     root.add_argument("--width", type=int, default=64)
     root.add_argument("--mlp-dim", type=int, default=128)
     root.add_argument("--num-heads", type=int, default=4)
-    root.add_argument("--root-blocks", type=int, default=0, help="transformer blocks of a random root")
+    root.add_argument("--root-blocks", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=None,
+                      metavar="N", help=f"transformer blocks of a random root (default: {SERVE_ROOT_BLOCKS} for "
+                                        "serve, 0 for evolve)")
     root.add_argument("--stem", choices=("patch", "conv"), default="patch",
                       help="first layer of a random root: a ViT patch embedding, or a convolutional stem "
                            "(stride-2 3x3 convolutions, Xiao et al. 2021; --patch-size must be a power of two)")
     root.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
-                      help="override a Table 1 default for the root path, e.g. flip=false")
+                      help="override a Table 1 default for the root path, e.g. flip=false (serve's random "
+                           "root starts from " + ", ".join(f"{k}={v}" for k, v in SERVE_ROOT_HPARAMS.items()) + ")")
 
 
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "min_cycle_samples",
                  "scorer",
-                 "max_blocks", "seed", "cpu_devices", "patience", "halving")
+                 "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
+                 "first_answer_max_samples")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -148,6 +188,10 @@ def evolver_config(args: argparse.Namespace) -> Any:
     # the serving evolver (mu2net serve): a new upload comes first, and a task that stopped
     # improving gets longer children before it pauses
     serving = bool(getattr(args, "preempt", False))
+    first_answer = {"first_answer_epochs": args.first_answer_epochs if args.first_answer_epochs is not None
+                    else (SERVE_FIRST_ANSWER_EPOCHS if serving else 0.0)}
+    if args.first_answer_max_samples is not None:
+        first_answer["first_answer_max_samples"] = args.first_answer_max_samples
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, budget=dataclasses.replace(PAPER_PRESET.budget,
                                                                             min_samples=args.min_cycle_samples),
@@ -155,18 +199,20 @@ def evolver_config(args: argparse.Namespace) -> Any:
                                    first_answer=serving or PAPER_PRESET.first_answer,
                                    clone_random_root=args.clone_random_root, halving=args.halving,
                                    identity_insertion=args.identity_insertion,
-                                   per_mutation_probabilities=args.per_mutation_mu)
+                                   per_mutation_probabilities=args.per_mutation_mu, **first_answer)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size, args.min_cycle_samples),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
                          clone_random_root=args.clone_random_root, halving=args.halving,
                          identity_insertion=args.identity_insertion,
-                         per_mutation_probabilities=args.per_mutation_mu)
+                         per_mutation_probabilities=args.per_mutation_mu, **first_answer)
 
 
-def ensure_root(store: Any, args: argparse.Namespace) -> None:
-    """Initialises the store's root model from the flags if the store is new."""
+def ensure_root(store: Any, args: argparse.Namespace, serving: bool = False) -> None:
+    """Initialises the store's root model from the flags if the store is new; ``serving``
+    (``mu2net serve``) defaults a random root to :data:`SERVE_ROOT_BLOCKS` blocks and
+    :data:`SERVE_ROOT_HPARAMS`."""
     from mu2net import components as C
     from mu2net import root as R
     from mu2net.evolver import init_root
@@ -182,10 +228,12 @@ def ensure_root(store: Any, args: argparse.Namespace) -> None:
         stem = C.CONV_STEM if args.stem == "conv" else C.PATCH_EMBEDDING
         try:
             config = C.ViTConfig(args.image_size, args.patch_size, args.width, args.mlp_dim, args.num_heads)
-            arch, params = R.random_root(config, args.root_blocks, args.seed, stem=stem)
+            blocks = args.root_blocks if args.root_blocks is not None else (SERVE_ROOT_BLOCKS if serving else 0)
+            arch, params = R.random_root(config, blocks, args.seed, stem=stem)
         except ValueError as e:
             raise SystemExit(f"mu2net: error: root model: {e}") from None
-    init_root(store, arch, params, dict(args.root_hparam), pretrained=bool(args.root_checkpoint))
+    hparams = {**(SERVE_ROOT_HPARAMS if serving and not args.root_checkpoint else {}), **dict(args.root_hparam)}
+    init_root(store, arch, params, hparams, pretrained=bool(args.root_checkpoint))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,7 +389,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)
-    ensure_root(store, args)
+    ensure_root(store, args, serving=True)
     _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)
     store.close()
     if args.read_token and not args.admin_token:

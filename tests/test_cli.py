@@ -83,3 +83,41 @@ def test_bad_source_and_missing_store_are_clear_errors(tmp_path):
     assert proc.returncode == 2 and "unknown built-in dataset 'imagenet'" in proc.stderr
     proc = _cli("report", "--data-dir", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "not a mu2net store" in proc.stderr
+
+
+def test_serve_defaults_a_new_random_root_to_blocks_and_a_long_first_child(tmp_path):
+    from mu2net import cli
+    from mu2net.store import Store
+
+    tiny = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2"]
+    parser = cli.build_parser()
+    for command, blocks, epochs, hparams in (
+            ("serve", cli.SERVE_ROOT_BLOCKS, cli.SERVE_FIRST_ANSWER_EPOCHS, cli.SERVE_ROOT_HPARAMS),
+            ("evolve", 0, 0.0, {})):
+        args = parser.parse_args([command, "--data-dir", str(tmp_path / command), *tiny])
+        store = Store(args.data_dir)
+        cli.ensure_root(store, args, serving=command == "serve")
+        root = store.root_path()
+        assert root.architecture.num_blocks == blocks
+        assert all(root.hparams[k] == v for k, v in hparams.items())
+        args.preempt = command == "serve"  # as the serving evolver process sets it
+        cfg = cli.evolver_config(args)
+        assert cfg.first_answer_epochs == epochs and cfg.first_answer_max_samples == 400_000
+        store.close()
+    # the user's flags win over serve's defaults
+    args = parser.parse_args(["serve", "--data-dir", str(tmp_path / "own"), *tiny, "--root-blocks", "1",
+                              "--root-hparam", "learning_rate=0.01", "--first-answer-epochs", "2.5",
+                              "--first-answer-max-samples", "1000"])
+    store = Store(args.data_dir)
+    cli.ensure_root(store, args, serving=True)
+    assert store.root_path().architecture.num_blocks == 1 and store.root_path().hparams["learning_rate"] == 0.01
+    args.preempt = True
+    cfg = cli.evolver_config(args)
+    assert cfg.first_answer_epochs == 2.5 and cfg.first_answer_max_samples == 1000
+    store.close()
+    for flag, value, allowed in (("--first-answer-epochs", "-1", "a finite number >= 0"),
+                                 ("--first-answer-epochs", "nan", "a finite number >= 0"),
+                                 ("--first-answer-max-samples", "0", "an integer >= 1"),
+                                 ("--root-blocks", "-2", "an integer >= 0")):
+        proc = _cli("serve", "--data-dir", str(tmp_path / "bad"), flag, value)
+        assert proc.returncode == 2 and flag in proc.stderr and allowed in proc.stderr, proc.stderr

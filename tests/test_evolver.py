@@ -272,6 +272,130 @@ def test_first_answer_reuses_a_served_path_frozen_with_a_new_head(tiny_store, mo
     assert t.num_classes == 2 and path.metrics["validation_accuracy"] > 0.6  # beats chance (~0.5)
 
 
+def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as_it_improves(tiny_store,
+                                                                                              monkeypatch):
+    import dataclasses
+    import math
+
+    import mu2net.evolver.loop as loop
+
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=1, first_answer_epochs=3.0,
+                              first_answer_max_samples=6 * 256, checkpoint_publish_seconds=0.0)
+    ev = Evolver(tiny_store, cfg, progress=False)
+    t = tiny_store.get_task("small")
+    n_train = len(D.read_split(t.dataset_dir, t.splits["train"])[1])
+    per_cycle = cfg.budget.samples_per_cycle(n_train)
+    long_cycles = math.ceil(min(3.0 * n_train, 6 * 256) / per_cycle)
+    assert long_cycles > cfg.budget.cycles
+    (spec,) = ev.first_answer_specs(t, [tiny_store.root_path()], num_train=n_train)
+    assert spec.cycles == long_cycles and f"long_schedule:{long_cycles}" in spec.mutations and all(spec.trainable)
+    # the budget is sized from the training split: without it (or with epochs 0) the child is short
+    assert ev.first_answer_specs(t, [tiny_store.root_path()])[0].cycles is None
+    assert Evolver(tiny_store, TINY_EVOLVER, progress=False).first_answer_specs(
+        t, [tiny_store.root_path()], num_train=n_train)[0].cycles is None
+
+    calls = []
+    real_train = loop.train_child
+    monkeypatch.setattr(loop, "train_child", lambda *a, **k: calls.append(a[7].cycles) or real_train(*a, **k))
+    published = []
+    real = tiny_store.publish
+
+    def publish(path, new_components, **kw):
+        if path is not None:
+            published.append(path)
+        return real(path, new_components, **kw)
+
+    monkeypatch.setattr(tiny_store, "publish", publish)
+    ev.active_phase("small")
+    long = [p for p in published if any(m.startswith("long_schedule:") for m in p.metrics["mutations"])]
+    # published while it trained: several checkpoints, each better than the one before, behind
+    # more and more of the one schedule's examples
+    assert len(long) >= 2
+    scores = [p.score for p in long]
+    assert scores == sorted(scores) and len(set(scores)) == len(scores)  # each strictly better: ties are not published
+    lineage = [p.metrics["lineage_samples"] for p in long]
+    assert lineage == sorted(lineage) and lineage[-1] <= long_cycles * per_cycle
+    # one schedule, not restarted: checkpoint k's history is a prefix of the next one's
+    hist = [p.metrics["history"] for p in long]
+    assert all(b[:len(a)] == a for a, b in zip(hist, hist[1:]))
+    # each example counted once: the long child's whole schedule plus generation 1's child
+    assert calls == [cfg.budget.cycles]  # the long child is not a train_child call
+    assert tiny_store.get_task("small").samples_trained == long_cycles * per_cycle + cfg.budget.cycles * per_cycle
+    # the served path's record counts its child's cycles after the checkpoint too
+    served = tiny_store.best_path("small")
+    if served.id == long[-1].id:
+        assert len(served.metrics["history"]) == long_cycles
+    # nothing a superseded checkpoint wrote is left
+    assert tiny_store.verify() == []
+    assert tiny_store.remove_orphans(min_age_seconds=0)["arrays"] == 0
+
+
+def test_a_preempted_long_first_child_is_parked_and_resumed_on_its_schedule(tiny_store, monkeypatch):
+    import dataclasses
+
+    import mu2net.evolver.loop as loop
+    from conftest import digits_splits
+    from mu2net.evolver import add_task_arrays
+
+    import threading
+
+    for name in ("digits", "parity"):  # only "small" (then "late") is a new task, with only the root to start from
+        tiny_store.delete_task(name)
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=1, first_answer_epochs=4.0,
+                              first_answer_max_samples=8 * 256, checkpoint_publish_seconds=0.0, preempt=True)
+    ev = Evolver(tiny_store, cfg, progress=False)
+    ev.preempt_check_seconds = 0.0
+    published = []
+    first_served = threading.Event()
+    real_publish = ev._publish
+
+    def publish(task, best, *a, **k):
+        out = real_publish(task, best, *a, **k)
+        published.append(out)
+        if task.name == "small" and not first_served.is_set():  # the user uploads right after the first answer
+            add_task_arrays(tiny_store, "late", digits_splits(), [str(i) for i in range(10)], source="test")
+            first_served.set()
+        return out
+
+    monkeypatch.setattr(ev, "_publish", publish)
+    real_run = loop.ChildTraining.run
+
+    def run(self, cycles, *a, **k):  # tiny cycles take milliseconds: the second waits for the first answer
+        if self.cycles_done >= 1:
+            assert first_served.wait(timeout=120)
+        return real_run(self, cycles, *a, **k)
+
+    monkeypatch.setattr(loop.ChildTraining, "run", run)
+    small = tiny_store.get_task("small")
+    per_cycle = cfg.budget.samples_per_cycle(len(D.read_split(small.dataset_dir, small.splits["train"])[1]))
+    real_train = loop.train_child
+    monkeypatch.setattr(loop, "train_child", lambda *a, **k: pytest.fail("a long child is not a train_child call"))
+    ev.active_phase("small")
+    assert ev.stats["preempted"] == 1 and "small" in ev._suspended
+    stopped = ev._suspended["small"]
+    done = stopped.child.cycles_done
+    assert 1 <= done < stopped.spec.cycles  # stopped a cycle or so after its first checkpoint
+    assert tiny_store.get_task("small").iterations_done == 0
+    samples = tiny_store.get_task("small").samples_trained
+    assert samples == done * per_cycle
+    monkeypatch.setattr(loop, "train_child", real_train)
+    ev.active_phase("late")  # the new upload comes first
+    assert "small" in ev._suspended
+    before = len(published)
+    ev.active_phase("small")  # resumed: the same schedule goes on from where it stopped
+    assert "small" not in ev._suspended
+    resumed = [p for p in published[before:] if p.task == "small"
+               and any(m.startswith("long_schedule:") for m in p.metrics["mutations"])]
+    if resumed:  # a checkpoint after the resume continues the stopped child's history
+        h = resumed[0].metrics["history"]
+        assert len(h) > done and h[:done] == list(stopped.child.history[:done])
+    assert stopped.child.cycles_done == stopped.spec.cycles  # trained to the end of its one schedule
+    # every example of the long child counted once (plus generation 1's child of 2 cycles)
+    assert tiny_store.get_task("small").samples_trained == (stopped.spec.cycles + cfg.budget.cycles) * per_cycle
+    assert tiny_store.get_task("small").iterations_done == 1
+    assert tiny_store.verify() == []
+
+
 def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monkeypatch):
     import dataclasses
 

@@ -31,7 +31,8 @@ from mu2net.server.launcher import RunningServer
 TINY_SERVE_ARGS = ["--image-size", "8", "--patch-size", "4", "--width", "16", "--mlp-dim", "32", "--num-heads", "2",
                    "--generations", "2", "--children", "2", "--cycles", "4", "--sample-cap", "512",
                    "--batch-size", "32", "--quiet", "--iterations", "1", "--root-hparam", "flip=false",
-                   "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05"]
+                   "--root-hparam", "crop=false", "--root-hparam", "mu=0.3", "--root-hparam", "learning_rate=0.05",
+                   "--root-blocks", "0", "--first-answer-epochs", "0"]
 TOKEN = "s3cret"
 
 
