@@ -597,6 +597,8 @@ class Evolver:
         # end): per such spec, the examples already counted and its checkpoint in the population
         long_state: list[tuple[ChildSpec, int, P.Path | None]] = []
         resumed = self._suspended.pop(task.name, None)
+        for name in [n for n in self._suspended if not self._exists(n)]:
+            del self._suspended[name]  # a deleted task's parked child is dropped
         if resumed is not None and (resumed.seq != task.seq or best_stored is None):
             resumed = None  # a deleted and re-uploaded task is a new one
         if resumed is not None:  # its last checkpoint is in the population if it is the served path

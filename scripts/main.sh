@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: `mu2net serve` (gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8000) with its
 # evolver process on real data (MNIST-5k, Fashion-MNIST, private digits; the configuration
-# of docs/results.md: the paper's preliminary experiment, random root without blocks), on the
-# embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
+# of docs/results.md: the paper's preliminary experiment, random root without blocks; as
+# every `mu2net serve`, each task's first child on that root trains one long schedule,
+# parked while a newer upload gets its first answer), on the embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
 # started again, it continues from the last published state.
 set -euo pipefail
 cd "$(dirname "$0")/.."

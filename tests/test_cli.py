@@ -99,7 +99,9 @@ def test_serve_defaults_a_new_random_root_to_blocks_and_a_long_first_child(tmp_p
         cli.ensure_root(store, args, serving=command == "serve")
         root = store.root_path()
         assert root.architecture.num_blocks == blocks
-        assert all(root.hparams[k] == v for k, v in hparams.items())
+        from mu2net import hparams as H
+
+        assert root.hparams == {**H.DEFAULTS, **hparams}  # Table 1's defaults under serve's root values
         args.preempt = command == "serve"  # as the serving evolver process sets it
         cfg = cli.evolver_config(args)
         assert cfg.first_answer_epochs == epochs and cfg.first_answer_max_samples == 400_000

@@ -289,7 +289,10 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
     assert long_cycles > cfg.budget.cycles
     (spec,) = ev.first_answer_specs(t, [tiny_store.root_path()], num_train=n_train)
     assert spec.cycles == long_cycles and f"long_schedule:{long_cycles}" in spec.mutations and all(spec.trainable)
-    # the budget is sized from the training split: without it (or with epochs 0) the child is short
+    # one long child of the random root however many children a generation has (its repeats
+    # would only split the machine); without the split's size (or with epochs 0) the child is short
+    wide = Evolver(tiny_store, dataclasses.replace(cfg, children=3), progress=False)
+    assert [s.cycles for s in wide.first_answer_specs(t, [tiny_store.root_path()], num_train=n_train)] == [long_cycles]
     assert ev.first_answer_specs(t, [tiny_store.root_path()])[0].cycles is None
     assert Evolver(tiny_store, TINY_EVOLVER, progress=False).first_answer_specs(
         t, [tiny_store.root_path()], num_train=n_train)[0].cycles is None
