@@ -87,11 +87,11 @@ class EvolverConfig:
         budget.
       first_answer_max_samples: the cap on that long schedule's training examples
         (keeps a large upload's first child to minutes on a CPU).
-      checkpoint_publish_seconds: while the first-answer generation trains, its first
-        path above chance is published at once and later improvements at most once per
-        this many seconds (a long-schedule child improves nearly every cycle; each publish
-        is a store transaction, a test evaluation and a hot swap in the server); the
-        generation's end publishes the best it has.
+      checkpoint_publish_seconds: a long-schedule child's checkpoints are published at
+        most once per this many seconds after the task's first answer (it improves nearly
+        every cycle; each publish is a store transaction, a test evaluation and a hot swap
+        in the server); a held-back improvement goes out at a later cycle or at the
+        generation's end. Short first-answer children are published as they complete.
       publish_on_improvement: publish the task's best path after every generation whose
         best path scores at least as high as the published one (Algorithm 1's ``>=``: a
         new path of equal score is published too, latest wins), not only at the end of the
@@ -329,6 +329,10 @@ class Evolver:
         tasks = self.store.list_tasks()
         versions = self.store.served_versions()
         task = S.next_task(tasks, versions, iterations, continual)
+        if self.config.preempt and task is not None and task.name in versions:
+            # no new task waits: a parked long first child goes on before anything else
+            if task.name not in self._suspended:
+                task = self._parked_task(task) or task
         if task is not None and task.paused_version is not None:
             log.info("task %s wakes: a related task published after it paused", task.name)
             self.store.set_evolution(task.name, stale_iterations=0, paused_version=None)
@@ -459,6 +463,15 @@ class Evolver:
                     seen[0] = self._waiting_new_task(task) is not None
                 return seen[0]
         return check
+
+    def _parked_task(self, task: TaskRecord) -> TaskRecord | None:
+        """The oldest other live task whose long first child is parked (:attr:`_suspended`):
+        it goes on right after the new task's first answer, before anyone's later generations."""
+        now = time.time()
+        live = [t for t in self.store.list_tasks() if t.name != task.name and t.name in self._suspended
+                and t.seq == self._suspended[t.name].seq and t.state != "failed"
+                and (t.retry_after is None or t.retry_after <= now)]
+        return min(live, key=lambda t: t.seq) if live else None
 
     def _waiting_new_task(self, task: TaskRecord) -> TaskRecord | None:
         """A never-served task other than ``task`` (preemption, :attr:`EvolverConfig.preempt`)."""
@@ -597,8 +610,8 @@ class Evolver:
         # end): per such spec, the examples already counted and its checkpoint in the population
         long_state: list[tuple[ChildSpec, int, P.Path | None]] = []
         resumed = self._suspended.pop(task.name, None)
-        for name in [n for n in self._suspended if not self._exists(n)]:
-            del self._suspended[name]  # a deleted task's parked child is dropped
+        for name in [n for n in self._suspended if not self._exists(n) or self.store.get_task(n).state == "failed"]:
+            del self._suspended[name]  # a deleted or failed task's parked child is dropped
         if resumed is not None and (resumed.seq != task.seq or best_stored is None):
             resumed = None  # a deleted and re-uploaded task is a new one
         if resumed is not None:  # its last checkpoint is in the population if it is the served path
@@ -625,8 +638,8 @@ class Evolver:
                 return
             if old is not None and old.id == child.id:
                 # the child's end: its best checkpoint is in the population already; its
-                # metrics count the cycles after that checkpoint too (the published record
-                # keeps its test accuracy)
+                # in-memory metrics count the cycles after that checkpoint too (a record
+                # already published keeps its checkpoint-time metrics in the store)
                 merged = {**old.metrics, "samples_trained": child.metrics["samples_trained"],
                           "history": child.metrics["history"]}
                 population[:] = [dataclasses.replace(p, metrics=merged) if p.id == old.id else p for p in population]
@@ -637,8 +650,7 @@ class Evolver:
             if old is not None:  # superseded by a later checkpoint of the same child
                 population[:] = [p for p in population if p.id != old.id]
                 for cid in set(old.component_ids) - set(child.component_ids):
-                    if published is None or cid not in published.component_ids:
-                        pending.pop(cid, None)
+                    pending.pop(cid, None)  # a published one is in the store (read back if needed)
             population.append(child)
             for rec, p, o in new:
                 pending[rec.id] = _Pending(rec, p, o)
@@ -657,7 +669,7 @@ class Evolver:
                 # path is not published again by a later generation that finds nothing better
                 population[:] = [published if p.id == published.id else p for p in population]
 
-        last_publish = [0.0]
+        last_publish = [-math.inf]
 
         def accept_and_publish(result: tuple[ChildSpec, P.Path, list] | None) -> None:
             # the first answer at once, then at most one publish per checkpoint_publish_seconds
@@ -666,7 +678,9 @@ class Evolver:
             # generation's end publishes what is left
             if result is not None:
                 accept(result)
-            if published is None or time.monotonic() - last_publish[0] >= cfg.checkpoint_publish_seconds:
+            long_report = result is None or result[0].cycles is not None
+            if (published is None or not long_report
+                    or time.monotonic() - last_publish[0] >= cfg.checkpoint_publish_seconds):
                 before = published
                 publish_if_better()
                 if published is not before:
@@ -732,10 +746,10 @@ class Evolver:
             # published, so job order cannot publish an equal-score path again
             publish_if_better(strict=on_done is not None)
             if cfg.preempt and published is not None and gen < cfg.generations:
-                preempted_by = self._waiting_new_task(task)
+                preempted_by = self._waiting_new_task(task) or self._parked_task(task)
                 if preempted_by is not None:
-                    log.info("task %s: ending its active phase after %s for the new task %s",
-                             task.name, label, preempted_by.name)
+                    log.info("task %s: ending its active phase after %s for task %s (new, or its long first "
+                             "child parked)", task.name, label, preempted_by.name)
                     break
         self.stats["phases"] += 1
         if preempted_by is not None:

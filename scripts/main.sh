@@ -2,8 +2,9 @@
 # The main job: `mu2net serve` (gRPC on 127.0.0.1:50051, HTTP on 127.0.0.1:8000) with its
 # evolver process on real data (MNIST-5k, Fashion-MNIST, private digits; the configuration
 # of docs/results.md: the paper's preliminary experiment, random root without blocks; as
-# every `mu2net serve`, each task's first child on that root trains one long schedule,
-# parked while a newer upload gets its first answer), on the embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
+# in every `mu2net serve`, a task whose first-answer generation has a child on that root
+# trains it on one long schedule, parked while a newer task gets its first answer), on the
+# embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
 # started again, it continues from the last published state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
