@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mu2net import datasets as D
+from mu2net.ingest import load_source
 from mu2net.server.launcher import RunningServer
 from report import write_json
 
@@ -38,7 +38,7 @@ from report import write_json
 def upload_arrays(source: str) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """A built-in dataset as the arrays a user uploads (the SDK sends them as one .npz: train
     and test; the server takes validation from train), with its test split."""
-    splits, names = D.load_source(source)
+    splits, names = load_source(source)
     x_train, y_train = splits["train"]
     x_test, y_test = splits["test"]
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test,

@@ -31,7 +31,7 @@ import time
 from quality import ROOT_HPARAMS, TASKS, baseline, parse_order, root_model, task_splits
 
 from mu2net import components as C
-from mu2net.evolver import add_task
+from mu2net.ingest import add_task
 from mu2net.paths import Architecture
 from mu2net.store import Store
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 import queue
-import shutil
 import threading
 import time
 from typing import Any, Callable, Mapping, Sequence
@@ -36,7 +35,7 @@ from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
 from mu2net.store import (ROOT_PATH_ID, ComponentRecord, ComponentsGone, Store, StoreError, TaskNotFound,
-                          TaskRecord, fsync_tree, new_id, serialize_tree)
+                          TaskRecord, new_id, serialize_tree)
 
 log = logging.getLogger("mu2net.evolver")
 #: Active phases of one task in a row that may fail (raise, or kill the evolver process)
@@ -235,43 +234,6 @@ def init_root(store: Store, arch: P.Architecture, params: Sequence[Any],
                   metrics={"activated_params": total, "pretrained": bool(pretrained)})
     store.publish(root, records)
     return root
-
-
-def add_task(store: Store, name: str, source: str, *, private: bool = False,
-             acl_group: str | None = None) -> TaskRecord:
-    """Reads a dataset source, stores it as a TFDS dataset and queues the task.
-
-    Raises:
-      DatasetError: invalid name or data (message names the problem).
-      TaskExists: a task of that name exists (nothing is changed).
-    """
-    D.validate_task_name(name)
-    splits, names = D.load_source(source)
-    return add_task_arrays(store, name, splits, names, source=source, private=private, acl_group=acl_group)
-
-
-def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names: list[str], *,
-                    source: str, private: bool = False, acl_group: str | None = None) -> TaskRecord:
-    """Like :func:`add_task` for arrays already in memory."""
-    from mu2net.store import TaskExists
-
-    D.validate_task_name(name)
-    if any(t.name == name for t in store.list_tasks()):
-        raise TaskExists(f"task {name!r} already exists")
-    stored, exprs = D.finalize_splits(splits, label_names)
-    ds_root = store.data_dir / "datasets" / f"{name}-{new_id()[:8]}"
-    dataset_dir = D.write_tfds(stored, label_names, ds_root)
-    fsync_tree(ds_root)  # on disk before the task row that points to it commits
-    record = TaskRecord(
-        name=name, private=private, acl_group=(acl_group or name) if private else None,
-        label_names=tuple(label_names), image_shape=tuple(next(iter(stored.values()))[0].shape[1:]),  # type: ignore[arg-type]
-        num_examples={k: len(v[1]) for k, v in stored.items()}, splits=exprs,
-        dataset_dir=dataset_dir, source=source)
-    try:
-        return store.add_task(record)
-    except BaseException:
-        shutil.rmtree(ds_root, ignore_errors=True)
-        raise
 
 
 def locked_components(paths: Sequence[P.Path], task: str) -> frozenset[str]:

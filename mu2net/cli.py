@@ -270,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="uploads received or ingested at once; one more is refused with 429")
     sv.add_argument("--max-queued-images", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=16384,
                     help="most images queued for the forward pass; more is refused with 429 / RESOURCE_EXHAUSTED")
+    sv.add_argument("--no-deadline-admission", dest="deadline_admission", action="store_false",
+                    help="queue a request with a deadline even when the queued work outlasts it (default: refuse "
+                         "it at once with RESOURCE_EXHAUSTED, as it would expire unrun)")
     sv.add_argument("--admin-token", default=os.environ.get("MU2NET_ADMIN_TOKEN"),
                     help="bearer token required by upload/delete (default: $MU2NET_ADMIN_TOKEN; none: open)")
     sv.add_argument("--read-token", action="append", type=_read_token_arg, default=[], metavar="GROUP=TOKEN",
@@ -334,7 +337,8 @@ def _fraction_arg(text: str) -> float:
 
 
 def cmd_evolve(args: argparse.Namespace) -> int:
-    from mu2net.evolver import Evolver, add_task
+    from mu2net.evolver import Evolver
+    from mu2net.ingest import add_task
     from mu2net.server.compute import split_cpu_devices
     from mu2net.store import EvolverRunning, Store, TaskExists, evolver_lock
 
@@ -374,7 +378,7 @@ def _add_tasks(store: Any, tasks: list[tuple[str, str]], private: list[str], gro
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from mu2net.evolver import add_task
+    from mu2net.ingest import add_task
     from mu2net.server import ServiceConfig, serve
     from mu2net.server.compute import limit_compute_threads
     from mu2net.store import Store, TaskExists
@@ -398,7 +402,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServiceConfig(max_batch_size=args.max_batch_size, max_delay_ms=args.max_delay_ms,
                            max_upload_bytes=args.max_upload_bytes, max_message_bytes=args.max_message_bytes,
                            max_archive_bytes=args.max_archive_bytes, max_queued_images=args.max_queued_images,
-                           max_concurrent_uploads=args.max_concurrent_uploads,
+                           deadline_admission=args.deadline_admission, max_concurrent_uploads=args.max_concurrent_uploads,
                            admin_token=args.admin_token, read_tokens=dict(args.read_token))
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
                              None if args.no_evolver else evolver_argv(args), tls))

@@ -6,8 +6,12 @@ batch is padded to a power-of-two bucket compiled at load time.
 
 Load is bounded: at most ``max_queued_images`` images wait or run at once; beyond that a
 request fails at once with :class:`mu2net.server.errors.Overloaded` (429 /
-RESOURCE_EXHAUSTED, with a retry hint). A request whose deadline has passed, or whose caller
-went away (its future cancelled), is dropped before it is computed.
+RESOURCE_EXHAUSTED, with a retry hint). A request with a deadline is also refused at
+admission when the work queued ahead of it would take longer than its deadline leaves
+(deadline-aware admission: load shedding at the door instead of queueing a request that
+would expire unrun; the queued work's duration is the queued images times the measured
+compute seconds per image of recent full batches). A request whose deadline has passed, or
+whose caller went away (its future cancelled), is dropped before it is computed.
 """
 
 from __future__ import annotations
@@ -47,16 +51,28 @@ class Batcher:
       max_delay_ms: longest wait for more requests after the first one of a batch.
       on_batch: called with the real batch size of every forward call (metrics).
       max_queued_images: most images waiting or running at once (None: unbounded).
+      deadline_admission: refuse a request with a deadline at once (Overloaded) when the
+        queued work is estimated to outlast it (:meth:`queue_seconds`).
     """
 
+    #: Weight of the newest batch in the seconds-per-image moving average.
+    RATE_EWMA = 0.2
+
     def __init__(self, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None) -> None:
+                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None,
+                 deadline_admission: bool = True) -> None:
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.on_batch = on_batch
         self.max_queued_images = max_queued_images
+        self.deadline_admission = deadline_admission
         self.queued_images = 0
         self.dropped = 0
+        #: requests refused at admission because the queue would outlast their deadline
+        self.shed = 0
+        #: moving average of compute seconds per image over batches at least half full
+        #: (None until one ran): what a queue of full batches drains at
+        self.seconds_per_image: float | None = None
         self._count_lock = threading.Lock()
         self._closed = False
         self._queue: queue.Queue[_Request | None] = queue.Queue()
@@ -71,7 +87,8 @@ class Batcher:
             are dropped unrun.
 
         Raises:
-          Overloaded: more than ``max_queued_images`` would be queued.
+          Overloaded: more than ``max_queued_images`` would be queued, or (with
+            ``deadline_admission``) the queued work outlasts ``timeout``.
           DeadlineExceeded: the deadline passed before the images ran.
         """
         n = len(images)
@@ -83,6 +100,14 @@ class Batcher:
             if self.max_queued_images is not None and self.queued_images + n > self.max_queued_images:
                 raise E.Overloaded(f"{self.queued_images} images are queued and this request adds {n}; at most "
                                    f"{self.max_queued_images} may be queued; retry in {E.Overloaded.retry_after} s")
+            if self.deadline_admission and timeout is not None:
+                ahead = self.queue_seconds(self.queued_images + n)
+                if ahead is not None and ahead > timeout and self.queued_images >= self.max_batch_size:
+                    self.shed += 1
+                    raise E.Overloaded(
+                        f"{self.queued_images} images are queued, about {ahead:.2f} s of work with this request, "
+                        f"and its deadline leaves {max(timeout, 0.0):.2f} s: it would expire unrun; retry in "
+                        f"{E.Overloaded.retry_after} s or with a longer deadline")
             self.queued_images += n
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -100,6 +125,12 @@ class Batcher:
             for fut in futures:
                 fut.cancel()
             raise
+
+    def queue_seconds(self, images: int) -> float | None:
+        """Estimated seconds to compute ``images`` queued images: ``images`` times
+        :attr:`seconds_per_image` (None before a batch at least half full has run)."""
+        spi = self.seconds_per_image
+        return None if spi is None else images * spi
 
     def _release(self, n: int) -> None:
         with self._count_lock:
@@ -162,7 +193,12 @@ class Batcher:
             padded = bucket_for(size, self.max_batch_size)
             if padded > size:
                 images = np.concatenate([images, np.zeros((padded - size,) + images.shape[1:], images.dtype)])
+            started = time.perf_counter()
             probs = batch[0].served.predict(images)[:size]
+            if 2 * size >= self.max_batch_size:
+                spi = (time.perf_counter() - started) / size
+                old = self.seconds_per_image
+                self.seconds_per_image = spi if old is None else old + self.RATE_EWMA * (spi - old)
             if self.on_batch is not None:
                 self.on_batch(size)
         except Exception as e:  # deliver the failure to every waiting request

@@ -47,6 +47,12 @@ class DeadlineExceeded(ServiceError):
     """The request's deadline passed before its images were computed (dropped unrun)."""
 
 
+class Cancelled(ServiceError):
+    """The caller went away (HTTP client disconnected) before the answer; its images were not
+    computed if they had not started. HTTP 499 (Client Closed Request), as google.rpc.Code
+    maps CANCELLED; only metrics and logs see it."""
+
+
 class Unauthenticated(ServiceError):
     """An admin call without the configured bearer token."""
 
@@ -61,6 +67,7 @@ TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     Unauthenticated: (grpc.StatusCode.UNAUTHENTICATED, 401),
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    Cancelled: (grpc.StatusCode.CANCELLED, 499),
 }
 
 

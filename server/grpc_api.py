@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
 import time
 import uuid
 from typing import Any, Awaitable, Callable
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,7 +20,7 @@ from mu2net.server.oip import (EXTENSIONS, INPUT_NAME, OUTPUT_NAME, SERVER_NAME,
                                requested_classification, serialize_bytes_tensor)
 from mu2net.server._proto import grpc_predict_v2_pb2 as kpb
 from mu2net.server._proto import grpc_predict_v2_pb2_grpc as kgrpc
-from mu2net.server.service import CALLER_TOKEN, Service, bearer_token
+from mu2net.server.service import CALLER_TOKEN, Service, bearer_token, raw_images
 from mu2net_client._proto import mu2net_pb2 as pb
 from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
 
@@ -36,6 +34,7 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
+            done = self.service.metrics.observe(api, fn.__name__) if self.service.metrics is not None else None
             auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
             CALLER_TOKEN.set(bearer_token(auth))  # this call's task
             try:
@@ -61,8 +60,8 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                     metadata += (("grpc-retry-pushback-ms", "-1"),)
                 await context.abort(status, str(err), trailing_metadata=metadata)
             finally:
-                if self.service.metrics is not None:
-                    self.service.metrics.observe(api, fn.__name__)(code, time.perf_counter() - t0)
+                if done is not None:
+                    done(code, time.perf_counter() - t0)
         return handler
     return wrap
 
@@ -97,11 +96,7 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
         raw = None
         if request.HasField("raw"):
-            shape, data = tuple(request.raw.shape), request.raw.data  # one copy of the bytes
-            if len(shape) != 4 or min(shape) < 0 or math.prod(shape) != len(data):
-                raise E.InvalidArgument(f"raw tensor shape {list(shape)} does not match its {len(data)} "
-                                        "bytes; allowed: [N, H, W, C] uint8 row-major")
-            raw = np.frombuffer(data, np.uint8).reshape(shape)
+            raw = raw_images(request.raw.shape, request.raw.data)  # one copy of the bytes
         result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
                                              top_k=request.top_k or 1, timeout=context.time_remaining())
         resp = pb.ClassifyResponse(system_version=result.system_version, path_id=result.path_id)

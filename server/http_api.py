@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import json
 import logging
@@ -12,7 +13,7 @@ import os
 import tempfile
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 from starlette.applications import Starlette
@@ -25,7 +26,7 @@ from mu2net.server.oip import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERS
                                infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
 from mu2net.server.openapi import document as openapi_document
 from mu2net.server.page import render_page
-from mu2net.server.service import CALLER_TOKEN, Service, bearer_token
+from mu2net.server.service import CALLER_TOKEN, Service, bearer_token, raw_images
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 log = logging.getLogger("mu2net.server")
@@ -57,6 +58,40 @@ def _error(err: E.ServiceError) -> JSONResponse:
     return JSONResponse({"error": str(err)}, status_code=E.codes(err)[1], headers=headers)
 
 
+T = TypeVar("T")
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the ASGI ``http.disconnect`` message; the body
+    must have been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.01)  # an empty body message: not a busy loop on any ASGI server
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Awaits ``work``, cancelling it if the client disconnects first (a classify's queued
+    images are then dropped unrun, as for a cancelled gRPC call).
+
+    Raises:
+      Cancelled: the client went away first.
+    """
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler cancelled (shutdown): the work goes too
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise E.Cancelled("the client disconnected before the answer; its images were not computed")
+    return task.result()
+
+
 def build_app(service: Service, upload_dir: str) -> Starlette:
     """The starlette application over ``service``; uploads are spooled in ``upload_dir``."""
 
@@ -66,9 +101,14 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         def deco(fn: Handler) -> Handler:
             async def handler(request: Request) -> Response:
                 t0 = time.perf_counter()
+                done = service.metrics.observe("http", method_name) if service.metrics is not None else None
                 CALLER_TOKEN.set(bearer_token(request.headers.get("authorization")))  # this request's task
                 try:
                     resp = await fn(request)
+                except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
+                    if done is not None:
+                        done("499", time.perf_counter() - t0)
+                    raise
                 except Exception as e:
                     err = E.to_service_error(e)
                     if err is not None:
@@ -79,8 +119,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                                       request_id)
                         resp = JSONResponse({"error": "internal server error", "request_id": request_id},
                                             status_code=500)
-                if service.metrics is not None:
-                    service.metrics.observe("http", method_name)(str(resp.status_code), time.perf_counter() - t0)
+                if done is not None:
+                    done(str(resp.status_code), time.perf_counter() - t0)
                 return resp
             return handler
         return deco
@@ -163,15 +203,14 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                 if "images" in doc:
                     encoded = [base64.b64decode(s, validate=True) for s in doc["images"]]
                 elif "raw" in doc:
-                    raw = np.frombuffer(base64.b64decode(doc["raw"]["data"], validate=True), np.uint8).reshape(
-                        doc["raw"]["shape"])
+                    raw = raw_images(doc["raw"]["shape"], base64.b64decode(doc["raw"]["data"], validate=True))
                 else:
                     raise E.InvalidArgument("JSON body needs 'images' (base64 list) or 'raw' {shape, data}")
             except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
                 raise E.InvalidArgument(f"bad JSON classify body: {e}") from e
         else:
             encoded = [body]
-        result = await service.classify(task, encoded=encoded, raw=raw, top_k=top_k)
+        result = await unless_disconnected(request, service.classify(task, encoded=encoded, raw=raw, top_k=top_k))
         return JSONResponse({
             "task": task, "system_version": result.system_version, "path_id": result.path_id,
             "results": [{"labels": labels, "label_ids": ids.tolist(), "scores": scores.tolist()}
@@ -242,7 +281,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
             encoded, pixels, k, want_binary = _parse_infer(doc, body[n:])
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise E.InvalidArgument(f"malformed inference request: {e}") from e
-        result = await service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True)
+        result = await unless_disconnected(
+            request, service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True))
         n_classes = result.probabilities.shape[1]
         rows = len(result.probabilities)
         if k:

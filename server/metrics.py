@@ -27,6 +27,19 @@ class Metrics:
         self.iterations = Gauge("mu2net_evolver_task_iterations", "Completed task iterations, all tasks.", registry=r)
         self.evolver_restarts = Counter("mu2net_evolver_restarts_total", "Evolver process restarts.", registry=r)
         self.load_failures = Gauge("mu2net_snapshot_load_failures", "Failed snapshot loads.", registry=r)
+        self.in_flight = Gauge("mu2net_requests_in_flight", "Requests being handled now, by API.", ["api"], registry=r)
+        self.queued_images = Gauge("mu2net_batcher_queued_images",
+                                   "Images queued or running in the forward pass (bounded by --max-queued-images).",
+                                   registry=r)
+        self.seconds_per_image = Gauge("mu2net_batcher_seconds_per_image",
+                                       "Moving average of forward seconds per image over batches at least half full "
+                                       "(what deadline-aware admission estimates queue waits from; 0 before one ran).",
+                                       registry=r)
+
+    def watch_batcher(self, batcher: Any) -> None:
+        """Exports the batcher's queue depth and service time (read at each scrape)."""
+        self.queued_images.set_function(lambda: batcher.queued_images)
+        self.seconds_per_image.set_function(lambda: batcher.seconds_per_image or 0.0)
 
     def on_swap(self, old: Any, new: Any, seconds: float) -> None:
         self.version.set(new.version)
@@ -44,7 +57,12 @@ class Metrics:
         return generate_latest(self.registry)
 
     def observe(self, api: str, method: str) -> Callable[[str, float], None]:
+        """Call when a request starts (it counts as in flight); the returned function when it
+        ends, with its status code and seconds."""
+        self.in_flight.labels(api).inc()
+
         def done(code: str, seconds: float) -> None:
+            self.in_flight.labels(api).dec()
             self.requests.labels(api, method, code).inc()
             self.latency.labels(api, method).observe(seconds)
         return done

@@ -6,13 +6,14 @@ REST front end without registering the server's ``inference.*`` message descript
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any
 
 import numpy as np
 
 from mu2net.server import errors as E
-from mu2net.server.service import Service
+from mu2net.server.service import Service, raw_images
 
 SERVER_NAME = "mu2net"
 SERVER_VERSION = "0.1.0"
@@ -92,12 +93,10 @@ def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_content
         if raw is None and any(not 0 <= v <= 255 for v in uint_contents):
             raise E.InvalidArgument("UINT8 input contents must lie in 0..255")
         data = raw if raw is not None else bytes(np.asarray(uint_contents, np.uint8))
-        if len(data) != int(np.prod(shape)):
-            raise E.InvalidArgument(f"UINT8 input of shape {shape} needs {int(np.prod(shape))} bytes, got {len(data)}")
-        return [], np.frombuffer(data, np.uint8).reshape(shape)
+        return [], raw_images(shape, data, "UINT8 input")
     if datatype == "BYTES":
         items = deserialize_bytes_tensor(raw) if raw is not None else list(bytes_contents)
-        if len(shape) not in (1, 2) or int(np.prod(shape)) != len(items) or not items:
+        if len(shape) not in (1, 2) or math.prod(shape) != len(items) or not items:
             raise E.InvalidArgument(f"BYTES input shape {shape} does not match its {len(items)} elements; allowed: [N]")
         return items, None
     raise E.InvalidArgument(f"input datatype {datatype!r}; allowed: UINT8 (pixels) or BYTES (encoded images)")

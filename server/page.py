@@ -44,8 +44,10 @@ def layer_pool_svg(system: dict[str, Any]) -> str:
             fill = colours.get(c["task"], "#cccccc")
             stroke = ' stroke="#b00" stroke-width="2" stroke-dasharray="4 2"' if c["private"] else ' stroke="#333"'
             label = f'{KIND_SHORT.get(c["kind"], c["kind"])} {cid[:6]}'
+            origin = (f'trained on {c["task"]}' if c["task"] else
+                      "trained on a private task" if c["private"] else "of the root model")
             parts.append(f'<rect x="{x}" y="{y}" width="{box_w}" height="{box_h}" rx="4" fill="{fill}"{stroke}>'
-                         f'<title>{html.escape(c["kind"])} {cid} trained on {html.escape(str(c["task"]))}</title></rect>')
+                         f'<title>{html.escape(c["kind"])} {cid} {html.escape(origin)}</title></rect>')
             parts.append(f'<text x="{x + box_w / 2}" y="{y + 17}" text-anchor="middle">{html.escape(label)}</text>')
     parts.append("</svg>")
     legend = " ".join(f'<span style="background:{colours[t]};padding:2px 6px">{html.escape(t)}</span>' for t in trainers)
@@ -78,6 +80,8 @@ def evolver_line(status: dict[str, Any], now: float) -> str:
     ago = f"updated {age(now - updated)} ago" if isinstance(updated, (int, float)) else "never updated"
     if status.get("state") != "training":
         return f"evolver: {status.get('state') or 'idle'}, {ago}"
+    if status.get("task") is None:  # a task the caller may not see (Service._evolver_status)
+        return f"evolver: training a {status.get('phase') or 'task'} you cannot see, {ago}"
     running = status.get("children_running", 0)
     phase = status.get("phase")
     return (f"evolver: training {status.get('task')}" + (f" ({phase})" if phase else "") +

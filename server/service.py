@@ -14,6 +14,7 @@ import contextvars
 import dataclasses
 import hmac
 import io
+import math
 import tempfile
 import threading
 from pathlib import Path as FsPath
@@ -22,8 +23,9 @@ from typing import Any, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from mu2net import archives as A
 from mu2net import datasets as D
-from mu2net.evolver.loop import add_task_arrays
+from mu2net.ingest import add_task_arrays
 from mu2net.store import Store, TaskRecord
 from mu2net.server import errors as E
 from mu2net.server.batcher import Batcher
@@ -71,6 +73,9 @@ class ServiceConfig:
         the same answer as an unknown name). Without either, every task is visible.
       max_queued_images: most images queued for the forward pass at once; more is refused
         with 429 / RESOURCE_EXHAUSTED and a retry hint (None: unbounded).
+      deadline_admission: a request with a deadline (gRPC) is refused the same way at once
+        when the queued work is estimated to outlast its deadline (see
+        :mod:`mu2net.server.batcher`), instead of queueing to expire unrun.
       max_concurrent_uploads: uploads received or ingested at once (each may spool and
         extract up to the archive cap); one more is refused with 429 and a retry hint.
         Ingestion runs on threads of its own, off the classify path.
@@ -80,9 +85,10 @@ class ServiceConfig:
     max_delay_ms: float = 2.0
     max_upload_bytes: int = 512 << 20
     max_message_bytes: int = 64 << 20
-    max_archive_bytes: int = D.MAX_ARCHIVE_BYTES
+    max_archive_bytes: int = A.MAX_ARCHIVE_BYTES
     admin_token: str | None = None
     max_queued_images: int | None = 16384
+    deadline_admission: bool = True
     max_concurrent_uploads: int = 2
     read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
@@ -149,6 +155,25 @@ def conform_raw(images: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     return np.stack([_conform(Image.fromarray(img[..., 0] if mode == "L" else img, mode), shape) for img in images])
 
 
+def raw_images(shape: Sequence[Any], data: bytes, what: str = "raw tensor") -> np.ndarray:
+    """A raw tensor ``[N, H, W, C] uint8`` (row-major) from its shape and bytes, for every
+    front end (gRPC Classify, the HTTP JSON body, the Open Inference Protocol's UINT8 input).
+
+    The shape is checked against the byte count in exact integer arithmetic before anything
+    is allocated, so a shape claiming terabytes over a few bytes, negative or non-integer
+    dimensions, or a product that wraps around in 64 bits are refused.
+
+    Raises:
+      InvalidArgument: ``shape`` is not 4 non-negative integers whose product is ``len(data)``.
+    """
+    dims = list(shape)
+    if (len(dims) != 4 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)
+            or math.prod(dims) != len(data)):
+        raise E.InvalidArgument(f"{what} shape {dims} does not match its {len(data)} bytes; allowed: [N, H, W, C] "
+                                "uint8 row-major")
+    return np.frombuffer(data, np.uint8).reshape(dims)
+
+
 def check_raw(images: np.ndarray) -> np.ndarray:
     """Validates a raw uint8 tensor ``[N, H, W, C]`` (C in 1..4)."""
     if images.ndim != 4 or images.shape[-1] not in (1, 2, 3, 4) or 0 in images.shape:
@@ -181,7 +206,10 @@ class Service:
                                                                  thread_name_prefix="ingest")
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
                                on_batch=metrics.on_batch if metrics else None,
-                               max_queued_images=config.max_queued_images)
+                               max_queued_images=config.max_queued_images,
+                               deadline_admission=config.deadline_admission)
+        if metrics is not None:
+            metrics.watch_batcher(self.batcher)
 
     # ---- visibility of private tasks ----------------------------------------------------
 
@@ -359,12 +387,12 @@ class Service:
             with open(body_path, "rb") as f:
                 magic = f.read(4)
             if magic[:2] == b"PK" and _is_npz(body_path):
-                splits, given = D.load_npz(body_path, self.config.max_archive_bytes)
-                names = D.label_names_for(splits, given)
+                splits, given = A.load_npz(body_path, self.config.max_archive_bytes)
+                names = A.label_names_for(splits, given)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
-                    D.safe_extract(FsPath(body_path), FsPath(tmp), self.config.max_archive_bytes)
-                    splits, names = D.load_image_folder(tmp, self.config.max_archive_bytes)
+                    A.safe_extract(FsPath(body_path), FsPath(tmp), self.config.max_archive_bytes)
+                    splits, names = A.load_image_folder(tmp, self.config.max_archive_bytes)
             add_task_arrays(self.store, name, splits, names, source="upload", private=private, acl_group=acl_group)
         except Exception as e:
             raise E.to_service_error(e) or e

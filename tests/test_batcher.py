@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -61,6 +62,60 @@ def test_queued_images_are_bounded_and_expired_or_abandoned_requests_are_not_com
     asyncio.run(scenario())
 
 
+class TimedServed(SlowServed):
+    """Each forward call takes at least 0.2 s (after the gate opens)."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        time.sleep(0.2)
+        return super().predict(images)
+
+
+def test_a_request_whose_deadline_the_queue_outlasts_is_refused_at_admission():
+    async def scenario() -> None:
+        served = TimedServed()
+        served.gate.set()
+        batcher = Batcher(max_batch_size=4, max_delay_ms=0.0, max_queued_images=100)
+        images = np.zeros((4, 8, 8, 1), np.uint8)
+        assert batcher.queue_seconds(10) is None  # nothing measured yet: nothing refused for it
+        await batcher.predict(served, images, timeout=0.01)  # an idle batcher admits any deadline
+        spi = batcher.seconds_per_image
+        assert spi is not None and spi >= 0.2 / 4
+        served.gate.clear()
+        queued = [asyncio.ensure_future(batcher.predict(served, images)) for _ in range(2)]  # 8 images ahead
+        await asyncio.sleep(0.05)
+        with pytest.raises(E.Overloaded, match=r"8 images are queued, about .* s of work .* deadline leaves 0.10 s"):
+            await batcher.predict(served, images[:1], timeout=0.1)  # >= 9 x 0.05 s ahead
+        assert batcher.shed == 1 and batcher.queued_images == 8  # the refused request queued nothing
+        patient = asyncio.ensure_future(batcher.predict(served, images[:1], timeout=30.0))
+        no_deadline = asyncio.ensure_future(batcher.predict(served, images[:1]))
+        await asyncio.sleep(0.05)
+        served.gate.set()
+        for f in [*queued, patient, no_deadline]:
+            assert (await f).shape[1] == 2
+        for _ in range(100):  # the batcher thread releases a batch's count after delivering it
+            if batcher.queued_images == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert batcher.shed == 1 and batcher.dropped == 0 and batcher.queued_images == 0
+        off = Batcher(max_batch_size=4, max_delay_ms=0.0, deadline_admission=False)
+        off.seconds_per_image = 10.0  # even a queue that would outlast every deadline...
+        served.gate.clear()
+        ahead = [asyncio.ensure_future(off.predict(served, images)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(off.predict(served, images[:1], timeout=0.1))  # ...is joined
+        await asyncio.sleep(0.2)
+        served.gate.set()
+        with pytest.raises(E.DeadlineExceeded):
+            await late
+        for f in ahead:
+            await f
+        assert off.shed == 0 and off.dropped == 1
+        batcher.close()
+        off.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_overloaded_http_answer_is_a_429_with_retry_after(tmp_path):
     import httpx
 
@@ -106,3 +161,61 @@ def test_concurrent_uploads_are_bounded(tmp_path):
     finally:
         service.close()
         store.close()
+
+
+def test_an_http_client_that_disconnects_has_its_images_dropped_unrun(tmp_path):
+    """A real uvicorn server and a raw socket client that sends a classify and hangs up."""
+    import socket
+
+    import uvicorn
+
+    from mu2net.server.http_api import build_app
+
+    served = SlowServed()  # the forward pass blocks until the gate opens
+    batcher = Batcher(max_batch_size=4, max_delay_ms=0.0)
+
+    class Service:
+        metrics = None
+        cancelled = asyncio.Event()
+
+        async def classify(self, task, *, encoded=(), raw=None, top_k=1, clip_top_k=False, timeout=None):
+            try:
+                await batcher.predict(served, np.zeros((1, 8, 8, 1), np.uint8))
+                await batcher.predict(served, np.zeros((2, 8, 8, 1), np.uint8))
+            except asyncio.CancelledError:
+                Service.cancelled.set()
+                raise
+
+        class config:
+            max_message_bytes = 1 << 20
+
+    async def scenario() -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(build_app(Service(), str(tmp_path)), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        serving = asyncio.ensure_future(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.02)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /v1/tasks/x/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\npng")
+        await writer.drain()
+        while batcher.queued_images == 0:  # the first image is in the (blocked) forward pass
+            await asyncio.sleep(0.02)
+        writer.close()  # the client hangs up before the answer
+        await asyncio.wait_for(Service.cancelled.wait(), 10)
+        served.gate.set()  # the forward pass of the first image finishes...
+        for _ in range(100):
+            if batcher.queued_images == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert served.calls == [1]  # ...and the request's second batch never ran
+        assert batcher.queued_images == 0
+        server.should_exit = True
+        await serving
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        batcher.close()

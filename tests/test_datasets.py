@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mu2net import archives as A
 from mu2net import datasets as D
+from mu2net import ingest as I
 
 
 def _png(value, size=(6, 6)):
@@ -26,21 +28,21 @@ def _folder(root, n=12):
 
 @pytest.mark.parametrize("name,classes,n_test", [("digits", 10, 359), ("mnist5k", 10, 1000)])
 def test_builtin_datasets_have_fixed_splits(name, classes, n_test):
-    splits, names = D.load_source(f"builtin:{name}")
+    splits, names = I.load_source(f"builtin:{name}")
     assert len(names) == classes and len(splits["test"][1]) == n_test
-    again, _ = D.load_source(f"builtin:{name}")
+    again, _ = I.load_source(f"builtin:{name}")
     np.testing.assert_array_equal(splits["test"][1], again["test"][1])
 
 
 def test_fashion_mnist_builtin_or_clear_install_hint(monkeypatch, tmp_path):
     monkeypatch.setenv("MU2NET_FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(D.DatasetUnavailable, match="apt-get install dataset-fashion-mnist"):
-        D.load_source("builtin:fashion_mnist")
+        I.load_source("builtin:fashion_mnist")
 
 
 def test_image_folder_directory_and_archives(tmp_path):
     _folder(tmp_path / "tree")
-    splits, names = D.load_image_folder(tmp_path / "tree")
+    splits, names = A.load_image_folder(tmp_path / "tree")
     assert names == ["cat", "dog"] and splits["train"][0].shape == (24, 6, 6, 1)
     with zipfile.ZipFile(tmp_path / "d.zip", "w") as zf:
         for p in (tmp_path / "tree").rglob("*.png"):
@@ -48,7 +50,7 @@ def test_image_folder_directory_and_archives(tmp_path):
     with tarfile.open(tmp_path / "d.tar.gz", "w:gz") as tf:
         tf.add(tmp_path / "tree", arcname="data")
     for archive in ("d.zip", "d.tar.gz"):
-        s, n = D.load_source(str(tmp_path / archive))
+        s, n = I.load_source(str(tmp_path / archive))
         assert n == ["cat", "dog"] and len(s["train"][1]) == 24
 
 
@@ -83,8 +85,8 @@ def test_bad_datasets_are_rejected_with_a_clear_error(tmp_path, problem, match):
     dest = tmp_path / "extract" / "out"  # "../evil" of a member would land in tmp_path / "extract"
     dest.mkdir(parents=True)
     with pytest.raises(D.DatasetError, match=match):
-        D.safe_extract(archive, dest)
-        splits, names = D.load_image_folder(dest)
+        A.safe_extract(archive, dest)
+        splits, names = A.load_image_folder(dest)
         D.finalize_splits(splits, names)
     assert not (tmp_path / "extract" / "evil").exists() and sorted(tmp_path.glob("extract/*")) == [dest]
 
@@ -95,7 +97,7 @@ def test_npz_source_split_rules_and_tfds_round_trip(tmp_path):
     y = rng.integers(0, 3, 200)
     np.savez(tmp_path / "d.npz", x_train=x[:150], y_train=y[:150], x_test=x[150:], y_test=y[150:],
              label_names=np.array(["a", "b", "c"]))
-    splits, names = D.load_source(str(tmp_path / "d.npz"))
+    splits, names = I.load_source(str(tmp_path / "d.npz"))
     stored, exprs = D.finalize_splits(splits, names)
     # a small train split gives 20% to validation (the paper's Table 9, cmaterdb)
     assert exprs == {"train": "train[20%:]", "validation": "train[:20%]", "test": "test"}
@@ -138,7 +140,7 @@ def test_validation_fraction_follows_the_train_split_size():
 def test_npz_with_pickled_objects_is_refused(tmp_path):
     np.savez(tmp_path / "p.npz", x_train=np.array([object()], dtype=object), y_train=np.array([0]))
     with pytest.raises(D.DatasetError, match="pickled"):
-        D.load_npz(tmp_path / "p.npz")
+        A.load_npz(tmp_path / "p.npz")
 
 
 def _npz_bytes(**arrays):
@@ -152,21 +154,21 @@ def test_hostile_npz_uploads_are_refused_before_they_are_decoded(tmp_path):
     bomb = _npz_bytes(x_train=np.zeros((800, 512, 512), np.uint8), y_train=np.zeros(800, np.int64))
     assert len(bomb) < 2 << 20
     with pytest.raises(D.DatasetError, match="decode to more than"):
-        D.load_npz(bomb, max_bytes=64 << 20)
+        A.load_npz(bomb, max_bytes=64 << 20)
     # a huge class id is refused before any label name is made (it once exhausted memory)
-    splits, names = D.load_npz(_npz_bytes(x_train=np.zeros((40, 8, 8), np.uint8),
+    splits, names = A.load_npz(_npz_bytes(x_train=np.zeros((40, 8, 8), np.uint8),
                                           y_train=np.array([0] * 39 + [10 ** 15], np.int64)))
     with pytest.raises(D.DatasetError, match=r"label ids span \[0, 1000000000000000\]; allowed: 0..999"):
-        D.label_names_for(splits, names)
+        A.label_names_for(splits, names)
     with pytest.raises(D.DatasetError, match="label ids span"):
-        D.label_names_for({"train": (np.zeros((2, 8, 8, 1), np.uint8), np.array([-1, 0]))}, None)
-    empty, names = D.load_npz(_npz_bytes(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)))
+        A.label_names_for({"train": (np.zeros((2, 8, 8, 1), np.uint8), np.array([-1, 0]))}, None)
+    empty, names = A.load_npz(_npz_bytes(x_train=np.zeros((0, 8, 8), np.uint8), y_train=np.zeros(0, np.int64)))
     with pytest.raises(D.DatasetError, match="no labelled examples"):
-        D.label_names_for(empty, names)
+        A.label_names_for(empty, names)
     with pytest.raises(D.DatasetError, match="pixels"):
-        D.load_npz(_npz_bytes(x_train=np.zeros((1, 5000, 5000), np.uint8), y_train=np.zeros(1, np.int64)))
+        A.load_npz(_npz_bytes(x_train=np.zeros((1, 5000, 5000), np.uint8), y_train=np.zeros(1, np.int64)))
     with pytest.raises(D.DatasetError, match="not a valid .npz"):
-        D.load_npz(_npz_bytes(x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))[:-30])
+        A.load_npz(_npz_bytes(x_train=np.zeros((4, 8, 8), np.uint8), y_train=np.zeros(4, np.int64))[:-30])
 
 
 def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
@@ -181,11 +183,11 @@ def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
             zf.writestr(f"cat/{i}.png", _png(i))
             zf.writestr(f"dog/{i}.png", _png(100 + i))
     with pytest.raises(D.DatasetError, match="8000x8000; at most"):
-        D.load_source(str(tmp_path / "big.zip"))
+        I.load_source(str(tmp_path / "big.zip"))
     # a decoded-size budget over all images
     _folder(tmp_path / "ok", n=12)
     with pytest.raises(D.DatasetError, match="decode to more than"):
-        D.load_image_folder(tmp_path / "ok", max_bytes=6 * 6 * 3 * 10)
+        A.load_image_folder(tmp_path / "ok", max_bytes=6 * 6 * 3 * 10)
     # every image is resized to the most common size: one big image among small ones of all
     # different sizes would make that size the big one (counts tie; the first wins)
     mixed = tmp_path / "mixed"
@@ -195,14 +197,14 @@ def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
     for i in range(1, 21):
         Image.new("L", (6 + i, 6)).save(mixed / ("a" if i % 2 else "b") / f"{i:04d}.png")
     with pytest.raises(D.DatasetError, match="at their common size 1000x1000 need more than"):
-        D.load_image_folder(mixed, max_bytes=10 << 20)
+        A.load_image_folder(mixed, max_bytes=10 << 20)
     # a truncated .tar.gz and a zip member with a bad CRC
     with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
         tf.add(tmp_path / "ok", arcname=".")
     data = (tmp_path / "t.tar.gz").read_bytes()
     (tmp_path / "cut.tar.gz").write_bytes(data[: len(data) // 2])
     with pytest.raises(D.DatasetError, match="truncated or corrupt|neither"):
-        D.safe_extract(tmp_path / "cut.tar.gz", tmp_path / "out1")
+        A.safe_extract(tmp_path / "cut.tar.gz", tmp_path / "out1")
     with zipfile.ZipFile(tmp_path / "crc.zip", "w", zipfile.ZIP_STORED) as zf:
         zf.writestr("cat/0.png", _png(1))
     raw = bytearray((tmp_path / "crc.zip").read_bytes())
@@ -210,7 +212,7 @@ def test_hostile_archives_are_refused_with_a_dataset_error(tmp_path):
     raw[at] ^= 0xFF  # flip a byte inside the stored member: its CRC no longer matches
     (tmp_path / "crc.zip").write_bytes(bytes(raw))
     with pytest.raises(D.DatasetError, match="corrupt"):
-        D.safe_extract(tmp_path / "crc.zip", tmp_path / "out2")
+        A.safe_extract(tmp_path / "crc.zip", tmp_path / "out2")
 
 
 def test_macos_archives_and_small_datasets_are_accepted(tmp_path):
@@ -222,7 +224,7 @@ def test_macos_archives_and_small_datasets_are_accepted(tmp_path):
             zf.writestr(f"pets/{label}/.DS_Store", b"\x00\x00\x00\x01Bud1")
             zf.writestr(f"pets/{label}/Thumbs.db", b"\xd0\xcf\x11\xe0")
         zf.writestr("__MACOSX/._pets", b"\x00\x05\x16\x07")
-    splits, names = D.load_source(str(tmp_path / "mac.zip"))
+    splits, names = I.load_source(str(tmp_path / "mac.zip"))
     assert names == ["cat", "dog"] and len(splits["train"][1]) == 60
     stored, exprs = D.finalize_splits(splits, names)
     sizes = {role: D._split_size(expr, {k: len(v[1]) for k, v in stored.items()}) for role, expr in exprs.items()}

@@ -334,7 +334,7 @@ def test_a_preempted_long_first_child_is_parked_and_resumed_on_its_schedule(tiny
 
     import mu2net.evolver.loop as loop
     from conftest import digits_splits
-    from mu2net.evolver import add_task_arrays
+    from mu2net.ingest import add_task_arrays
 
     import threading
 
@@ -404,7 +404,7 @@ def test_an_upload_during_a_phase_preempts_it_within_one_cycle(tiny_store, monke
 
     import mu2net.evolver.loop as loop
     from conftest import digits_splits
-    from mu2net.evolver import add_task_arrays
+    from mu2net.ingest import add_task_arrays
 
     base = Evolver(tiny_store, TINY_EVOLVER, progress=False)
     for name in ("digits", "parity", "small"):
@@ -513,7 +513,8 @@ def test_a_conv_stem_root_with_blocks_is_cloned_whole_by_the_first_answer_and_by
     from conftest import TINY, digits_splits
     from mu2net import components as C
     from mu2net import root as R
-    from mu2net.evolver import add_task_arrays, init_root
+    from mu2net.evolver import init_root
+    from mu2net.ingest import add_task_arrays
     from mu2net.store import Store
 
     store = Store(tmp_path / "store")
@@ -645,7 +646,7 @@ def test_a_crashing_task_backs_off_ends_failed_and_the_others_go_on(tiny_store, 
 
 def test_a_phase_that_loses_a_parent_to_a_deleted_task_is_requeued_not_failed(tiny_store, monkeypatch):
     from conftest import digits_splits
-    from mu2net.evolver import add_task_arrays
+    from mu2net.ingest import add_task_arrays
     from mu2net.store import ComponentsGone
 
     ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
