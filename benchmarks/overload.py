@@ -17,7 +17,11 @@ that is refused before it is decoded into the queue; gRPC holds at most the mess
 flight. So RSS may grow by about the queued images (16384 x 28 x 28 x 1 bytes = 12.8 MB
 here) plus gRPC's buffers, and must not keep growing with time.
 
-    python benchmarks/overload.py --out docs/overload.json
+    python benchmarks/overload.py --compare --out docs/overload.json
+
+With ``--compare`` the same load then runs against a second server on the same store with
+``--no-deadline-admission`` (requests queue until the queue bound even when they would
+expire unrun), and the goodput ratio of the two is reported.
 
 The run needs the machine to itself (it measures throughput and latency).
 """
@@ -92,28 +96,10 @@ def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, 
             "ok_images_per_second": round(codes.get("OK", 0) * len(images) / seconds, 1)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--factor", type=float, default=4.0, help="offered load over the measured capacity")
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--warm-seconds", type=float, default=8.0)
-    ap.add_argument("--batch", type=int, default=16, help="images per request")
-    ap.add_argument("--clients", type=int, default=4, help="closed-loop threads measuring capacity")
-    ap.add_argument("--deadline", type=float, default=2.0, help="gRPC deadline of each request (s)")
-    ap.add_argument("--max-in-flight", type=int, default=2000)
-    ap.add_argument("--max-queued-images", type=int, default=16384)
-    args = ap.parse_args()
-    for name in ("factor", "seconds", "warm_seconds", "deadline"):
-        if getattr(args, name) <= 0:
-            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    from mu2net import components as C
-
-    config = C.ViTConfig(image_size=28, patch_size=7, width=64, mlp_dim=128, num_heads=4)
-    arch, params = R.random_root(config, num_blocks=3, seed=0)
-    data = tempfile.mkdtemp(prefix="mu2net-overload-") + "/store"
-    make_store(data, arch, list(params), 1).close()
-    server = RunningServer(data, ["--no-evolver", "--quiet", "--max-queued-images", str(args.max_queued_images)])
+def run_variant(data: str, flags: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """One server on ``data`` with ``flags``: its capacity, then the overload, then capacity again."""
+    server = RunningServer(data, ["--no-evolver", "--quiet", "--max-queued-images", str(args.max_queued_images),
+                                  *flags])
     rss: list[int] = []
     stop = threading.Event()
 
@@ -129,8 +115,8 @@ def main() -> None:
         images = np.random.default_rng(0).integers(0, 255, (args.batch, 28, 28, 1), dtype=np.uint8)
         capacity = grpc_throughput(server, "task00", images, args.warm_seconds, args.clients, sdk=False)
         rate = args.factor * capacity / args.batch
-        print(f"capacity {capacity:.0f} images/s; offering {rate:.0f} requests/s ({args.factor:g}x) for "
-              f"{args.seconds:g} s", flush=True)
+        print(f"[{' '.join(flags) or 'default'}] capacity {capacity:.0f} images/s; offering {rate:.0f} requests/s "
+              f"({args.factor:g}x) for {args.seconds:g} s", flush=True)
         rss_start = server.rss_bytes()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -139,15 +125,47 @@ def main() -> None:
         sampler.join(5)
         alive = server.proc.poll() is None
         after = grpc_throughput(server, "task00", images, 3.0, args.clients, sdk=False) if alive else 0.0
-        out = {"config": vars(args), "capacity_images_per_second": round(capacity, 1),
-               "offered_requests_per_second": round(rate, 1), **result,
-               "rss_mb": {"start": round(rss_start / 2 ** 20, 1), "peak": round(max(rss) / 2 ** 20, 1),
-                          "end": round(rss[-1] / 2 ** 20, 1),
-                          "last_10s_growth": round((rss[-1] - rss[max(0, len(rss) - 21)]) / 2 ** 20, 1)},
-               "queue_bound_mb": round(args.max_queued_images * 28 * 28 / 2 ** 20, 1),
-               "server_alive": alive, "images_per_second_after": round(after, 1)}
+        return {"flags": flags, "capacity_images_per_second": round(capacity, 1),
+                "offered_requests_per_second": round(rate, 1), **result,
+                "goodput_share_of_capacity": round(result["ok_images_per_second"] / capacity, 3),
+                "rss_mb": {"start": round(rss_start / 2 ** 20, 1), "peak": round(max(rss) / 2 ** 20, 1),
+                           "end": round(rss[-1] / 2 ** 20, 1),
+                           "last_10s_growth": round((rss[-1] - rss[max(0, len(rss) - 21)]) / 2 ** 20, 1)},
+                "queue_bound_mb": round(args.max_queued_images * 28 * 28 / 2 ** 20, 1),
+                "server_alive": alive, "images_per_second_after": round(after, 1)}
     finally:
         server.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--factor", type=float, default=4.0, help="offered load over the measured capacity")
+    ap.add_argument("--seconds", type=float, default=60.0)
+    ap.add_argument("--warm-seconds", type=float, default=8.0)
+    ap.add_argument("--batch", type=int, default=16, help="images per request")
+    ap.add_argument("--clients", type=int, default=4, help="closed-loop threads measuring capacity")
+    ap.add_argument("--deadline", type=float, default=2.0, help="gRPC deadline of each request (s)")
+    ap.add_argument("--max-in-flight", type=int, default=2000)
+    ap.add_argument("--max-queued-images", type=int, default=16384)
+    ap.add_argument("--compare", action="store_true",
+                    help="also run the same load against a server with --no-deadline-admission, one after the "
+                         "other on the same store, and report the goodput ratio")
+    args = ap.parse_args()
+    for name in ("factor", "seconds", "warm_seconds", "deadline"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    from mu2net import components as C
+
+    config = C.ViTConfig(image_size=28, patch_size=7, width=64, mlp_dim=128, num_heads=4)
+    arch, params = R.random_root(config, num_blocks=3, seed=0)
+    data = tempfile.mkdtemp(prefix="mu2net-overload-") + "/store"
+    make_store(data, arch, list(params), 1).close()
+    out: dict[str, Any] = {"config": vars(args), **run_variant(data, [], args)}
+    if args.compare:
+        off = run_variant(data, ["--no-deadline-admission"], args)
+        out["without_deadline_admission"] = off
+        out["goodput_ratio_over_without"] = round(out["ok_images_per_second"] / max(off["ok_images_per_second"], 1e-9), 2)
     write_json(out, args.out)
 
 

@@ -108,11 +108,45 @@ def _png() -> bytes:
 
 _images = st.lists(st.binary(max_size=512) | st.just(_png()) | st.builds(lambda b: _png()[:b], st.integers(0, 60)),
                    max_size=4)
-_requests = st.builds(
+_hostile = st.builds(
     lambda task, images, raw, use_raw, top_k: pb.ClassifyRequest(
         task=task, encoded_images=[] if use_raw else images, raw=raw if use_raw else None, top_k=top_k),
     st.sampled_from(["digits", "", "nope", "x" * 300]) | st.text(max_size=20),
     _images, _raw, st.booleans(), st.integers(-2 ** 31, 2 ** 31 - 1))
+#: well-formed requests (encoded PNGs or a matching raw tensor, top_k 0..10), so the fuzzed
+#: mix also exercises the path that answers
+_valid = st.builds(
+    lambda n, use_raw, top_k: pb.ClassifyRequest(
+        task="digits", encoded_images=[] if use_raw else [_png()] * n,
+        raw=pb.RawTensor(shape=[n, 8, 8, 1], data=bytes(64 * n)) if use_raw else None, top_k=top_k),
+    st.integers(1, 3), st.booleans(), st.integers(0, 10))
+_requests = _hostile | _valid
+
+
+def _infer_request(model, datatype, shape, raw, uints, items, k):
+    from tritonclient.grpc import service_pb2 as kpb  # the OIP messages (one copy of the protos per process)
+
+    outputs = [] if k is None else [kpb.ModelInferRequest.InferRequestedOutputTensor(
+        name="PROBABILITIES" if k >= 0 else "other", parameters={"classification": kpb.InferParameter(int64_param=k)})]
+    return kpb.ModelInferRequest(
+        model_name=model, outputs=outputs, raw_input_contents=[] if raw is None else [raw],
+        inputs=[kpb.ModelInferRequest.InferInputTensor(
+            name="IMAGE", datatype=datatype, shape=shape,
+            contents=kpb.InferTensorContents(uint_contents=uints, bytes_contents=items))])
+
+
+_png_element = st.builds(lambda: len(_png()).to_bytes(4, "little") + _png())
+_infer_hostile = st.builds(
+    _infer_request, st.sampled_from(["digits", "nope", ""]), st.sampled_from(["UINT8", "BYTES", "FP32", ""]),
+    st.lists(st.integers(-2 ** 62, 2 ** 62) | st.sampled_from([1, 8, 2 ** 32]), max_size=5),
+    st.none() | st.binary(max_size=1024) | _png_element | st.just(b"\xff\xff\xff\xff"),
+    st.lists(st.integers(0, 2 ** 32 - 1), max_size=80), st.lists(st.binary(max_size=64) | st.just(_png()), max_size=3),
+    st.none() | st.integers(-2 ** 63, 2 ** 63 - 1))
+_infer_valid = st.one_of(
+    st.builds(_infer_request, st.just("digits"), st.just("UINT8"), st.just([1, 8, 8, 1]), st.none() | st.just(bytes(64)),
+              st.just([0] * 64), st.just([]), st.none() | st.integers(1, 12)),
+    st.builds(_infer_request, st.just("digits"), st.just("BYTES"), st.just([1]), st.none() | _png_element,
+              st.just([]), st.just([_png()]), st.none() | st.integers(1, 12)))
 
 
 def test_hypothesis_finds_no_server_error_in_the_grpc_messages(fuzz_server):
@@ -133,6 +167,25 @@ def test_hypothesis_finds_no_server_error_in_the_grpc_messages(fuzz_server):
                 codes[e.code().name] = codes.get(e.code().name, 0) + 1
 
         classify()
+        assert codes.get("OK", 0) > 0, codes  # the valid share answered
+        infer_codes: dict[str, int] = {}
+
+        @settings(max_examples=EXAMPLES * 8, deadline=None, derandomize=True,
+                  suppress_health_check=[HealthCheck.too_slow])
+        @given(_infer_hostile | _infer_valid)
+        def model_infer(request):
+            try:
+                channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=lambda m: m.SerializeToString(),
+                                    response_deserializer=lambda b: b)(request, timeout=30)
+                infer_codes["OK"] = infer_codes.get("OK", 0) + 1
+            except grpc.RpcError as e:
+                assert e.code() not in SERVER_ERRORS, (request, e.code(), e.details())
+                infer_codes[e.code().name] = infer_codes.get(e.code().name, 0) + 1
+
+        model_infer()
+        assert infer_codes.get("OK", 0) > 0 and infer_codes.get("INVALID_ARGUMENT", 0) > 0, infer_codes
+        print(f"hypothesis gRPC ModelInfer: {sum(infer_codes.values())} cases, status codes {infer_codes}")
         for name in ("digits", "", "nope", "a" * 200):
             try:
                 stub.GetTask(pb.GetTaskRequest(name=name), timeout=30)
