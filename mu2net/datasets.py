@@ -57,7 +57,7 @@ class DatasetUnavailable(DatasetError):
     """A built-in dataset is not installed on this machine; the message says how to install it."""
 
 
-# ---- built-in real datasets (shared/DATA.md) -----------------------------------------------
+# ---- built-in real datasets (installed packages, never downloaded; docs/design.md) ---------
 
 def _shuffle_split(x: np.ndarray, y: np.ndarray, test_fraction: float) -> ArraySplits:
     order = np.random.default_rng(0).permutation(len(x))

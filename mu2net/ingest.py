@@ -1,15 +1,15 @@
 """Task ingestion: a dataset source read, validated, stored as a TFDS dataset and queued
-as a task in the store (DESIGN.md: upload -> TFDS dataset -> task row).
+as a task in the store (docs/design.md, "Ingestion": upload -> TFDS dataset -> task row).
 
 Sources (``SOURCE`` in ``mu2net serve|evolve --task NAME=SOURCE``; an HTTP upload's body is
 the first or second kind):
 
 * ``path/to/file.npz`` with ``x_train``, ``y_train`` and optionally ``x_val``, ``y_val``,
-  ``x_test``, ``y_test``, ``label_names`` (DESIGN.md); images ``[N,H,W]`` or ``[N,H,W,C]``
+  ``x_test``, ``y_test``, ``label_names``; images ``[N,H,W]`` or ``[N,H,W,C]``
   uint8;
 * an ImageFolder directory or ``.zip``/``.tar[.gz]`` archive, ``<label>/<file>`` or
   ``<split>/<label>/<file>`` (split: train, validation or val, test);
-* ``builtin:NAME`` for the real datasets of ``shared/DATA.md``
+* ``builtin:NAME`` for the real datasets installed with the package's dependencies
   (:data:`mu2net.datasets.BUILTINS`).
 
 Decoding with its size guards is :mod:`mu2net.archives`; the split rules and TFDS storage

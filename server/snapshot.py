@@ -1,4 +1,4 @@
-"""Immutable serving snapshots and their background loader (hot-swap, DESIGN.md).
+"""Immutable serving snapshots and their background loader (hot-swap, docs/design.md).
 
 The server holds one :class:`Snapshot` reference: ``{task -> served path}`` at one system
 version. When the store's system version grows, :class:`SnapshotManager` builds the next
