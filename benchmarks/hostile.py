@@ -1,5 +1,6 @@
 """Hostile and careless inputs against a real ``mu2net serve``: every kind must be answered
-with its 4xx (gRPC: its client-error status) and a message naming the problem, the store
+with its client error (an HTTP 4xx, or 503 for a task not serving yet; gRPC: its
+client-error status) and a message naming the problem, the store
 unchanged and the server alive (issue 17's hostile-input figure, docs/reliability.md).
 
 :data:`CASES` is the catalogue: uploads (decompression and zip bombs, huge label ids,
@@ -25,6 +26,7 @@ import argparse
 import base64
 import dataclasses
 import io
+import itertools
 import json
 import socket
 import tarfile
@@ -138,6 +140,36 @@ def zip_of(members: list[tuple[str, bytes]], compression: int = zipfile.ZIP_STOR
     return buf.getvalue()
 
 
+def raw_npz(members: dict[str, tuple[tuple[int, ...], str]]) -> bytes:
+    """An .npz written by hand: each member an .npy header declaring (shape, dtype) over 64
+    zero bytes (numpy's own writer refuses impossible shapes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, (shape, descr) in members.items():
+            f = io.BytesIO()
+            np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+            zf.writestr(f"{name}.npy", f.getvalue() + bytes(64))
+    return buf.getvalue()
+
+
+def encrypted_zip() -> bytes:
+    """A zip whose first member is flagged encrypted (general purpose bit 0 set in its local
+    header and central directory entry; zipfile then asks for a password)."""
+    raw = bytearray(zip_of([(n, d) for n, d, _ in two_classes()]))
+    local = raw.index(b"PK\x03\x04")
+    central = raw.index(b"PK\x01\x02")
+    raw[local + 6] |= 0x1
+    raw[central + 8] |= 0x1
+    return bytes(raw)
+
+
+def corrupt_tar_xz() -> bytes:
+    data = bytearray(tar(two_classes(), mode="w:xz"))
+    for i in range(200, min(len(data) - 64, 1200)):
+        data[i] ^= 0x5A
+    return bytes(data)
+
+
 def zip_bomb() -> bytes:
     """9 MiB of zeros deflated to a few KB: past the 8 MiB archive cap."""
     return zip_of([("cat/huge.png", b"\0" * (9 << 20)), ("dog/a.png", png(1))], zipfile.ZIP_DEFLATED)
@@ -187,13 +219,17 @@ def _http(method: str, path: str, **kwargs: Any) -> Callable[[Target], tuple[str
     return send
 
 
-def _upload(body: Callable[[], bytes], name: str | None = "bad", token: str | None = TOKEN,
+def _upload(body: Callable[[], bytes], name: str | None = "", token: str | None = TOKEN,
             **params: str) -> Callable[[Target], tuple[str, str]]:
+    """An upload of ``body()``; ``name`` "" means a name of its own per call (``bad_<n>``)."""
     def send(t: Target) -> tuple[str, str]:
-        query = {**({"name": name} if name is not None else {}), **params}
+        query = {**({"name": name or f"bad_{next(_names)}"} if name is not None else {}), **params}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return _http("POST", "/v1/tasks", params=query, content=body(), headers=headers)(t)
     return send
+
+
+_names = itertools.count()
 
 
 def _streamed_upload(size: int) -> Callable[[Target], tuple[str, str]]:
@@ -276,7 +312,7 @@ def _cases() -> list[Case]:
         Case("npz_empty", u, ".npz with 0 training examples", "400", "no labelled examples",
              _upload(lambda: npz(x_train=digits_x(0), y_train=np.zeros(0, np.int64)))),
         Case("npz_no_arrays", u, ".npz without any array", "400", "no class folders", _upload(lambda: npz())),
-        Case("npz_pickled_object", u, ".npz holding a pickled object array", "400", "no pickled objects",
+        Case("npz_pickled_object", u, ".npz holding a pickled object array", "400", "allow_pickle",
              _upload(lambda: npz(x_train=np.array([{"a": 1}] * 40, dtype=object), y_train=np.zeros(40, np.int64)))),
         Case("npz_wrong_keys", u, ".npz with keys other than x_/y_ train/val/test", "400", "required x_train",
              _upload(lambda: npz(images=digits_x(), labels=np.zeros(40, np.int64)))),
@@ -296,12 +332,28 @@ def _cases() -> list[Case]:
              _upload(lambda: npz(x_train=np.zeros((40, 8, 8, 1, 1), np.uint8), y_train=np.arange(40) % 2))),
         Case("npz_truncated", u, ".npz cut short", "400", "nor an npz file",
              _upload(lambda: npz(x_train=digits_x(), y_train=np.arange(40) % 2)[:-30])),
+        Case("npz_negative_shape", u, ".npz member whose .npy header declares a shape of -10**12", "400",
+             "sizes must be >= 0", _upload(lambda: raw_npz({"label_names": ((-10 ** 12,), "<i8"),
+                                                            "x_train": ((40, 8, 8), "|u1"), "y_train": ((40,), "<i8")}))),
+        Case("npz_huge_shape", u, ".npz member whose .npy header declares 10**400 elements", "400", "decode to more than",
+             _upload(lambda: raw_npz({"x_train": ((10 ** 400,), "|u1"), "y_train": ((40,), "<i8")}))),
+        Case("npz_scalar_label_names", u, ".npz whose label_names is a 0-d array", "400", "label_names has shape []",
+             _upload(lambda: npz(x_train=digits_x(), y_train=np.arange(40) % 2, label_names=np.array(5)))),
+        Case("npz_repeated_label_names", u, ".npz whose label_names repeat", "400", "are repeated",
+             _upload(lambda: npz(x_train=digits_x(), y_train=np.arange(40) % 2, label_names=np.array(["a", "a"])))),
+        Case("npz_multiline_label_name", u, ".npz with a label name holding a line break", "400", "line break",
+             _upload(lambda: npz(x_train=digits_x(), y_train=np.arange(40) % 2, label_names=np.array(["a\nb", "c"])))),
+        Case("zip_encrypted_member", u, "zip whose member is flagged encrypted", "400", "corrupt or unsupported",
+             _upload(encrypted_zip)),
+        Case("corrupt_tar_xz", u, ".tar.xz with damaged compressed data", "400", "damaged", _upload(corrupt_tar_xz)),
+        Case("deep_single_folders", u, "300 nested single folders around the images", "400", "at least 2",
+             _upload(lambda: tar([("d/" * 300 + name, data, kind) for name, data, kind in two_classes()]))),
         Case("zip_bomb", u, "zip whose member inflates past the archive cap", "400", "zip bomb", _upload(zip_bomb)),
         Case("pixel_bomb", u, "8000x8000 PNG (64 M pixels, a few KB) in a zip", "400", "8000x8000; at most",
              _upload(lambda: zip_of([("a/big.png", big_png())] + [(n, d) for n, d, _ in two_classes()]))),
-        Case("png_header_bomb", u, "PNG whose header claims 100000x100000 pixels, in a zip", "400", "huge.png",
+        Case("png_header_bomb", u, "PNG whose header claims 100000x100000 pixels, in a zip", "400", "too large to decode",
              _upload(lambda: zip_of([("a/huge.png", header_bomb_png())] + [(n, d) for n, d, _ in two_classes()]))),
-        Case("truncated_tar_gz", u, ".tar.gz cut in half", "400", "tar", _upload(truncated_tar_gz)),
+        Case("truncated_tar_gz", u, ".tar.gz cut in half", "400", "truncated or corrupt", _upload(truncated_tar_gz)),
         Case("corrupt_zip_member", u, "zip whose member fails its CRC", "400", "corrupt", _upload(corrupt_zip_member)),
         Case("traversal", u, "tar member ../../evil.png", "400", "parent path",
              _upload(lambda: tar([("../../evil.png", png(1), "file")] + two_classes()))),
@@ -339,13 +391,14 @@ def _cases() -> list[Case]:
              _upload(lambda: tar(two_classes()), None)),
         Case("bad_private", u, "?private=maybe", "400", "private='maybe'",
              _upload(lambda: tar(two_classes()), private="maybe")),
-        Case("no_token", u, "no bearer token", "401", "", _upload(lambda: tar(two_classes()), token=None)),
-        Case("wrong_token", u, "a wrong bearer token", "401", "", _upload(lambda: tar(two_classes()), token="guess")),
+        Case("no_token", u, "no bearer token", "401", "admin bearer token", _upload(lambda: tar(two_classes()), token=None)),
+        Case("wrong_token", u, "a wrong bearer token", "401", "admin bearer token", _upload(lambda: tar(two_classes()), token="guess")),
         Case("over_upload_limit", u, "Content-Length of 5 MiB (limit 4 MiB)", "413", "exceeds the upload limit",
              _upload(lambda: b"x" * (5 << 20))),
         Case("over_upload_limit_streamed", u, "5 MiB sent chunked, without Content-Length", "413",
              "exceeds the upload limit", _streamed_upload(5 << 20)),
-        Case("bad_content_length", u, "Content-Length: abc", "400", "",
+        Case("bad_content_length", u, "Content-Length: abc (refused by uvicorn's HTTP parser)", "400",
+             "Invalid HTTP request",
              _raw_http(b"POST /v1/tasks?name=x HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n"
                        b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")),
         # HTTP classify
@@ -371,7 +424,7 @@ def _cases() -> list[Case]:
         Case("classify_pixel_bomb", c, "8000x8000 PNG", "400", "8000x8000", _classify(big_png())),
         Case("classify_header_bomb", c, "PNG claiming 100000x100000", "400", "too large to decode",
              _classify(header_bomb_png())),
-        Case("classify_empty_body", c, "an empty body", "400", "", _classify(b"")),
+        Case("classify_empty_body", c, "an empty body", "400", "(0 bytes) is not a decodable image", _classify(b"")),
         Case("classify_over_message_limit", c, "2 MiB body (limit 1 MiB)", "413", "limit",
              _classify(b"x" * (2 << 20))),
         Case("classify_too_many_images", c, "8193 images in one request", "400", "at most 8192",
@@ -383,7 +436,7 @@ def _cases() -> list[Case]:
         Case("oip_json_list", o, "a JSON list request", "400", "JSON list", _infer([1, 2])),
         Case("oip_bad_data", o, "UINT8 input whose data are strings", "400", "malformed inference request",
              _infer({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": ["x"]}]})),
-        Case("oip_inputs_not_a_list", o, "\"inputs\": 7", "400", "", _infer({"inputs": 7})),
+        Case("oip_inputs_not_a_list", o, "\"inputs\": 7", "400", "malformed inference request", _infer({"inputs": 7})),
         Case("oip_header_length_out_of_range", o, "Inference-Header-Content-Length past the body", "400", "outside",
              _infer({"inputs": []}, headers={"Inference-Header-Content-Length": "999999"})),
         Case("oip_unknown_model", o, "a valid inference request to an unknown model", "404", "unknown task 'nope'",
@@ -401,30 +454,31 @@ def _cases() -> list[Case]:
              _grpc("Classify", lambda pb, t: pb.ClassifyRequest(task=t.task, encoded_images=[b"nope"]))),
         Case("grpc_pixel_bomb", g, "Classify of an 8000x8000 PNG", "INVALID_ARGUMENT", "8000x8000",
              _grpc("Classify", lambda pb, t: pb.ClassifyRequest(task=t.task, encoded_images=[big_png()]))),
-        Case("grpc_raw_rank_3", g, "raw tensor of shape [1,8,8]", "INVALID_ARGUMENT", "[N, H, W, C]",
+        Case("grpc_raw_rank_3", g, "raw tensor of shape [1,8,8]", "INVALID_ARGUMENT", "[1, 8, 8] does not match",
              _grpc("Classify", lambda pb, t: raw(pb, t, [1, 8, 8], 64))),
-        Case("grpc_raw_negative_shape", g, "raw tensor of shape [-1,8,8,-1]", "INVALID_ARGUMENT", "[N, H, W, C]",
-             _grpc("Classify", lambda pb, t: raw(pb, t, [-1, 8, 8, -1], 64))),
-        Case("grpc_raw_size_mismatch", g, "raw tensor [2,8,8,1] with 64 bytes", "INVALID_ARGUMENT", "[N, H, W, C]",
-             _grpc("Classify", lambda pb, t: raw(pb, t, [2, 8, 8, 1], 64))),
-        Case("grpc_raw_huge_shape", g, "raw tensor claiming [2**31,2**31,1,1] over 64 bytes", "INVALID_ARGUMENT", "",
+        Case("grpc_raw_negative_shape", g, "raw tensor of shape [-1,8,8,-1]", "INVALID_ARGUMENT",
+             "[-1, 8, 8, -1] does not match", _grpc("Classify", lambda pb, t: raw(pb, t, [-1, 8, 8, -1], 64))),
+        Case("grpc_raw_size_mismatch", g, "raw tensor [2,8,8,1] with 64 bytes", "INVALID_ARGUMENT",
+             "[2, 8, 8, 1] does not match", _grpc("Classify", lambda pb, t: raw(pb, t, [2, 8, 8, 1], 64))),
+        Case("grpc_raw_huge_shape", g, "raw tensor claiming [2**31,2**31,1,1] over 64 bytes", "INVALID_ARGUMENT",
+             "[2147483648, 2147483648, 1, 1] does not match",
              _grpc("Classify", lambda pb, t: raw(pb, t, [2 ** 31, 2 ** 31, 1, 1], 64))),
         Case("grpc_top_k_above_classes", g, "top_k=11 on 10 classes", "INVALID_ARGUMENT", "top_k=11",
              _grpc("Classify", lambda pb, t: pb.ClassifyRequest(task=t.task, encoded_images=[png()], top_k=11))),
         Case("grpc_no_images", g, "Classify with neither images nor a raw tensor", "INVALID_ARGUMENT", "exactly one",
              _grpc("Classify", lambda pb, t: pb.ClassifyRequest(task=t.task))),
-        Case("grpc_over_message_limit", g, "a 1.1 MiB message (limit 1 MiB)", "RESOURCE_EXHAUSTED", "",
+        Case("grpc_over_message_limit", g, "a 1.1 MiB message (limit 1 MiB)", "RESOURCE_EXHAUSTED", "larger than max",
              _grpc("Classify", lambda pb, t: raw(pb, t, [1, 1024, 1100, 1], 1024 * 1100))),
         Case("grpc_get_unknown_task", g, "GetTask of an unknown task", "NOT_FOUND", "'nope'",
              _grpc("GetTask", lambda pb, t: pb.GetTaskRequest(name="nope"))),
         # admin routes
         Case("delete_unknown_task", a, "DELETE of an unknown task", "404", "unknown task 'nope'",
              _http("DELETE", "/v1/tasks/nope", headers={"Authorization": f"Bearer {TOKEN}"})),
-        Case("delete_without_token", a, "DELETE without a token", "401", "", _http("DELETE", "/v1/tasks/{task}")),
+        Case("delete_without_token", a, "DELETE without a token", "401", "admin bearer token", _http("DELETE", "/v1/tasks/{task}")),
         Case("evolve_unknown_task", a, "POST evolve of an unknown task", "404", "unknown task 'nope'",
              _http("POST", "/v1/tasks/nope/evolve", headers={"Authorization": f"Bearer {TOKEN}"})),
-        Case("unknown_route", a, "GET /v1/nothing", "404", "", _http("GET", "/v1/nothing")),
-        Case("wrong_method", a, "PUT /v1/tasks", "405", "", _http("PUT", "/v1/tasks")),
+        Case("unknown_route", a, "GET /v1/nothing", "404", "no route GET /v1/nothing", _http("GET", "/v1/nothing")),
+        Case("wrong_method", a, "PUT /v1/tasks", "405", "no route PUT /v1/tasks", _http("PUT", "/v1/tasks")),
     ]
 
 
@@ -480,8 +534,9 @@ def build_store(data_dir: Path) -> Any:
 
     from mu2net import components as C
     from mu2net import root as R
-    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, init_root
+    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget
     from mu2net.ingest import add_task_arrays
+    from mu2net.root import init_root
     from mu2net.store import Store
 
     d = load_digits()

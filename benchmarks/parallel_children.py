@@ -25,7 +25,8 @@ def worker(args: argparse.Namespace) -> None:
     from mu2net.server.compute import split_cpu_devices
 
     split_cpu_devices(args.cpu_devices)  # before anything creates the JAX backend
-    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, init_root
+    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget
+    from mu2net.root import init_root
     from mu2net.ingest import add_task
     from mu2net.store import Store
     from quality import ROOT_HPARAMS, root_model  # benchmarks/quality.py, beside this script

@@ -26,8 +26,9 @@ from mu2net import datasets as D
 from mu2net import paths as P
 from mu2net import root as R
 from mu2net.cli import format_report, parse_root_hparam, report
-from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, init_root, train_child
+from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, train_child
 from mu2net.ingest import add_task
+from mu2net.root import init_root
 from mu2net.evolver.scoring import accuracy_scorer
 from mu2net.server.compute import split_cpu_devices
 from mu2net.store import Store

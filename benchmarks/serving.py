@@ -36,7 +36,7 @@ import numpy as np
 from mu2net import components as C
 from mu2net import paths as P
 from mu2net import root as R
-from mu2net.evolver import init_root
+from mu2net.root import init_root
 from mu2net.ingest import add_task_arrays
 from mu2net.evolver.loop import _digest
 from mu2net.server.compute import available_cpus, default_compute_threads, limit_compute_threads

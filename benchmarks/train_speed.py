@@ -66,7 +66,8 @@ def measure(fn, steps: int, batch_size: int) -> float:
 
 
 def compiles_per_phase() -> dict:
-    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget, init_root
+    from mu2net.evolver import Evolver, EvolverConfig, TrainBudget
+    from mu2net.root import init_root
     from mu2net.ingest import add_task
     from mu2net.store import Store
 

@@ -76,10 +76,15 @@ class EvolverConfig:
         cosine decay over ``min(first_answer_epochs x training examples,
         first_answer_max_samples)`` examples, rounded up to whole cycles (at least
         :attr:`first_answer_cycles`), so the budget is sized from the task's training
-        split. It is validated after every cycle and each cycle that improves its best
-        checkpoint is reported (and so published) at once, so it answers as early as a
-        short child and improves while it trains. The first-answer generation then holds
-        one such child (the others reuse served paths). Random parameters hold no
+        split. It is validated after every cycle and each cycle that strictly improves its
+        best checkpoint is reported to the phase at once (and published: the first at once,
+        then as :attr:`checkpoint_publish_seconds` allows), so it answers as early as a
+        short child and improves while it trains. Of equal-score checkpoints it keeps the
+        earliest, a deliberate deviation from Algorithm 1's latest-wins ``>=`` within one
+        child (an equal score is not worth a publish); between children ``>=`` holds. The
+        first-answer generation then holds one such child (the others reuse served paths).
+        A new upload parks it (:attr:`preempt`); the task's next phase resumes it on the
+        same schedule, optimizer state and data order. Random parameters hold no
         knowledge to evolve from: issue 16 measured that children restarting a
         12,800-example schedule reach 0.88-0.90 on MNIST-5k in 5 minutes where one
         4.5-minute schedule reaches 0.957. 0 (default): a short child, Algorithm 1's fixed
@@ -98,10 +103,14 @@ class EvolverConfig:
         chance (the validation split's majority-class share).
       preempt: end a served task's active phase early, at a generation boundary, when a
         task that was never served is waiting (``mu2net serve``: a new upload comes
-        first). The running children stop after their current train cycle (keeping their
-        best checkpoint) and children not yet started are skipped, so that boundary comes
-        within one cycle of the upload; the preempted phase publishes what it has and is
-        not counted as a task iteration.
+        first), or, after a first-answer generation, when another task's long first child
+        is parked (it goes on next). The running children stop after their current train
+        cycle (keeping their best checkpoint; a long first child is parked instead, see
+        :attr:`first_answer_epochs`) and children not yet started are skipped (a long one
+        is parked unstarted), so that boundary comes within one cycle of the upload; the
+        preempted phase publishes what it has and is not counted as a task iteration. A
+        task deleted during its phase (or replaced by an upload of the same name) stops
+        its phase the same way, and nothing more is published or counted for it.
       patience: completed task iterations in a row without improvement after which
         continual evolution pauses a task (see :mod:`mu2net.evolver.schedule`).
       grow_when_stale: each completed task iteration without improvement doubles the train
@@ -203,37 +212,30 @@ class _Suspended:
     samples: int  # its examples counted into the task's samples_trained
 
 
+class _PreemptCheck:
+    """A throttled, sticky store check (:meth:`Evolver._new_task_waiting`): called, it says
+    whether the running children should stop after their current cycle; :attr:`gone` says
+    the active task itself was deleted or replaced (so it stops whether or not it is served)."""
+
+    def __init__(self, gone: Callable[[], bool], waiting: Callable[[], bool], every: float) -> None:
+        self._gone, self._waiting, self._every = gone, waiting, every
+        self._last, self._seen, self.gone = -math.inf, False, False
+        self._lock = threading.Lock()
+
+    def __call__(self) -> bool:
+        with self._lock:
+            if not self._seen and time.monotonic() - self._last >= self._every:
+                self._last = time.monotonic()
+                self.gone = self._gone()
+                self._seen = self.gone or self._waiting()
+            return self._seen
+
+
 @dataclasses.dataclass
 class _Pending:
     record: ComponentRecord
     params: Any
     opt_state: Any
-
-
-def init_root(store: Store, arch: P.Architecture, params: Sequence[Any],
-              hparams: Mapping[str, Any] | None = None, *, pretrained: bool = False) -> P.Path:
-    """Publishes the root model if the store has none; returns the store's root path.
-
-    ``pretrained`` records whether the parameters came from a checkpoint (True) or a
-    random initialisation (False): a random root holds no knowledge, so a new task's
-    first-answer child clones and trains it instead of reusing it frozen.
-    """
-    existing = store.root_path()
-    if existing is not None:
-        return existing
-    records, ids = [], []
-    for kind, p in zip(arch.kinds, params):
-        pd, _ = store.write_component_files(p, None)
-        records.append(ComponentRecord(id=pd, kind=kind, params_digest=pd, opt_digest=None, parent_id=None,
-                                       task=None, acl_group=None, steps={}, num_params=C.num_params(p),
-                                       num_classes=arch.num_classes if kind == C.HEAD else 0))
-        ids.append(pd)
-    total = sum(r.num_params for r in records)
-    root = P.Path(id=ROOT_PATH_ID, task=None, component_ids=tuple(ids), architecture=arch,
-                  hparams=H.with_defaults(hparams), score=None, parent_id=None,
-                  metrics={"activated_params": total, "pretrained": bool(pretrained)})
-    store.publish(root, records)
-    return root
 
 
 def locked_components(paths: Sequence[P.Path], task: str) -> frozenset[str]:
@@ -256,7 +258,7 @@ class Evolver:
     """Runs the mu2Net method over the tasks of a store.
 
     Args:
-      store: the store (root model must be initialised, see :func:`init_root`).
+      store: the store (root model must be initialised, see :func:`mu2net.root.init_root`).
       config: budget and options.
       progress: show a progress bar per generation.
       devices: devices to train children on (default: all local JAX devices).
@@ -293,7 +295,8 @@ class Evolver:
         task = S.next_task(tasks, versions, iterations, continual)
         if self.config.preempt and task is not None and task.name in versions:
             # no new task waits: a parked long first child goes on before anything else
-            if task.name not in self._suspended:
+            parked = self._suspended.get(task.name)
+            if parked is None or parked.seq != task.seq:
                 task = self._parked_task(task) or task
         if task is not None and task.paused_version is not None:
             log.info("task %s wakes: a related task published after it paused", task.name)
@@ -342,7 +345,7 @@ class Evolver:
                     # phase after phase loses components: not a delete racing it but a damaged store
                     # (a retained path naming a missing component); back off and end failed as any fault
                     self._phase_raised(task, attempt, e)
-                elif self._exists(task.name):
+                elif self._exists(task.name, task.seq):
                     log.warning("task %s: its active phase lost components to a deleted task (%s); requeued",
                                 task.name, e)
                     self.store.cancel_attempt(task.name)
@@ -354,7 +357,7 @@ class Evolver:
                 with contextlib.suppress(TaskNotFound):  # deleted meanwhile
                     self.store.set_task_state(task.name, "failed", str(e))
             except StoreError as e:
-                if self._exists(task.name):
+                if self._exists(task.name, task.seq):
                     # e.g. a missing or corrupt array file: backs off, retried, failed after K tries
                     self._phase_raised(task, attempt, e)
                 else:  # deleted during its active phase
@@ -367,13 +370,13 @@ class Evolver:
         self._status("idle")
         return phases
 
-    def _exists(self, name: str) -> bool:
-        """Whether the task is still in the store (not deleted meanwhile)."""
+    def _exists(self, name: str, seq: int | None = None) -> bool:
+        """Whether the task is still in the store (not deleted meanwhile; with ``seq``, not
+        deleted and uploaded again under the same name either: that is another task)."""
         try:
-            self.store.get_task(name)
+            return seq is None or self.store.get_task(name).seq == seq
         except TaskNotFound:
             return False
-        return True
 
     def _backing_off(self, iterations: int, continual: bool) -> bool:
         """Whether a task that still has work is only waiting out a back-off (so ``run`` waits
@@ -410,21 +413,14 @@ class Evolver:
     #: Seconds between the store reads of a running generation's new-task check.
     preempt_check_seconds = 2.0
 
-    def _new_task_waiting(self, task: TaskRecord) -> Callable[[], bool]:
+    def _new_task_waiting(self, task: TaskRecord) -> _PreemptCheck:
         """A check, for the children of ``task``'s generation, of whether a never-served task
-        is waiting (store read at most every :attr:`preempt_check_seconds`; True stays True): the
-        children then stop after their current cycle, so the generation boundary where the
-        phase is preempted comes within one cycle of the upload."""
-        last, seen = [-math.inf], [False]
-        lock = threading.Lock()
-
-        def check() -> bool:
-            with lock:
-                if not seen[0] and time.monotonic() - last[0] >= self.preempt_check_seconds:
-                    last[0] = time.monotonic()
-                    seen[0] = self._waiting_new_task(task) is not None
-                return seen[0]
-        return check
+        is waiting, or ``task`` itself was deleted (or replaced by an upload of the same name:
+        :attr:`_PreemptCheck.gone`); store read at most every :attr:`preempt_check_seconds`,
+        True stays True. The children then stop after their current cycle, so the generation
+        boundary where the phase is preempted comes within one cycle of the upload."""
+        return _PreemptCheck(lambda: not self._exists(task.name, task.seq),
+                             lambda: self._waiting_new_task(task) is not None, self.preempt_check_seconds)
 
     def _parked_task(self, task: TaskRecord) -> TaskRecord | None:
         """The oldest other live task whose long first child is parked (:attr:`_suspended`):
@@ -572,8 +568,13 @@ class Evolver:
         # end): per such spec, the examples already counted and its checkpoint in the population
         long_state: list[tuple[ChildSpec, int, P.Path | None]] = []
         resumed = self._suspended.pop(task.name, None)
-        for name in [n for n in self._suspended if not self._exists(n) or self.store.get_task(n).state == "failed"]:
-            del self._suspended[name]  # a deleted or failed task's parked child is dropped
+        for name, parked in list(self._suspended.items()):
+            try:
+                live: TaskRecord | None = self.store.get_task(name)
+            except TaskNotFound:
+                live = None
+            if live is None or live.seq != parked.seq or live.state == "failed":
+                del self._suspended[name]  # a deleted, replaced or failed task's parked child is dropped
         if resumed is not None and (resumed.seq != task.seq or best_stored is None):
             resumed = None  # a deleted and re-uploaded task is a new one
         if resumed is not None:  # its last checkpoint is in the population if it is the served path
@@ -589,8 +590,16 @@ class Evolver:
             if spec.cycles is not None and k is None:
                 long_state.append((spec, 0, None))
                 k = len(long_state) - 1
-            self.store.add_samples_trained(task.name, samples - (long_state[k][1] if k is not None else 0))
+            self.store.add_samples_trained(task.name, samples - (long_state[k][1] if k is not None else 0),
+                                           seq=task.seq)
             old = long_state[k][2] if k is not None else None
+            if (old is None and resumed is not None and spec is resumed.spec and resumed.last is not None
+                    and child.id == resumed.last[1].id):
+                # the end of a resumed child that never beat its checkpoint from before it was
+                # parked: that checkpoint was not retained by the last phase (another path won);
+                # it does not come back (Algorithm 1 keeps only retained models)
+                long_state[k] = (spec, samples, None)  # type: ignore[index]
+                return
             parent_score = spec.parent.score if spec.parent.task == task.name and spec.parent.score is not None \
                 else -math.inf
             # early pruning (Section 3.3); a tie is kept (Algorithm 1's >=)
@@ -676,8 +685,9 @@ class Evolver:
                        disable=not self.progress, leave=False)
             waiting = self._new_task_waiting(task) if cfg.preempt else None
             # a served task yields to a new one; published is read at each check, so a first-answer
-            # generation that has published a child yields too
-            interrupt = (lambda: published is not None and waiting()) if waiting is not None else None
+            # generation that has published a child yields too; a deleted (or replaced) task stops
+            interrupt = ((lambda: waiting() and (published is not None or waiting.gone))
+                         if waiting is not None else None)
             # the first-answer generation publishes each child as it completes (a new task is
             # served as soon as one child beats chance); later generations at their end
             on_done = accept_and_publish if gen == 0 else None
@@ -759,10 +769,15 @@ class Evolver:
         # completed job indices, checkpoints of long-schedule children (or None for a cycle
         # without one), and -1 per device at its end
         finished: queue.Queue[int | tuple[ChildSpec, P.Path, list] | None] = queue.Queue()
-        failed = threading.Event()  # the main thread raised: stop the long children
+        failed = threading.Event()  # the main thread or a worker raised: every child stops
+
+        def stop() -> bool:
+            return failed.is_set() or (interrupt is not None and interrupt())
 
         def run(job: tuple) -> tuple[ChildSpec, P.Path, list] | None:
             spec, params, opts, recs, seed, device, scored = job
+            if failed.is_set():
+                return None  # the phase is raising: children not yet started never start
             if interrupt is not None and interrupt():
                 if resume is not None and spec is resume.spec:
                     self._suspended[task.name] = resume  # still waiting for its turn
@@ -780,7 +795,7 @@ class Evolver:
                 child_budget = budget if spec.cycles is None else dataclasses.replace(budget, cycles=spec.cycles)
                 result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
                                      child_budget, self.scorer, seed, device, scored_params=scored,
-                                     interrupt=interrupt)
+                                     interrupt=stop)
                 out = self._child_path(spec, task, params, recs, result, budget.batch_size)
             bar.update(1)
             return out
@@ -790,6 +805,9 @@ class Evolver:
                 for i in indices:  # one child at a time per device
                     done[i] = run(jobs[i])
                     finished.put(i)
+            except BaseException:
+                failed.set()  # the other devices' children stop after their current cycle
+                raise
             finally:
                 finished.put(-1)  # this device's queue is done (or raised)
 
@@ -825,7 +843,8 @@ class Evolver:
                     train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                     budget: TrainBudget, interrupt: Callable[[], bool] | None,
                     report: Callable[[tuple[ChildSpec, P.Path, list] | None], Any],
-                    failed: Callable[[], bool], resume: _Suspended | None = None) -> tuple[ChildSpec, P.Path, list]:
+                    failed: Callable[[], bool], resume: _Suspended | None = None
+                    ) -> tuple[ChildSpec, P.Path, list] | None:
         """Trains a long-schedule child (:attr:`EvolverConfig.first_answer_epochs`) cycle by
         cycle on one schedule of ``budget.cycles`` cycles, calling ``report`` with a child
         path of each checkpoint that strictly improves its best score (an equal score is
@@ -836,7 +855,7 @@ class Evolver:
         says a new task waits: then the child is parked on the host in
         :attr:`_suspended` and the task's next phase resumes it (``resume``) on the same
         schedule. Returns the last reported path (same id), its examples and validation
-        history counted to the end."""
+        history counted to the end (None if ``failed`` stopped it before its first cycle)."""
         if resume is not None and resume.child is not None:
             child, last = resume.child, resume.last
             child.place(device)
@@ -863,7 +882,8 @@ class Evolver:
         finally:
             if not parked:
                 child.release()
-        assert last is not None  # the first cycle always reports: any score beats -inf
+        if last is None:  # stopped by ``failed`` before its first cycle: the phase is raising
+            return None
         result = child.result()
         _, path, new = last
         metrics = {**path.metrics, "samples_trained": result.samples, "history": list(result.history)}
@@ -1009,7 +1029,7 @@ class Evolver:
         metrics = {**best.metrics, "test_accuracy": test_acc, "trainable_params": trainable}
         best = dataclasses.replace(best, metrics=metrics)
         version = self.store.publish(best, records, task=task.name, iteration_done=iteration_done,
-                                     selections=selections)
+                                     selections=selections, task_seq=task.seq)
         if self.progress:
             tqdm.write(f"[{task.name}] published path {best.id[:8]} as system version {version}: "
                        f"validation {best.metrics['validation_accuracy']:.4f}, test {test_acc:.4f}")
@@ -1023,7 +1043,8 @@ class Evolver:
         best = best_of(population)
         assert best is not None  # every generation adds children or the phase began with a path
         if published is not None and (best.id == published.id or _score(best) < _score(published)):
-            self.store.publish(None, [], task=task.name, iteration_done=completed, selections=selections)
+            self.store.publish(None, [], task=task.name, iteration_done=completed, selections=selections,
+                               task_seq=task.seq)
             final = published
         else:
             final = self._publish(task, best, published, pending, selections, test_split, iteration_done=completed)

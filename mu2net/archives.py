@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 import re
 import tarfile
 import zipfile
-import zlib
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -77,10 +77,11 @@ def load_npz(data: bytes | str | os.PathLike[str],
         if isinstance(source, io.BytesIO):
             source.seek(0)
         return _load_npz(source)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        if isinstance(e, DatasetError):
-            raise
-        raise DatasetError(f"not a valid .npz file of numeric arrays (no pickled objects): {e}") from e
+    except DatasetError:
+        raise
+    except Exception as e:  # whatever zipfile / numpy raise on a crafted file is the file's fault
+        raise DatasetError(f"not a valid .npz file of numeric arrays (no pickled objects, no encryption): "
+                           f"{type(e).__name__}: {e}") from e
 
 
 def check_npz_size(source: Any, limit: int) -> int:
@@ -98,7 +99,10 @@ def check_npz_size(source: Any, limit: int) -> int:
                     shape, _, dtype = np.lib.format.read_array_header_1_0(f)
                 else:
                     shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-            total += int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+            if any(d < 0 for d in shape):  # numpy's header parser accepts negative sizes
+                raise DatasetError(f"npz member {info.filename!r} declares the shape {list(shape)}; sizes must be "
+                                   ">= 0")
+            total += math.prod(shape) * dtype.itemsize  # exact: a huge shape cannot wrap or overflow
             if total > limit:
                 raise DatasetError(f"npz member {info.filename!r} makes the arrays decode to more than {limit} "
                                    f"bytes (shape {list(shape)}, {dtype}); refusing (size guard)")
@@ -142,7 +146,13 @@ def _load_npz(data: Any) -> tuple[ArraySplits, list[str] | None]:
                     raise DatasetError(f"y_{suffix} must be [N] integers matching x_{suffix} ({len(x)}), "
                                        f"got shape {y.shape} dtype {y.dtype}")
                 splits[split] = (x, y.astype(np.int64))
-        names = [str(n) for n in npz["label_names"].tolist()] if "label_names" in keys else None
+        names = None
+        if "label_names" in keys:
+            raw_names = npz["label_names"]
+            if raw_names.ndim != 1 or raw_names.dtype.kind not in "USiu":
+                raise DatasetError(f"label_names has shape {list(raw_names.shape)} and dtype {raw_names.dtype}; "
+                                   "allowed: a 1-d array of strings (or integers), one per class")
+            names = [str(n) for n in raw_names.tolist()]
     return splits, names
 
 
@@ -167,29 +177,42 @@ def safe_extract(archive: FsPath, dest: FsPath, max_bytes: int | None = None) ->
 
     total = [0]
     if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            infos = zf.infolist()
-            if len(infos) > MAX_ARCHIVE_MEMBERS:
-                raise DatasetError(f"archive has {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
-            for info in infos:
-                check(info.filename, info.file_size, total)
-                if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                    raise DatasetError(f"archive member {info.filename!r} is a symlink; links are not allowed")
-            for info in infos:
-                try:
-                    zf.extract(info, dest)
-                except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
-                    raise DatasetError(f"archive member {info.filename!r} is corrupt or unsupported: {e}") from e
+        try:
+            _extract_zip(archive, dest, check, total)
+        except DatasetError:
+            raise
+        except Exception as e:  # a crafted central directory, encryption, an unknown method...
+            raise DatasetError(f"the zip archive is corrupt or unsupported: {type(e).__name__}: {e}") from e
         return
     try:
         tf = tarfile.open(archive)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DatasetError("body is neither a zip nor a tar archive nor an npz file") from e
+    except Exception as e:  # tarfile, gzip, bz2 and lzma errors alike
+        raise DatasetError("body is neither a zip nor a tar archive (plain, gz, bz2 or xz) nor an npz file, or "
+                           f"it is damaged ({type(e).__name__}: {e})") from e
     try:
         with tf:
             _extract_tar(tf, dest, check, total)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise DatasetError(f"the tar archive is truncated or corrupt: {e}") from e
+    except DatasetError:
+        raise
+    except Exception as e:  # tarfile re-raises a decompressor's own errors (lzma.LZMAError, ...)
+        raise DatasetError(f"the tar archive is truncated or corrupt: {type(e).__name__}: {e}") from e
+
+
+def _extract_zip(archive: FsPath, dest: FsPath, check: Any, total: list[int]) -> None:
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_MEMBERS:
+            raise DatasetError(f"archive has {len(infos)} members; at most {MAX_ARCHIVE_MEMBERS} allowed")
+        for info in infos:
+            check(info.filename, info.file_size, total)
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise DatasetError(f"archive member {info.filename!r} is a symlink; links are not allowed")
+        for info in infos:
+            try:
+                zf.extract(info, dest)
+            except Exception as e:  # CRC, truncation, encryption (RuntimeError), an unknown method
+                raise DatasetError(f"archive member {info.filename!r} is corrupt or unsupported: "
+                                   f"{type(e).__name__}: {e}") from e
 
 
 def _extract_tar(tf: tarfile.TarFile, dest: FsPath, check: Any, total: list[int]) -> None:
@@ -211,14 +234,14 @@ def image_size(path: FsPath) -> tuple[int, int]:
     Raises:
       DatasetError: not an image, or more than :data:`MAX_IMAGE_PIXELS` pixels.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             size = im.size
     except Image.DecompressionBombError as e:
         raise DatasetError(f"image {path.name!r} is too large to decode: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Exception as e:  # a plugin's own errors on a crafted file too
         raise DatasetError(f"file {path.name!r} is not a decodable image") from e
     if size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise DatasetError(f"image {path.name!r} is {size[0]}x{size[1]}; at most {MAX_IMAGE_PIXELS} pixels "
@@ -227,7 +250,7 @@ def image_size(path: FsPath) -> tuple[int, int]:
 
 
 def _load_image(path: FsPath) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     image_size(path)
     try:
@@ -235,7 +258,7 @@ def _load_image(path: FsPath) -> np.ndarray:
             return np.asarray(opened.convert("RGB") if opened.mode not in ("L", "RGB") else opened, np.uint8)
     except Image.DecompressionBombError as e:
         raise DatasetError(f"image {path.name!r} is too large to decode: {e}") from e
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except Exception as e:  # a plugin's own errors on a crafted file too
         raise DatasetError(f"file {path.name!r} is not a decodable image") from e
 
 
@@ -244,7 +267,8 @@ def _entries(d: FsPath) -> list[FsPath]:
     return [p for p in d.iterdir() if not p.name.startswith(".") and p.name not in IGNORED_NAMES]
 
 
-def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[ArraySplits, list[str]]:
+def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None,
+                      unwrap: bool = True) -> tuple[ArraySplits, list[str]]:
     """Reads an ImageFolder tree (``<label>/<file>`` or ``<split>/<label>/<file>``).
 
     Grayscale is kept if every image is grayscale, else all are RGB; every image is resized
@@ -265,8 +289,8 @@ def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None
             "train", "validation", "val", "test"):
         # an archive of one top-level folder holding the tree
         sub = [p for p in _entries(dirs[0]) if p.is_dir()]
-        if sub:
-            return load_image_folder(dirs[0], limit)
+        if sub and unwrap:  # once: a chain of single folders is not unwrapped further
+            return load_image_folder(dirs[0], limit, unwrap=False)
     split_names = {"train": "train", "validation": "validation", "val": "validation", "test": "test"}
     if dirs and all(d.name in split_names for d in dirs):
         trees = {split_names[d.name]: d for d in dirs}
@@ -323,3 +347,36 @@ def load_image_folder(root: str | os.PathLike[str], max_bytes: int | None = None
     splits = {s: (np.stack([norm(im) for im in ims]), np.array([l for _, l in files[s]], np.int64))
               for s, ims in images.items() if ims}
     return splits, labels
+
+
+def is_npz(path: str | os.PathLike[str]) -> bool:
+    """Whether a file is an ``.npz`` (a zip whose members are all ``.npy`` arrays), whatever
+    its name."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except Exception:  # not a zip, or one too damaged to list: not an npz
+        return False
+    return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def load_dataset_file(path: str | os.PathLike[str], max_bytes: int | None = None) -> tuple[ArraySplits, list[str]]:
+    """Reads a dataset file, told apart by its content (an upload has no trustworthy name):
+    an ``.npz`` (:func:`load_npz`), else a zip/tar archive of an ImageFolder tree
+    (:func:`safe_extract` into a temporary directory, then :func:`load_image_folder`).
+    ``max_bytes`` caps the decoded size (default :data:`MAX_ARCHIVE_BYTES`).
+
+    Returns:
+      (splits, label names).
+
+    Raises:
+      DatasetError: naming the problem.
+    """
+    import tempfile
+
+    if is_npz(path):
+        splits, given = load_npz(os.fspath(path), max_bytes)
+        return splits, label_names_for(splits, given)
+    with tempfile.TemporaryDirectory() as tmp:
+        safe_extract(FsPath(path), FsPath(tmp), max_bytes)
+        return load_image_folder(tmp, max_bytes)

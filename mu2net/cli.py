@@ -215,7 +215,7 @@ def ensure_root(store: Any, args: argparse.Namespace, serving: bool = False) -> 
     :data:`SERVE_ROOT_HPARAMS`."""
     from mu2net import components as C
     from mu2net import root as R
-    from mu2net.evolver import init_root
+    from mu2net.root import init_root
 
     if store.root_path() is not None:
         return

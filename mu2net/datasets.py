@@ -124,14 +124,22 @@ def finalize_splits(splits: ArraySplits, label_names: list[str]) -> tuple[ArrayS
       (splits to store, shuffled once with seed 0; TFDS split expressions per role).
 
     Raises:
-      DatasetError: no train split, a single class, more than :data:`MAX_CLASSES`, labels out
-        of range, mixed image shapes, or fewer than :data:`MIN_EXAMPLES_PER_SPLIT` examples in a split.
+      DatasetError: no train split, a single class, more than :data:`MAX_CLASSES`, repeated,
+        empty or multi-line label names, labels out of range, mixed image shapes, or fewer
+        than :data:`MIN_EXAMPLES_PER_SPLIT` examples in a split.
     """
     n_classes = len(label_names)
     if n_classes < 2:
         raise DatasetError(f"the dataset has {n_classes} class(es) {label_names}; at least 2 are required")
     if n_classes > MAX_CLASSES:
         raise DatasetError(f"the dataset has {n_classes} classes; at most {MAX_CLASSES} are allowed")
+    bad = [n for n in label_names if not n.strip() or any(c in n for c in "\r\n\0") or len(n) > 256]
+    if bad:
+        raise DatasetError(f"label names {bad[:3]!r} are empty, too long or hold a line break / NUL; allowed: "
+                           "1-256 characters on one line")
+    repeated = sorted({n for n in label_names if label_names.count(n) > 1})
+    if repeated:
+        raise DatasetError(f"label names {repeated[:3]!r} are repeated; each class needs its own name")
     if "train" not in splits:
         raise DatasetError(f"the dataset has splits {sorted(splits)} but no 'train' split; a train split is required")
     shapes = {x.shape[1:] for x, _ in splits.values()}

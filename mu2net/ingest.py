@@ -20,7 +20,6 @@ reads the stored tasks.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path as FsPath
 
 from mu2net import archives as A
@@ -45,15 +44,8 @@ def load_source(source: str) -> tuple[D.ArraySplits, list[str]]:
         raise D.DatasetError(f"dataset source {source!r} does not exist; give an .npz file, an "
                            f"ImageFolder directory or archive, or builtin:NAME with NAME in {sorted(D.BUILTINS)}")
     if path.is_dir():
-        splits, names = A.load_image_folder(path)
-    elif path.suffix == ".npz":
-        splits, names0 = A.load_npz(path)
-        names = A.label_names_for(splits, names0)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            A.safe_extract(path, FsPath(tmp))
-            splits, names = A.load_image_folder(tmp)
-    return splits, names
+        return A.load_image_folder(path)
+    return A.load_dataset_file(path)
 
 
 def add_task(store: Store, name: str, source: str, *, private: bool = False,
@@ -91,14 +83,14 @@ def add_task_arrays(store: Store, name: str, splits: D.ArraySplits, label_names:
         raise TaskExists(f"task {name!r} already exists")
     stored, exprs = D.finalize_splits(splits, label_names)
     ds_root = store.data_dir / "datasets" / f"{name}-{new_id()[:8]}"
-    dataset_dir = D.write_tfds(stored, label_names, ds_root)
-    fsync_tree(ds_root)  # on disk before the task row that points to it commits
-    record = TaskRecord(
-        name=name, private=private, acl_group=(acl_group or name) if private else None,
-        label_names=tuple(label_names), image_shape=tuple(next(iter(stored.values()))[0].shape[1:]),
-        num_examples={k: len(v[1]) for k, v in stored.items()}, splits=exprs,
-        dataset_dir=dataset_dir, source=source)
     try:
+        dataset_dir = D.write_tfds(stored, label_names, ds_root)
+        fsync_tree(ds_root)  # on disk before the task row that points to it commits
+        record = TaskRecord(
+            name=name, private=private, acl_group=(acl_group or name) if private else None,
+            label_names=tuple(label_names), image_shape=tuple(next(iter(stored.values()))[0].shape[1:]),
+            num_examples={k: len(v[1]) for k, v in stored.items()}, splits=exprs,
+            dataset_dir=dataset_dir, source=source)
         return store.add_task(record)
     except BaseException:
         shutil.rmtree(ds_root, ignore_errors=True)

@@ -9,14 +9,15 @@ from a checkpoint in the ``vision_transformer`` npz naming (``embedding/kernel``
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from mu2net import components as C
 from mu2net import hparams as H
-from mu2net.paths import Architecture
+from mu2net.paths import Architecture, Path
+from mu2net.store import ROOT_PATH_ID, ComponentRecord, Store
 
 DEFAULT_ROOT_NUM_CLASSES = 1  # the root head is replaced on every task (new head per task)
 
@@ -154,3 +155,29 @@ def save_vit_checkpoint(path: str | os.PathLike[str], arch: Architecture, params
 def root_hparams(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Table 1 defaults with optional overrides, for the root path."""
     return H.with_defaults(overrides)
+
+
+def init_root(store: Store, arch: Architecture, params: Sequence[Any],
+              hparams: Mapping[str, Any] | None = None, *, pretrained: bool = False) -> Path:
+    """Publishes the root model if the store has none; returns the store's root path.
+
+    ``pretrained`` records whether the parameters came from a checkpoint (True) or a
+    random initialisation (False): a random root holds no knowledge, so a new task's
+    first-answer child clones and trains it instead of reusing it frozen.
+    """
+    existing = store.root_path()
+    if existing is not None:
+        return existing
+    records, ids = [], []
+    for kind, p in zip(arch.kinds, params):
+        pd, _ = store.write_component_files(p, None)
+        records.append(ComponentRecord(id=pd, kind=kind, params_digest=pd, opt_digest=None, parent_id=None,
+                                       task=None, acl_group=None, steps={}, num_params=C.num_params(p),
+                                       num_classes=arch.num_classes if kind == C.HEAD else 0))
+        ids.append(pd)
+    total = sum(r.num_params for r in records)
+    root = Path(id=ROOT_PATH_ID, task=None, component_ids=tuple(ids), architecture=arch,
+                hparams=H.with_defaults(hparams), score=None, parent_id=None,
+                metrics={"activated_params": total, "pretrained": bool(pretrained)})
+    store.publish(root, records)
+    return root

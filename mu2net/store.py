@@ -532,19 +532,22 @@ class Store:
         self.set_evolution(name, stale_iterations=0, paused_version=None)
         return self.get_task(name)
 
-    def add_samples_trained(self, name: str, samples: int) -> None:
+    def add_samples_trained(self, name: str, samples: int, seq: int | None = None) -> None:
         """Adds ``samples`` (training examples, >= 0) to the task's :attr:`TaskRecord.samples_trained`.
+
+        ``seq``: the task's :attr:`TaskRecord.seq` when its phase began; a task deleted and
+        uploaded again under the same name since then is another task and is not credited.
 
         Raises:
           ValueError: for a negative count.
-          TaskNotFound: if there is no such task.
+          TaskNotFound: if there is no such task (of that ``seq``).
         """
         if samples < 0:
             raise ValueError(f"samples must be >= 0, got {samples}")
         with self.transaction() as db:
-            if db.execute("UPDATE tasks SET samples_trained = samples_trained + ? WHERE name=?",
-                          (int(samples), name)).rowcount == 0:
-                raise TaskNotFound(f"no task named {name!r}")
+            if db.execute("UPDATE tasks SET samples_trained = samples_trained + ? WHERE name=? AND (? IS NULL OR seq=?)",
+                          (int(samples), name, seq, seq)).rowcount == 0:
+                raise TaskNotFound(f"no task named {name!r}" + ("" if seq is None else f" of sequence number {seq}"))
 
     def history(self, task: str | None = None) -> list[dict[str, Any]]:
         """Every publish of a new best path, oldest first: ``system_version``, ``task``,
@@ -666,7 +669,7 @@ class Store:
 
     def publish(self, path: Path | None, new_components: Sequence[ComponentRecord], *,
                 task: str | None = None, iteration_done: bool = False,
-                selections: Mapping[str, int] | None = None) -> int:
+                selections: Mapping[str, int] | None = None, task_seq: int | None = None) -> int:
         """Second half of a publish: one transaction.
 
         Inserts ``new_components`` (whose files must already be written), makes ``path``
@@ -674,7 +677,9 @@ class Store:
         :meth:`history`; a higher score than the previous one also sets ``improved_at``
         and clears the task's stale count and pause), records the task's
         ``selections`` counts and, if ``iteration_done``, counts one more task iteration.
-        Bumps the system version when ``path`` is given.
+        Bumps the system version when ``path`` is given. ``task_seq``: the task's
+        :attr:`TaskRecord.seq` when its phase began; a task deleted and uploaded again under
+        the same name since then is another task, and nothing is published to it.
 
         Returns:
           The system version after the transaction.
@@ -683,14 +688,15 @@ class Store:
           ComponentsGone: if ``path`` uses components no longer in the layer pool, or a new
             component was trained on a task that no longer exists (deleted with another task
             during the phase: Section 3.4's removal must not be undone).
-          StoreError: if a referenced array file is missing, or the task was deleted.
+          StoreError: if a referenced array file is missing, or the task was deleted (or
+            replaced by another of the same name).
         """
         return self._commit_publish(path, new_components, task or (path.task if path else None),
-                                    iteration_done, selections or {})
+                                    iteration_done, selections or {}, task_seq)
 
     def _commit_publish(self, path: Path | None, new_components: Sequence[ComponentRecord],
                         task: str | None, iteration_done: bool,
-                        selections: Mapping[str, int]) -> int:
+                        selections: Mapping[str, int], task_seq: int | None = None) -> int:
         with self.transaction() as db:
             # checked inside the write transaction: a delete unlinks a file only inside one of its
             # own after checking no row references it (_delete_component_files)
@@ -699,7 +705,8 @@ class Store:
                     if d and not self._array_path(d).exists():
                         raise StoreError(f"component {c.id}: array file {d} was not written first")
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
-            if task is not None and not db.execute("SELECT 1 FROM tasks WHERE name=?", (task,)).fetchone():
+            row = db.execute("SELECT seq FROM tasks WHERE name=?", (task,)).fetchone() if task is not None else None
+            if task is not None and (row is None or (task_seq is not None and row[0] != task_seq)):
                 raise StoreError(f"task {task!r} was deleted during its active phase; nothing published")
             if path is not None:
                 # a component trained (also cloned from) on a task deleted meanwhile carries that

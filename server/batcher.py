@@ -9,9 +9,12 @@ request fails at once with :class:`mu2net.server.errors.Overloaded` (429 /
 RESOURCE_EXHAUSTED, with a retry hint). A request with a deadline is also refused at
 admission when the work queued ahead of it would take longer than its deadline leaves
 (deadline-aware admission: load shedding at the door instead of queueing a request that
-would expire unrun; the queued work's duration is the queued images times the measured
-compute seconds per image of recent full batches). A request whose deadline has passed, or
-whose caller went away (its future cancelled), is dropped before it is computed.
+would expire unrun). The queued work's duration is estimated as the queued images,
+this request's included, times a moving average of forward seconds per padded row over
+batches at least half full (what a queue of full batches drains at; one estimate for
+every path and image shape); a queue shorter than one batch is never shed for it. A
+request whose deadline has passed, or whose caller went away (its future cancelled), is
+dropped before it is computed, and a cancelled request stops counting as queued at once.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ class _Request:
     future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
     deadline: float | None = None  # time.monotonic() after which the request is not computed
+    released: bool = False  # its images no longer count in Batcher.queued_images
+    running: bool = False  # taken into a forward call (its count is released when that ends)
 
     @property
     def key(self) -> tuple[str, tuple[int, ...]]:
@@ -70,7 +75,7 @@ class Batcher:
         self.dropped = 0
         #: requests refused at admission because the queue would outlast their deadline
         self.shed = 0
-        #: moving average of compute seconds per image over batches at least half full
+        #: moving average of forward seconds per padded row over batches at least half full
         #: (None until one ran): what a queue of full batches drains at
         self.seconds_per_image: float | None = None
         self._count_lock = threading.Lock()
@@ -113,9 +118,11 @@ class Batcher:
         deadline = None if timeout is None else time.monotonic() + timeout
         chunks = [images[i:i + self.max_batch_size] for i in range(0, n, self.max_batch_size)] or [images]
         futures: list[asyncio.Future[np.ndarray]] = []
+        requests: list[_Request] = []
         for chunk in chunks:
             fut: asyncio.Future[np.ndarray] = loop.create_future()
-            self._queue.put(_Request(served, chunk, fut, loop, deadline))
+            requests.append(_Request(served, chunk, fut, loop, deadline))
+            self._queue.put(requests[-1])
             futures.append(fut)
         try:
             if len(futures) == 1:  # the common case: one chunk, no gather/concatenate
@@ -124,6 +131,9 @@ class Batcher:
         except asyncio.CancelledError:  # the caller went away: its queued chunks are dropped unrun
             for fut in futures:
                 fut.cancel()
+            for r in requests:  # and no longer count as queued work (admission and the bound)
+                if not r.running:
+                    self._release_request(r)
             raise
 
     def queue_seconds(self, images: int) -> float | None:
@@ -132,19 +142,23 @@ class Batcher:
         spi = self.seconds_per_image
         return None if spi is None else images * spi
 
-    def _release(self, n: int) -> None:
+    def _release_request(self, request: _Request) -> None:
+        """Uncounts a request's images once (whichever of its end, its drop or its caller's
+        cancellation comes first)."""
         with self._count_lock:
-            self.queued_images -= n
+            if not request.released:
+                request.released = True
+                self.queued_images -= len(request.images)
 
     def _live(self, request: _Request) -> bool:
         """False (and the request finished) for a request not worth computing any more."""
         if request.future.cancelled():
             self.dropped += 1
-            self._release(len(request.images))
+            self._release_request(request)
             return False
         if request.deadline is not None and time.monotonic() > request.deadline:
             self.dropped += 1
-            self._release(len(request.images))
+            self._release_request(request)
             _deliver(request, _set_exception, E.DeadlineExceeded(
                 "the request's deadline passed before its images were computed; they were not run"))
             return False
@@ -182,34 +196,40 @@ class Batcher:
             self._execute(batch, size)
 
     def _execute(self, batch: list[_Request], size: int) -> None:
+        for r in batch:
+            r.running = True
         try:
-            return self._compute(batch, size)
+            probs: np.ndarray | None = self._compute(batch, size)
+            error: Exception | None = None
+        except Exception as e:  # delivered to every waiting request
+            probs, error = None, e
         finally:
-            self._release(size)
-
-    def _compute(self, batch: list[_Request], size: int) -> None:
-        try:
-            images = np.concatenate([r.images for r in batch])
-            padded = bucket_for(size, self.max_batch_size)
-            if padded > size:
-                images = np.concatenate([images, np.zeros((padded - size,) + images.shape[1:], images.dtype)])
-            started = time.perf_counter()
-            probs = batch[0].served.predict(images)[:size]
-            if 2 * size >= self.max_batch_size:
-                spi = (time.perf_counter() - started) / size
-                old = self.seconds_per_image
-                self.seconds_per_image = spi if old is None else old + self.RATE_EWMA * (spi - old)
-            if self.on_batch is not None:
-                self.on_batch(size)
-        except Exception as e:  # deliver the failure to every waiting request
-            for r in batch:
-                _deliver(r, _set_exception, e)
-            return
+            for r in batch:  # uncounted before the answers go out: a caller may resubmit at once
+                self._release_request(r)
         offset = 0
         for r in batch:
             n = len(r.images)
-            _deliver(r, _set_result, probs[offset:offset + n])
+            if probs is None:
+                _deliver(r, _set_exception, error)
+            else:
+                _deliver(r, _set_result, probs[offset:offset + n])
             offset += n
+
+    def _compute(self, batch: list[_Request], size: int) -> np.ndarray:
+        images = np.concatenate([r.images for r in batch])
+        padded = bucket_for(size, self.max_batch_size)
+        if padded > size:
+            images = np.concatenate([images, np.zeros((padded - size,) + images.shape[1:], images.dtype)])
+        started = time.perf_counter()
+        probs: np.ndarray = batch[0].served.predict(images)[:size]
+        if 2 * size >= self.max_batch_size:
+            # per padded row: a queue drains in full batches, whose rows all carry images
+            spi = (time.perf_counter() - started) / padded
+            old = self.seconds_per_image
+            self.seconds_per_image = spi if old is None else old + self.RATE_EWMA * (spi - old)
+        if self.on_batch is not None:
+            self.on_batch(size)
+        return probs
 
     def close(self) -> None:
         self._closed = True

@@ -41,6 +41,9 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                 return await fn(self, request, context)
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:  # the caller cancelled or went away
+                code = "CANCELLED"
+                raise
             except Exception as e:
                 err = E.to_service_error(e)
                 if err is None:  # a bug: logged with a request id; the client sees no internals

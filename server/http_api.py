@@ -79,6 +79,10 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and gone.exception() is not None:
+            # the watcher failed (not a disconnect): say so, and wait for the work alone
+            log.warning("HTTP disconnect watch failed: %r", gone.exception())
+            await asyncio.wait({task})
     except BaseException:  # this handler cancelled (shutdown): the work goes too
         task.cancel()
         raise

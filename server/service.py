@@ -15,9 +15,8 @@ import dataclasses
 import hmac
 import io
 import math
-import tempfile
 import threading
-from pathlib import Path as FsPath
+import time
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
@@ -111,7 +110,7 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
     Raises:
       InvalidArgument: naming the index of an undecodable image.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     out = np.empty((len(encoded), *shape), np.uint8)
     for i, data in enumerate(encoded):
@@ -122,9 +121,11 @@ def decode_images(encoded: Sequence[bytes], shape: tuple[int, int, int]) -> np.n
                     raise E.InvalidArgument(f"image {i} is {im.width}x{im.height}; at most {MAX_IMAGE_SIDE} per side")
                 im.load()
                 out[i] = _conform(im, shape)
+        except E.InvalidArgument:
+            raise
         except Image.DecompressionBombError as e:
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is too large to decode: {e}") from e
-        except (UnidentifiedImageError, OSError, ValueError) as e:
+        except Exception as e:  # a plugin's own errors on a crafted image too
             raise E.InvalidArgument(f"image {i} ({len(data)} bytes) is not a decodable image: {e}") from e
     return out
 
@@ -281,6 +282,7 @@ class Service:
           NotFound, NotReady, InvalidArgument, Overloaded, DeadlineExceeded (see
           :mod:`server.errors`).
         """
+        started = time.monotonic()  # the deadline counts from here, decoding included
         served = self.served(task)  # one snapshot read: the request finishes on this version
         n_classes = served.path.architecture.num_classes
         if top_k == 0:
@@ -300,7 +302,10 @@ class Service:
             images = check_raw(np.asarray(raw))
             if images.shape[1:] != tuple(served.task.image_shape):
                 images = await asyncio.to_thread(conform_raw, images, served.task.image_shape)
-        probs = await self.batcher.predict(served, images, timeout=timeout)
+        left = None if timeout is None else timeout - (time.monotonic() - started)
+        if left is not None and left <= 0:
+            raise E.DeadlineExceeded("the request's deadline passed while its images were decoded; they were not run")
+        probs = await self.batcher.predict(served, images, timeout=left)
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
         scores = np.take_along_axis(probs, order, axis=-1)
         names = served.task.label_names
@@ -384,15 +389,7 @@ class Service:
             D.validate_task_name(name)
             if any(t.name == name for t in self.store.list_tasks()):
                 raise E.AlreadyExists(f"task {name!r} already exists; delete it first or choose another name")
-            with open(body_path, "rb") as f:
-                magic = f.read(4)
-            if magic[:2] == b"PK" and _is_npz(body_path):
-                splits, given = A.load_npz(body_path, self.config.max_archive_bytes)
-                names = A.label_names_for(splits, given)
-            else:
-                with tempfile.TemporaryDirectory() as tmp:
-                    A.safe_extract(FsPath(body_path), FsPath(tmp), self.config.max_archive_bytes)
-                    splits, names = A.load_image_folder(tmp, self.config.max_archive_bytes)
+            splits, names = A.load_dataset_file(body_path, self.config.max_archive_bytes)
             add_task_arrays(self.store, name, splits, names, source="upload", private=private, acl_group=acl_group)
         except Exception as e:
             raise E.to_service_error(e) or e
@@ -478,13 +475,4 @@ class Service:
         self.manager.stop()
 
 
-def _is_npz(path: str) -> bool:
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except zipfile.BadZipFile:
-        return False
-    return bool(names) and all(n.endswith(".npy") for n in names)
 

@@ -7,8 +7,9 @@ import pytest
 
 from mu2net import components as C
 from mu2net import root as R
-from mu2net.evolver import EvolverConfig, TrainBudget, init_root
+from mu2net.evolver import EvolverConfig, TrainBudget
 from mu2net.ingest import add_task_arrays
+from mu2net.root import init_root
 from mu2net.store import Store
 
 TINY = C.ViTConfig(image_size=8, patch_size=4, width=16, mlp_dim=32, num_heads=2)

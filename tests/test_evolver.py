@@ -513,7 +513,7 @@ def test_a_conv_stem_root_with_blocks_is_cloned_whole_by_the_first_answer_and_by
     from conftest import TINY, digits_splits
     from mu2net import components as C
     from mu2net import root as R
-    from mu2net.evolver import init_root
+    from mu2net.root import init_root
     from mu2net.ingest import add_task_arrays
     from mu2net.store import Store
 

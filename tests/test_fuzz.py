@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 
 from conftest import TINY, TINY_EVOLVER, digits_splits
 from mu2net import root as R
-from mu2net.evolver import Evolver, init_root
+from mu2net.evolver import Evolver
+from mu2net.root import init_root
 from mu2net.ingest import add_task_arrays
 from mu2net.server.launcher import RunningServer
 from mu2net.server.openapi import document as openapi_document

@@ -25,8 +25,9 @@ from conftest import TINY, TINY_EVOLVER, digits_splits
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks"))
 import hostile  # noqa: E402  (the hostile-input catalogue, shared with its benchmark)
 from mu2net import root as R
-from mu2net.evolver import Evolver, init_root
+from mu2net.evolver import Evolver
 from mu2net.ingest import add_task_arrays
+from mu2net.root import init_root
 from mu2net.store import Store
 from mu2net_client import (AlreadyExistsError, AuthenticationError, Client, InvalidArgumentError, NotFoundError,
                            NotReadyError, TooLargeError)
@@ -159,12 +160,30 @@ def test_tritonclient_http(static_server):
         c.infer("nope", [inp])
 
 
-def test_the_server_does_not_import_the_evolver():
-    """Uploads are ingested by mu2net.ingest; the evolver runs in its own process only."""
-    code = ("import sys, mu2net.server.app, mu2net.server.service, mu2net.server.http_api, mu2net.server.grpc_api; "
-            "print(sorted(m for m in sys.modules if m.startswith('mu2net.evolver')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
-    assert out.stdout.strip() == "[]", out.stdout
+def test_the_server_does_not_import_the_evolver(tmp_path):
+    """`mu2net serve` (its flags parsed, a new store's root model made, a task added, every
+    server module loaded) never imports the evolver: uploads are ingested by mu2net.ingest,
+    the root is made by mu2net.root, and the evolver runs in its own process only."""
+    code = f"""
+import asyncio, sys
+import mu2net.server as S
+from mu2net import cli
+async def fake_serve(*args, **kwargs):  # everything but the network and the evolver process
+    import mu2net.server.app, mu2net.server.grpc_api, mu2net.server.http_api, mu2net.server.service
+    return 0
+S.serve = fake_serve
+assert cli.main(["serve", "--data-dir", {str(tmp_path / "store")!r}, "--task", "digits=builtin:digits",
+                 *{TINY_SERVE_ARGS!r}]) == 0
+print(sorted(m for m in sys.modules if m.startswith("mu2net.evolver")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+    store = Store(tmp_path / "store")  # the serve command really made a root and added the task
+    try:
+        assert store.root_path() is not None and [t.name for t in store.list_tasks()] == ["digits"]
+    finally:
+        store.close()
 
 
 def test_health_reflection_metrics_page_and_system(static_server):

@@ -116,3 +116,26 @@ def test_remove_orphans_keeps_everything_referenced(tiny_store):
         db.execute("UPDATE tasks SET dataset_dir = '/elsewhere/datasets/other-1/task_dataset/1.0.0'")
     assert store.remove_orphans(min_age_seconds=0)["datasets"] == 0
     assert sorted(p.name for p in (data / "datasets").iterdir()) == kept and len(kept) == 3
+
+
+def test_a_task_uploaded_again_under_the_same_name_gets_nothing_of_the_old_ones_phase(tiny_store):
+    """A phase holds its task's sequence number: once the task is deleted and uploaded again
+    under the same name, the old phase's samples and publishes are refused (another task)."""
+    from conftest import digits_splits
+    from mu2net.ingest import add_task_arrays
+
+    old = tiny_store.get_task("small")
+    tiny_store.delete_task("small")
+    new = add_task_arrays(tiny_store, "small", digits_splits(lambda y: (y >= 5).astype(int)), ["lt5", "ge5"],
+                          source="test")
+    assert new.seq > old.seq
+    with pytest.raises(TaskNotFound, match=f"no task named 'small' of sequence number {old.seq}"):
+        tiny_store.add_samples_trained("small", 100, seq=old.seq)
+    tiny_store.add_samples_trained("small", 5, seq=new.seq)
+    assert tiny_store.get_task("small").samples_trained == 5
+    version = tiny_store.system_version()
+    with pytest.raises(StoreError, match="'small' was deleted during its active phase"):
+        tiny_store.publish(None, [], task="small", iteration_done=True, task_seq=old.seq)
+    assert tiny_store.get_task("small").iterations_done == 0 and tiny_store.system_version() == version
+    tiny_store.publish(None, [], task="small", iteration_done=True, task_seq=new.seq)
+    assert tiny_store.get_task("small").iterations_done == 1
