@@ -251,7 +251,7 @@ def _raw_http(request: bytes) -> Callable[[Target], tuple[str, str]]:
         with socket.create_connection((host, int(port)), timeout=30) as s:
             s.sendall(request)
             answer = b""
-            while b"\r\n\r\n" not in answer:
+            while True:  # the whole answer: the server closes the connection after a refused request
                 part = s.recv(65536)
                 if not part:
                     break
