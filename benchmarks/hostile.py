@@ -294,12 +294,42 @@ def _grpc(method: str, make: Callable[[Any, Target], Any]) -> Callable[[Target],
     return send
 
 
+def _model_infer(make: Callable[[Any, Target], Any]) -> Callable[[Target], tuple[str, str]]:
+    """Sends one Open Inference Protocol ``ModelInfer`` over gRPC (tritonclient's message
+    classes, so this process registers none of the server's own)."""
+    def send(t: Target) -> tuple[str, str]:
+        import grpc
+        from tritonclient.grpc import service_pb2 as kpb
+        from tritonclient.grpc import service_pb2_grpc as kgrpc
+
+        with grpc.insecure_channel(t.grpc) as ch:
+            try:
+                kgrpc.GRPCInferenceServiceStub(ch).ModelInfer(make(kpb, t), timeout=60)
+            except grpc.RpcError as e:
+                return e.code().name, e.details() or ""
+        return "OK", ""
+    return send
+
+
+def _infer_with_timeout(kpb: Any, t: Target, timeout: Any) -> Any:
+    """A valid one-image ModelInfer request whose ``timeout`` parameter is ``timeout``:
+    an int (int64_param) or a string (string_param)."""
+    req = kpb.ModelInferRequest(model_name=t.task, inputs=[kpb.ModelInferRequest.InferInputTensor(
+        name="IMAGE", datatype="UINT8", shape=[1, 8, 8, 1])], raw_input_contents=[bytes(64)])
+    if isinstance(timeout, str):
+        req.parameters["timeout"].string_param = timeout
+    else:
+        req.parameters["timeout"].int64_param = timeout
+    return req
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
 def _cases() -> list[Case]:
     u, c, o, g, a = "HTTP upload", "HTTP classify", "OIP REST", "gRPC", "HTTP admin"
+    one_image = [{"name": "x", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [0] * 64}]  # OIP input
     raw = lambda pb, t, shape, size: pb.ClassifyRequest(task=t.task, raw=pb.RawTensor(shape=shape, data=b"\0" * size))  # noqa: E731
     return [
         # uploads: decoding guards
@@ -407,6 +437,12 @@ def _cases() -> list[Case]:
         Case("top_k_negative", c, "?top_k=-1", "400", "top_k=-1", _classify(params={"top_k": "-1"})),
         Case("top_k_above_classes", c, "?top_k=11 on 10 classes", "400", "top_k=11", _classify(params={"top_k": "11"})),
         Case("top_k_huge", c, "?top_k=10**20", "400", "top_k=", _classify(params={"top_k": str(10 ** 20)})),
+        Case("timeout_not_a_number", c, "?timeout_ms=soon", "400", "timeout_ms='soon'",
+             _classify(params={"timeout_ms": "soon"})),
+        Case("timeout_negative", c, "?timeout_ms=-5", "400", "timeout_ms='-5'", _classify(params={"timeout_ms": "-5"})),
+        Case("timeout_zero", c, "?timeout_ms=0", "400", "timeout_ms='0'", _classify(params={"timeout_ms": "0"})),
+        Case("timeout_nan", c, "?timeout_ms=nan", "400", "timeout_ms='nan'", _classify(params={"timeout_ms": "nan"})),
+        Case("timeout_infinite", c, "?timeout_ms=inf", "400", "timeout_ms='inf'", _classify(params={"timeout_ms": "inf"})),
         Case("json_list_body", c, "a JSON list body", "400", "JSON classify body is a list", _classify(json_body=[1, 2])),
         Case("json_bad_base64", c, "images that are not base64", "400", "bad JSON classify body",
              _classify(json_body={"images": ["!!not base64!!"]})),
@@ -440,11 +476,16 @@ def _cases() -> list[Case]:
         Case("oip_header_length_out_of_range", o, "Inference-Header-Content-Length past the body", "400", "outside",
              _infer({"inputs": []}, headers={"Inference-Header-Content-Length": "999999"})),
         Case("oip_unknown_model", o, "a valid inference request to an unknown model", "404", "unknown task 'nope'",
-             _infer({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [1, 8, 8, 1], "data": [0] * 64}]},
-                    model="nope")),
+             _infer({"inputs": one_image}, model="nope")),
         Case("oip_uint8_huge_shape", o, "UINT8 input claiming [2**32,2**32,1,1] over 64 values (wraps in int64)", "400",
              "does not match",
              _infer({"inputs": [{"name": "x", "datatype": "UINT8", "shape": [2 ** 32, 2 ** 32, 1, 1], "data": [0] * 64}]})),
+        Case("oip_timeout_negative", o, "parameters.timeout of -1 (microseconds)", "400", "parameters.timeout=-1",
+             _infer({"parameters": {"timeout": -1}, "inputs": one_image})),
+        Case("oip_timeout_fractional", o, "parameters.timeout of 1.5 (an int64 of microseconds)", "400",
+             "parameters.timeout=1.5", _infer({"parameters": {"timeout": 1.5}, "inputs": one_image})),
+        Case("oip_timeout_string", o, "parameters.timeout of \"soon\"", "400", "parameters.timeout='soon'",
+             _infer({"parameters": {"timeout": "soon"}, "inputs": one_image})),
         Case("oip_bad_datatype", o, "an FP64 input", "400", "allowed: UINT8",
              _infer({"inputs": [{"name": "x", "datatype": "FP64", "shape": [1, 8, 8, 1], "data": [0.5] * 64}]})),
         # gRPC
@@ -469,6 +510,10 @@ def _cases() -> list[Case]:
              _grpc("Classify", lambda pb, t: pb.ClassifyRequest(task=t.task))),
         Case("grpc_over_message_limit", g, "a 1.1 MiB message (limit 1 MiB)", "RESOURCE_EXHAUSTED", "larger than max",
              _grpc("Classify", lambda pb, t: raw(pb, t, [1, 1024, 1100, 1], 1024 * 1100))),
+        Case("grpc_infer_timeout_negative", g, "ModelInfer with parameters.timeout of -1", "INVALID_ARGUMENT",
+             "parameters.timeout=-1", _model_infer(lambda kpb, t: _infer_with_timeout(kpb, t, -1))),
+        Case("grpc_infer_timeout_string", g, "ModelInfer with a string parameters.timeout", "INVALID_ARGUMENT",
+             "parameters.timeout='soon'", _model_infer(lambda kpb, t: _infer_with_timeout(kpb, t, "soon"))),
         Case("grpc_get_unknown_task", g, "GetTask of an unknown task", "NOT_FOUND", "'nope'",
              _grpc("GetTask", lambda pb, t: pb.GetTaskRequest(name="nope"))),
         # admin routes

@@ -495,17 +495,26 @@ class Evolver:
         With :attr:`EvolverConfig.first_answer_epochs` > 0 and ``num_train`` (the task's
         training examples) given, the first child of a random root trains on one long
         schedule (:attr:`ChildSpec.cycles`, sized from ``num_train``) and is the
-        generation's only child of that root.
+        generation's only child of that root; with 2 or more children it is always among
+        them (the served paths fill the other places, deepest first), however many paths
+        are served, so every new task also trains like plain training from its first phase.
         """
+        cfg = self.config
         root = [p for p in others if p.id == ROOT_PATH_ID]
         trained = sorted((p for p in others if p.id != ROOT_PATH_ID),
                          key=lambda p: (-p.architecture.num_blocks, -(p.score or 0.0)))
-        candidates = (trained + root)[: self.config.children]
-        cfg = self.config
         long_cycles = None
         if cfg.first_answer_epochs > 0 and num_train:
             samples = min(cfg.first_answer_epochs * num_train, cfg.first_answer_max_samples)
             long_cycles = max(cfg.first_answer_cycles, math.ceil(samples / cfg.budget.samples_per_cycle(num_train)))
+        random_roots = [p for p in root if not p.metrics.get("pretrained", False)]
+        if long_cycles is not None and random_roots and cfg.children >= 2:
+            # the random root's long child always runs beside the reuse children: it trains
+            # as plain training does, so a task that transfers poorly from the served paths is
+            # not left on a frozen path until its next phase (measured: the main job's third task)
+            candidates = trained[: cfg.children - 1] + random_roots
+        else:
+            candidates = (trained + root)[: cfg.children]
         specs = []
         for i in range(self.config.children):  # not fewer on more devices: the same children anywhere
             parent = candidates[i % len(candidates)]

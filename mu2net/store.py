@@ -273,8 +273,9 @@ def _fsync_dir(path: FsPath) -> None:
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """fsyncs every file and directory under ``root`` (e.g. a TFDS dataset before the task
-    row that points to it commits)."""
+    """fsyncs every file and directory under ``root``, and the directory holding ``root``
+    (its entry), e.g. a TFDS dataset before the task row that points to it commits."""
+    _fsync_dir(FsPath(root).parent)
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)

@@ -182,6 +182,17 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     for r in results:  # one part failing must not cut the others' drain short
         if isinstance(r, BaseException):
             log.error("shutdown: %r", r)
+    abandoned = service.ingesting  # uploads whose requests the HTTP drain cut off after 30 s
     service.close()
+    if abandoned:
+        # their threads would hold the interpreter's exit for as long as the ingestion
+        # takes; leave now: a task row commits whole or not at all, and the next start-up
+        # sweep removes the files of one that did not (as after a kill -9)
+        log.warning("shutdown: %d upload(s) still being ingested are abandoned; their files are removed at the "
+                    "next start", abandoned)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     store.close()
     return 0

@@ -16,8 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from mu2net.server import errors as E
 from mu2net.server.oip import (EXTENSIONS, INPUT_NAME, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION,  # noqa: F401
-                               classification_strings, deserialize_bytes_tensor, infer_input, model_metadata,
-                               requested_classification, serialize_bytes_tensor)
+                               classification_strings, deserialize_bytes_tensor, earliest, infer_input,
+                               model_metadata, request_timeout, requested_classification, serialize_bytes_tensor)
 from mu2net.server._proto import grpc_predict_v2_pb2 as kpb
 from mu2net.server._proto import grpc_predict_v2_pb2_grpc as kgrpc
 from mu2net.server.service import CALLER_TOKEN, Service, bearer_token, raw_images
@@ -38,7 +38,8 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
             auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
             CALLER_TOKEN.set(bearer_token(auth))  # this call's task
             try:
-                return await fn(self, request, context)
+                with self.service.request_slot(fn.__name__):  # RESOURCE_EXHAUSTED when all are taken
+                    return await fn(self, request, context)
             except grpc.aio.AbortError:
                 raise
             except asyncio.CancelledError:  # the caller cancelled or went away
@@ -52,6 +53,7 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                     log.exception("gRPC %s failed (request id %s)", fn.__name__, request_id)
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})",
                                         trailing_metadata=(("mu2net-request-id", request_id),))
+                assert err is not None  # context.abort raised for a bug above
                 status, _ = E.codes(err)
                 code = status.name
                 metadata: tuple[tuple[str, str], ...] = (("mu2net-error", type(err).__name__),)
@@ -162,8 +164,10 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
                                       list(inp.contents.uint_contents), list(inp.contents.bytes_contents))
         outputs = [(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs]
         k = requested_classification(outputs)
+        timeout = earliest(context.time_remaining(),
+                           request_timeout({key: _param(v) for key, v in request.parameters.items()}))
         result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels, top_k=k or 1,
-                                             clip_top_k=True, timeout=context.time_remaining())
+                                             clip_top_k=True, timeout=timeout)
         n_classes = result.probabilities.shape[1]
         resp = kpb.ModelInferResponse(model_name=request.model_name, model_version=str(result.system_version),
                                       id=request.id)

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -23,7 +24,8 @@ from starlette.routing import Route
 
 from mu2net.server import errors as E
 from mu2net.server.oip import (EXTENSIONS, OUTPUT_NAME, SERVER_NAME, SERVER_VERSION, classification_strings,
-                               infer_input, model_metadata, requested_classification, serialize_bytes_tensor)
+                               infer_input, model_metadata, request_timeout, requested_classification,
+                               serialize_bytes_tensor)
 from mu2net.server.openapi import document as openapi_document
 from mu2net.server.page import render_page
 from mu2net.server.service import CALLER_TOKEN, Service, bearer_token, raw_images
@@ -42,6 +44,31 @@ def _int_param(request: Request, name: str, default: int) -> int:
         return int(text)
     except ValueError:
         raise E.InvalidArgument(f"query parameter {name}={text!r} is not an integer") from None
+
+
+def _timeout_param(request: Request) -> float | None:
+    """The ``timeout_ms`` query parameter (milliseconds, a positive finite number) in seconds:
+    the classify's deadline, counted from the handler's entry; images not computed by then
+    are dropped unrun and the answer is 504. Absent: no deadline.
+
+    Raises:
+      InvalidArgument: anything but a positive finite number.
+    """
+    text = request.query_params.get("timeout_ms")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise E.InvalidArgument(f"query parameter timeout_ms={text!r}; allowed: a positive number of milliseconds")
+    return value / 1e3
+
+
+def _left(timeout: float | None, entered: float) -> float | None:
+    """Seconds left of ``timeout`` counted from ``entered`` (time.monotonic()), or None."""
+    return None if timeout is None else timeout - (time.monotonic() - entered)
 
 
 def _content_length(request: Request) -> int | None:
@@ -108,7 +135,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                 done = service.metrics.observe("http", method_name) if service.metrics is not None else None
                 CALLER_TOKEN.set(bearer_token(request.headers.get("authorization")))  # this request's task
                 try:
-                    resp = await fn(request)
+                    with service.request_slot(method_name):  # 429 when all are taken, before the body is read
+                        resp = await fn(request)
                 except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
                     if done is not None:
                         done("499", time.perf_counter() - t0)
@@ -192,6 +220,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
     @endpoint("classify")
     async def classify(request: Request) -> Response:
         task = request.path_params["name"]
+        entered, timeout = time.monotonic(), _timeout_param(request)
         body = await _read_limited(request, service.config.max_message_bytes)
         ctype = request.headers.get("content-type", "")
         top_k = _int_param(request, "top_k", 1)
@@ -214,7 +243,8 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                 raise E.InvalidArgument(f"bad JSON classify body: {e}") from e
         else:
             encoded = [body]
-        result = await unless_disconnected(request, service.classify(task, encoded=encoded, raw=raw, top_k=top_k))
+        result = await unless_disconnected(request, service.classify(task, encoded=encoded, raw=raw, top_k=top_k,
+                                                                     timeout=_left(timeout, entered)))
         return JSONResponse({
             "task": task, "system_version": result.system_version, "path_id": result.path_id,
             "results": [{"labels": labels, "label_ids": ids.tolist(), "scores": scores.tolist()}
@@ -270,6 +300,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
     @endpoint("v2_infer")
     async def v2_infer(request: Request) -> Response:
         name = request.path_params["name"]
+        entered = time.monotonic()
         body = await _read_limited(request, service.config.max_message_bytes)
         header_len = request.headers.get(HEADER_LENGTH.lower())
         try:
@@ -283,10 +314,12 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
             raise E.InvalidArgument(f"inference request is a JSON {type(doc).__name__}; allowed: an object")
         try:  # malformed fields of the request are the client's error
             encoded, pixels, k, want_binary = _parse_infer(doc, body[n:])
+            timeout = request_timeout(doc.get("parameters"))
         except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
             raise E.InvalidArgument(f"malformed inference request: {e}") from e
         result = await unless_disconnected(
-            request, service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True))
+            request, service.classify(name, encoded=encoded, raw=pixels, top_k=k or 1, clip_top_k=True,
+                                      timeout=_left(timeout, entered)))
         n_classes = result.probabilities.shape[1]
         rows = len(result.probabilities)
         if k:

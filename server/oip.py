@@ -78,6 +78,30 @@ def requested_classification(outputs: list[tuple[str, dict[str, Any]]]) -> int:
     return k
 
 
+def request_timeout(parameters: dict[str, Any] | None) -> float | None:
+    """The request-level ``timeout`` parameter of Triton's schedule-policy extension to the
+    Open Inference Protocol: an integer number of **microseconds** (0 or absent: no timeout),
+    returned in seconds. Images not computed by then are dropped unrun (DEADLINE_EXCEEDED /
+    504).
+
+    Raises:
+      InvalidArgument: a timeout that is not a non-negative integer.
+    """
+    value = (parameters or {}).get("timeout")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise E.InvalidArgument(f"parameters.timeout={value!r}; allowed: an integer number of microseconds >= 0 "
+                                "(0: no timeout)")
+    return value / 1e6 if value else None
+
+
+def earliest(*timeouts: float | None) -> float | None:
+    """The shortest of the given timeouts in seconds (None: no limit)."""
+    given = [t for t in timeouts if t is not None]
+    return min(given) if given else None
+
+
 def infer_input(datatype: str, shape: list[int], raw: bytes | None, uint_contents: list[int],
                 bytes_contents: list[bytes]) -> tuple[list[bytes], np.ndarray | None]:
     """Decodes the one inference input: UINT8 pixels or BYTES encoded images.

@@ -92,7 +92,9 @@ _INFER_REQUEST = {
     "type": "object", "required": ["inputs"],
     "properties": {
         "id": {"type": "string"},
-        "parameters": {"type": "object"},
+        "parameters": {"type": "object", "properties": {"timeout": {
+            "type": "integer", "minimum": 0, "description": "microseconds (Triton's schedule-policy extension); "
+            "images not computed by then are dropped unrun (504); 0: no timeout"}}},
         "inputs": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
             "type": "object", "required": ["name", "shape", "datatype"],
             "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
@@ -148,7 +150,10 @@ def document() -> dict[str, Any]:
         "/v1/tasks/{name}/classify": {
             "parameters": [_NAME],
             "post": {"operationId": "classify", "summary": "top-k labels of images with the task's served path",
-                     "parameters": [{"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                     "parameters": [{"name": "top_k", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                                    {"name": "timeout_ms", "in": "query", "description": "deadline in "
+                                     "milliseconds from the request's arrival; images not computed by then are "
+                                     "dropped unrun (504)", "schema": {"type": "number", "exclusiveMinimum": 0}}],
                      "requestBody": {"required": True, "content": {
                          "application/json": {"schema": {"type": "object", "properties": {
                              "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64"},

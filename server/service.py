@@ -72,12 +72,18 @@ class ServiceConfig:
         the same answer as an unknown name). Without either, every task is visible.
       max_queued_images: most images queued for the forward pass at once; more is refused
         with 429 / RESOURCE_EXHAUSTED and a retry hint (None: unbounded).
-      deadline_admission: a request with a deadline (gRPC) is refused the same way at once
+      deadline_admission: a request with a deadline (a gRPC deadline, the Open Inference
+        Protocol's ``timeout`` parameter, HTTP ``timeout_ms``) is refused the same way at once
         when the queued work is estimated to outlast its deadline (see
         :mod:`mu2net.server.batcher`), instead of queueing to expire unrun.
       max_concurrent_uploads: uploads received or ingested at once (each may spool and
         extract up to the archive cap); one more is refused with 429 and a retry hint.
         Ingestion runs on threads of its own, off the classify path.
+      max_concurrent_requests: requests handled at once over gRPC and HTTP together; one
+        more is refused at once with 429 / RESOURCE_EXHAUSTED and a retry hint (None:
+        unbounded). Liveness, readiness and metrics (:data:`UNBOUNDED_METHODS`) are not
+        counted, so probes and monitoring still answer. With ``max_message_bytes`` it bounds
+        the memory requests can hold before the batcher's queue bound applies.
     """
 
     max_batch_size: int = 64
@@ -89,7 +95,13 @@ class ServiceConfig:
     max_queued_images: int | None = 16384
     deadline_admission: bool = True
     max_concurrent_uploads: int = 2
+    max_concurrent_requests: int | None = 512
     read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+#: Handlers that :meth:`Service.request_slot` does not count: liveness and readiness probes
+#: (Open Inference Protocol REST and gRPC) and the Prometheus scrape.
+UNBOUNDED_METHODS = frozenset({"v2_live", "v2_ready", "metrics", "ServerLive", "ServerReady"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +217,10 @@ class Service:
         self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self.ingest_pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_uploads,
                                                                  thread_name_prefix="ingest")
+        self._requests = 0  # requests in progress (request_slot), gRPC and HTTP together
+        self._requests_lock = threading.Lock()
+        self._ingesting = 0  # uploads being validated and stored right now (upload_file calls)
+        self._ingesting_lock = threading.Lock()
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
                                on_batch=metrics.on_batch if metrics else None,
                                max_queued_images=config.max_queued_images,
@@ -276,7 +292,9 @@ class Service:
         ``clip_top_k`` caps ``top_k`` at the served path's class count (the Open Inference
         Protocol's classification extension) instead of rejecting a larger value.
 
-        ``timeout`` (seconds; the gRPC deadline) drops images not computed by then.
+        ``timeout`` (seconds left of the request's deadline: the gRPC deadline, the Open
+        Inference Protocol's ``timeout`` parameter or HTTP ``timeout_ms``, the shortest of those
+        given) drops images not computed by then.
 
         Raises:
           NotFound, NotReady, InvalidArgument, Overloaded, DeadlineExceeded (see
@@ -385,6 +403,8 @@ class Service:
         Raises:
           InvalidArgument: bad name or rejected dataset; AlreadyExists.
         """
+        with self._ingesting_lock:
+            self._ingesting += 1
         try:
             D.validate_task_name(name)
             if any(t.name == name for t in self.store.list_tasks()):
@@ -393,7 +413,15 @@ class Service:
             add_task_arrays(self.store, name, splits, names, source="upload", private=private, acl_group=acl_group)
         except Exception as e:
             raise E.to_service_error(e) or e
+        finally:
+            with self._ingesting_lock:
+                self._ingesting -= 1
         return self.task_view(name)
+
+    @property
+    def ingesting(self) -> int:
+        """Uploads being validated and stored at this moment (on :attr:`ingest_pool`)."""
+        return self._ingesting
 
     def delete_task(self, name: str) -> dict[str, Any]:
         try:
@@ -453,6 +481,29 @@ class Service:
             return {"state": status.get("state"), "task": None, "phase": "private task",
                     "updated": status.get("updated")}
         return status
+
+    @contextlib.contextmanager
+    def request_slot(self, method: str) -> Iterator[None]:
+        """Holds one of the ``max_concurrent_requests`` slots while a request of ``method``
+        (a handler's name) is handled; methods in :data:`UNBOUNDED_METHODS` hold none.
+
+        Raises:
+          Overloaded: every slot is taken (429 / RESOURCE_EXHAUSTED with a retry hint).
+        """
+        limit = self.config.max_concurrent_requests
+        if limit is None or method in UNBOUNDED_METHODS:
+            yield
+            return
+        with self._requests_lock:
+            if self._requests >= limit:
+                raise E.Overloaded(f"{self._requests} requests are in progress, the most this server handles at "
+                                   f"once (--max-concurrent-requests); retry in {E.Overloaded.retry_after} s")
+            self._requests += 1
+        try:
+            yield
+        finally:
+            with self._requests_lock:
+                self._requests -= 1
 
     @contextlib.contextmanager
     def upload_slot(self) -> Iterator[None]:

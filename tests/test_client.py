@@ -76,6 +76,13 @@ class _FlakyServicer(_pbgrpc.Mu2NetServicer):
         if step == "overloaded":
             context.set_trailing_metadata((("mu2net-error", "Overloaded"), ("grpc-retry-pushback-ms", "50")))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
+        if step == "slow":  # answers after the caller's deadline
+            import time
+            time.sleep(1.0)
+        if step == "unauthenticated":
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin bearer token")
+        if step == "internal":
+            context.abort(grpc.StatusCode.INTERNAL, "internal server error (request id 1)")
         if step == "not_ready":
             context.set_trailing_metadata((("mu2net-error", "NotReady"), ("grpc-retry-pushback-ms", "-1")))
             context.abort(grpc.StatusCode.UNAVAILABLE, "task 'x' has no served path yet")
@@ -87,6 +94,9 @@ class _FlakyServicer(_pbgrpc.Mu2NetServicer):
     (["not_ready"], 3, 1, "NotReadyError"),       # pushback -1: not retried
     (["overloaded"] * 5, 2, 3, "OverloadedError"),  # attempts end: the error names the retry hint
     (["unavailable"], 0, 1, "TransportError"),      # retries=0: no policy
+    (["unauthenticated"], 3, 1, "AuthenticationError"),  # not retryable: one call
+    (["internal"], 3, 1, "ServerError"),
+    (["slow"], 3, 1, "TimeoutError"),               # DEADLINE_EXCEEDED (the call's timeout of 0.3 s)
 ])
 def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, calls, error):
     from concurrent import futures
@@ -105,11 +115,12 @@ def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, cal
     try:
         with Client(f"127.0.0.1:{port}", UNREACHABLE[1], retries=retries, timeout=20) as client:
             images = np.zeros((1, 8, 8, 1), np.uint8)
+            timeout = 0.3 if script == ["slow"] else None  # a per-call timeout below the client's 20 s
             if error is None:
                 assert client.classify("x", images).system_version == 7
             else:
                 with pytest.raises(getattr(mu2net_client, error)) as e:
-                    client.classify("x", images)
+                    client.classify("x", images, timeout=timeout)
                 if error == "OverloadedError":
                     assert e.value.retry_after == 0.05
         assert servicer.calls == calls
@@ -120,38 +131,58 @@ def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, cal
 def test_http_errors_map_to_the_sdk_hierarchy():
     import httpx
 
-    from mu2net_client import NotReadyError, OverloadedError, TimeoutError
-    from mu2net_client.errors import from_http
+    from mu2net_client import AuthenticationError, NotReadyError, OverloadedError, TimeoutError
+    from mu2net_client.errors import ServerError, from_http
 
     e = from_http(httpx.Response(429, json={"error": "queued"}, headers={"Retry-After": "2"}))
     assert isinstance(e, OverloadedError) and e.retry_after == 2.0 and "queued" in str(e)
     assert isinstance(from_http(httpx.Response(503, json={"error": "x"})), NotReadyError)
     assert isinstance(from_http(httpx.Response(504, json={"error": "x"})), TimeoutError)
+    assert isinstance(from_http(httpx.Response(500, json={"error": "internal server error"})), ServerError)
+    assert isinstance(from_http(httpx.Response(401, json={"error": "x"})), AuthenticationError)
+    assert type(from_http(httpx.Response(502, text="<html>bad gateway</html>"))) is ServerError  # not JSON
+
+
+@pytest.mark.parametrize("header, seconds", [
+    ("2", 2.0), ("0", 0.0), ("1.5", 1.5), (" 3 ", 3.0),
+    ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # an HTTP-date: from "now" (07:28:00 below)
+    ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),   # in the past
+    ("soon", None), ("-1", None), ("nan", None), ("inf", None), ("", None), (None, None),
+])
+def test_retry_after_is_delay_seconds_or_an_http_date(header, seconds):
+    import email.utils
+
+    from mu2net_client.errors import parse_retry_after
+
+    now = email.utils.parsedate_to_datetime("Wed, 21 Oct 2015 07:28:00 GMT").timestamp()
+    assert parse_retry_after(header, now=now) == seconds
 
 
 class _OverloadedHTTP:
     """A real HTTP server (http.server on 127.0.0.1) that refuses the first ``refusals``
-    requests with 429 and ``Retry-After: 0``, then answers like mu2net's task endpoints;
-    it records each request's method, path and body."""
+    requests with 429 and ``Retry-After: retry_after``, then answers like mu2net's task
+    endpoints; it records each request's method, path, body and arrival time."""
 
-    def __init__(self, refusals: int):
+    def __init__(self, refusals: int, retry_after: str = "0"):
         import http.server
         import json
         import threading
+        import time
 
         owner = self
-        self.refusals, self.requests = refusals, []
+        self.refusals, self.requests, self.times = refusals, [], []
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def _answer(self, body: bytes) -> None:
                 owner.requests.append((self.command, self.path.split("?")[0], body))
+                owner.times.append(time.monotonic())
                 if len(owner.requests) <= owner.refusals:
                     payload, code = json.dumps({"error": "2 uploads are in progress"}).encode(), 429
                 else:
                     payload, code = json.dumps({**OLD_SERVER_TASK, "state": "queued"}).encode(), 202
                 self.send_response(code)
                 if code == 429:
-                    self.send_header("Retry-After", "0")
+                    self.send_header("Retry-After", retry_after)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -209,10 +240,75 @@ def test_an_upload_refused_with_429_is_retried_after_retry_after_with_the_whole_
 
 
 def test_reads_refused_with_429_are_retried_after_retry_after():
-    server = _OverloadedHTTP(2)
+    server = _OverloadedHTTP(2, retry_after="0.4")
     try:
         with Client(UNREACHABLE[0], server.url, retries=3) as client:
             assert client.task("digits").name == "digits"
         assert [r[:2] for r in server.requests] == [("GET", "/v1/tasks/digits")] * 3
+        # each retry waited the server's hint (a lower bound: a sleep is never shorter)
+        gaps = [b - a for a, b in zip(server.times, server.times[1:])]
+        assert all(g >= 0.39 for g in gaps), gaps
     finally:
         server.close()
+
+
+class _TaskStatesHTTP:
+    """A real HTTP server answering ``GET /v1/tasks/NAME`` with the next of ``states`` (the
+    last one repeated), as a task resource."""
+
+    def __init__(self, states):
+        import http.server
+        import json
+        import threading
+
+        owner = self
+        self.states, self.polls = list(states), 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                state = owner.states[min(owner.polls, len(owner.states) - 1)]
+                owner.polls += 1
+                doc = {**OLD_SERVER_TASK, "state": state,
+                       "error": "the evolver failed 3 times: boom" if state == "failed" else None}
+                payload = json.dumps(doc).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("states, timeout, error, match", [
+    (["queued", "training", "failed"], 60, "ServerError", "task 'digits' failed: the evolver failed 3 times: boom"),
+    (["queued"], 0.5, "TimeoutError", r"task 'digits' still queued after 0.5s"),
+])
+def test_wait_until_serving_raises_for_a_failed_task_and_at_its_timeout(states, timeout, error, match):
+    import mu2net_client
+
+    for sync in (True, False):
+        server = _TaskStatesHTTP(states)
+        try:
+            if sync:
+                with Client(UNREACHABLE[0], server.url, retries=0) as client:
+                    with pytest.raises(getattr(mu2net_client, error), match=match):
+                        client.wait_until_serving("digits", timeout=timeout, poll=0.05, progress=False)
+            else:
+                async def main():
+                    async with AsyncClient(UNREACHABLE[0], server.url, retries=0) as client:
+                        with pytest.raises(getattr(mu2net_client, error), match=match):
+                            await client.wait_until_serving("digits", timeout=timeout, poll=0.05, progress=False)
+                asyncio.run(main())
+            assert server.polls >= (3 if error == "ServerError" else 2)
+        finally:
+            server.close()

@@ -294,6 +294,17 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
     wide = Evolver(tiny_store, dataclasses.replace(cfg, children=3), progress=False)
     assert [s.cycles for s in wide.first_answer_specs(t, [tiny_store.root_path()], num_train=n_train)] == [long_cycles]
     assert ev.first_answer_specs(t, [tiny_store.root_path()])[0].cycles is None
+    # beside served paths, the random root's long child keeps its place: 2 children and 2 served
+    # paths give one frozen reuse of the deepest path and the long child (not two reuses)
+    root = tiny_store.root_path()
+    served = [dataclasses.replace(root, id=f"served-{i}", task=f"other-{i}", score=0.5 + i / 10) for i in range(2)]
+    two = Evolver(tiny_store, dataclasses.replace(cfg, children=2), progress=False)
+    reuse, long_child = two.first_answer_specs(t, [*served, root], num_train=n_train)
+    assert reuse.parent.id == "served-1" and reuse.cycles is None and "reuse_frozen" in reuse.mutations
+    assert long_child.parent.id == "root" and long_child.cycles == long_cycles and all(long_child.trainable)
+    # one child: the deepest served path alone (the cheapest first answer); no long schedule: as before
+    assert [s.parent.id for s in ev.first_answer_specs(t, [*served, root], num_train=n_train)] == ["served-1"]
+    assert [s.parent.id for s in two.first_answer_specs(t, [*served, root])] == ["served-1", "served-0"]
     assert Evolver(tiny_store, TINY_EVOLVER, progress=False).first_answer_specs(
         t, [tiny_store.root_path()], num_train=n_train)[0].cycles is None
 

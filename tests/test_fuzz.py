@@ -184,7 +184,10 @@ def test_schemathesis_finds_no_server_error_in_the_http_api(fuzz_server, tmp_pat
          "--max-examples", str(EXAMPLES), "--seed", "0", "-H", f"Authorization: Bearer {TOKEN}",
          "--request-timeout", "30", "--no-color",
          "--report", "junit", "--report-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900)
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks",  # deadlines long enough (see it)
+             "PYTHONPATH": os.pathsep.join([os.path.dirname(os.path.abspath(__file__)),
+                                            os.environ.get("PYTHONPATH", "")])})
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     selected = re.search(r"Selected: (\d+)/(\d+)", proc.stdout)
     tested = re.search(r"Tested: (\d+)", proc.stdout)

@@ -160,6 +160,84 @@ def test_tritonclient_http(static_server):
         c.infer("nope", [inp])
 
 
+def test_http_and_inference_protocol_timeouts_drop_expired_requests(static_server):
+    """HTTP ``timeout_ms`` and the Open Inference Protocol's ``timeout`` parameter
+    (microseconds; tritonclient's ``timeout=``) are deadlines like gRPC's: a request whose
+    deadline passes before its images run gets 504 / DEADLINE_EXCEEDED, unrun; a generous one
+    is answered."""
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+
+    server, _ = static_server
+    x, _ = digits_splits()["test"]
+    url = server.http + "/v1/tasks/digits/classify"
+    ok = httpx.post(url, params={"timeout_ms": "60000"}, content=_png(x[0]))
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 1
+    late = httpx.post(url, params={"timeout_ms": "0.001"}, content=_png(x[0]))  # 1 us: gone while decoding
+    assert late.status_code == 504 and "deadline passed" in late.json()["error"]
+    for module, address in ((th, server.http.removeprefix("http://")), (tg, server.grpc)):
+        c = module.InferenceServerClient(address)
+        inp = module.InferInput("IMAGE", list(x[:3].shape), "UINT8")
+        inp.set_data_from_numpy(x[:3])
+        assert c.infer("digits", [inp], timeout=60_000_000).as_numpy("PROBABILITIES").shape == (3, 10)
+        with pytest.raises(InferenceServerException, match="deadline passed") as err:
+            c.infer("digits", [inp], timeout=1)
+        assert "504" in str(err.value.status()) or "DEADLINE_EXCEEDED" in str(err.value.status())
+        c.close()
+
+
+def test_requests_beyond_max_concurrent_requests_are_refused_at_once_but_probes_answer(tmp_path):
+    """Two uploads whose bodies trickle in hold both of ``--max-concurrent-requests 2``:
+    one more HTTP or gRPC request is refused at once with 429 / RESOURCE_EXHAUSTED and a
+    retry hint; liveness, readiness, metrics and gRPC health still answer; once the uploads
+    end, requests are served again."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver",
+                                                     "--max-concurrent-requests", "2"])
+    release = threading.Event()
+    started = threading.Semaphore(0)
+
+    def trickle():
+        yield b"PK"  # the handler holds its slot while the body arrives
+        started.release()
+        release.wait(60)
+
+    def upload(i):
+        return httpx.post(server.http + "/v1/tasks", params={"name": f"slow{i}"}, content=trickle(), timeout=120)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            uploads = [pool.submit(upload, i) for i in range(2)]
+            assert started.acquire(timeout=60) and started.acquire(timeout=60)
+            # both upload handlers running: the in-flight gauge counts them and this scrape (the
+            # scrape holds no slot, so polling it cannot take one from the second upload)
+            deadline = time.time() + 30
+            while time.time() < deadline and 'mu2net_requests_in_flight{api="http"} 3.0' not in \
+                    httpx.get(server.http + "/metrics").text:
+                time.sleep(0.05)
+            r = httpx.get(server.http + "/v1/tasks")
+            assert r.status_code == 429 and "2 requests are in progress" in r.json()["error"], r.text
+            assert r.headers["Retry-After"] == "1"
+            with grpc.insecure_channel(server.grpc) as ch:
+                with pytest.raises(grpc.RpcError) as e:
+                    pbgrpc.Mu2NetStub(ch).ListTasks(pb.ListTasksRequest(), timeout=30)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "2 requests are in progress" in e.value.details()
+                assert dict(e.value.trailing_metadata())["grpc-retry-pushback-ms"] == "1000"
+                health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
+            for url in ("/v2/health/live", "/v2/health/ready", "/metrics"):
+                assert httpx.get(server.http + url).status_code == 200, url
+            release.set()
+            assert [u.result().status_code for u in uploads] == [400, 400]  # "PK" is no dataset
+        assert httpx.get(server.http + "/v1/tasks").json() == {"tasks": []}
+    finally:
+        release.set()
+        assert server.stop() == 0, "".join(server.output[-30:])
+
+
 def test_the_server_does_not_import_the_evolver(tmp_path):
     """`mu2net serve` (its flags parsed, a new store's root model made, a task added, every
     server module loaded) never imports the evolver: uploads are ingested by mu2net.ingest,
@@ -255,7 +333,8 @@ def test_hostile_inputs_get_their_client_error_and_change_nothing(static_server,
 
 def test_small_and_macos_uploads_are_accepted(static_server):
     """2 classes x 30 images (a test split of 6) and a zip made on macOS (one top folder,
-    ``__MACOSX/`` and ``.DS_Store`` beside the images) become tasks with the right classes."""
+    ``__MACOSX/`` and ``.DS_Store`` beside the images) become tasks with the right classes;
+    the small task trains and serves."""
     server, store = static_server
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -270,6 +349,18 @@ def test_small_and_macos_uploads_are_accepted(static_server):
         assert r.status_code == 202, r.text
         task = r.json()
         assert task["labels"] == ["cat", "dog"] and sum(task["num_examples"].values()) == 60
+        # it trains (this server has no evolver: the test process runs one task iteration on
+        # the same store) and serves: a path beating chance on its small validation split is
+        # published, and the server answers with it
+        Evolver(store, TINY_EVOLVER, progress=False).active_phase("pets")
+        best = store.best_path("pets")
+        assert best is not None and best.metrics["validation_accuracy"] > 0.5
+        deadline = time.time() + 60
+        while time.time() < deadline and httpx.get(server.http + "/v2/models/pets/ready").status_code != 200:
+            time.sleep(0.2)
+        answer = httpx.post(server.http + "/v1/tasks/pets/classify", content=_png(110))
+        assert answer.status_code == 200 and answer.json()["path_id"] == best.id, answer.text
+        assert answer.json()["results"][0]["labels"][0] in ("cat", "dog")
     finally:
         httpx.delete(server.http + "/v1/tasks/pets", headers={"Authorization": f"Bearer {TOKEN}"})
 
@@ -789,6 +880,8 @@ def _certificates(d):
 
 
 def test_tls_with_client_certificates_for_grpc_and_https(tmp_path):
+    import ssl
+
     from mu2net_client import TransportError
 
     certs = _certificates(tmp_path)
@@ -808,8 +901,25 @@ def test_tls_with_client_certificates_for_grpc_and_https(tmp_path):
         with Client(server.grpc, server.http.replace("https", "http"), retries=0, timeout=5) as plain:
             with pytest.raises(TransportError):
                 plain.classify("nope", np.zeros((1, 8, 8, 1), np.uint8))
+        # HTTPS refuses a client without a certificate too (the TLS handshake fails)
+        with pytest.raises(httpx.TransportError):  # in the handshake, or at the first read (TLS 1.3)
+            httpx.get(f"{server.http}/v1/tasks", verify=ssl.create_default_context(cafile=certs["ca"]))
     finally:
         assert server.stop() == 0, "".join(server.output[-30:])
+    # without --tls-client-ca: TLS with server authentication only; any client with the CA connects
+    one_way = RunningServer(str(tmp_path / "store"), [*TINY_SERVE_ARGS, "--no-evolver", "--tls-cert", certs["server"],
+                                                      "--tls-key", certs["server_key"]])
+    try:
+        with Client(one_way.grpc, one_way.http, tls_ca=certs["ca"], retries=0, timeout=5) as client:
+            assert client.tasks() == []
+            with pytest.raises(NotFoundError, match="'nope'"):
+                client.classify("nope", np.zeros((1, 8, 8, 1), np.uint8))
+        trusted = ssl.create_default_context(cafile=certs["ca"])
+        assert httpx.get(f"{one_way.http}/v1/tasks", verify=trusted).json() == {"tasks": []}
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the CA refuses the server
+            httpx.get(f"{one_way.http}/v1/tasks")
+    finally:
+        assert one_way.stop() == 0, "".join(one_way.output[-30:])
     with pytest.raises(RuntimeError, match="TLS needs both --tls-cert and --tls-key"):
         RunningServer(str(tmp_path / "store2"), ["--no-evolver", "--tls-cert", certs["server"]])
 
@@ -853,6 +963,25 @@ def test_private_tasks_are_invisible_without_their_groups_read_token_or_the_admi
                 with pytest.raises(NotFoundError, match="unknown task 'secret'"):
                     client.classify("secret", x[:2])
                 assert client.classify("public", x[:2]).system_version >= 2
+            # HTTP classify and Open Inference Protocol inference (REST and gRPC) hide it the same way
+            r = httpx.post(f"{server.http}/v1/tasks/secret/classify", headers=headers, content=_png(x[0]))
+            assert r.status_code == 404 and "unknown task 'secret'" in r.json()["error"], (token, r.text)
+            infer = {"inputs": [{"name": "IMAGE", "datatype": "UINT8", "shape": [1, 8, 8, 1],
+                                 "data": x[0].ravel().tolist()}]}
+            r = httpx.post(f"{server.http}/v2/models/secret/infer", headers=headers, json=infer)
+            assert r.status_code == 404 and "unknown task 'secret'" in r.json()["error"], (token, r.text)
+            assert httpx.post(f"{server.http}/v2/models/public/infer", headers=headers, json=infer).status_code == 200
+            import tritonclient.grpc as tg
+            from tritonclient.utils import InferenceServerException
+
+            triton = tg.InferenceServerClient(server.grpc)
+            inp = tg.InferInput("IMAGE", [1, 8, 8, 1], "UINT8")
+            inp.set_data_from_numpy(x[:1])
+            with pytest.raises(InferenceServerException, match="unknown task 'secret'"):
+                triton.infer("secret", [inp], headers={"authorization": f"Bearer {token}"} if token else None)
+            with pytest.raises(InferenceServerException, match="unknown task 'secret'"):
+                triton.is_model_ready("secret", headers={"authorization": f"Bearer {token}"} if token else None)
+            triton.close()
             with grpc.insecure_channel(server.grpc) as ch:  # gRPC task resources as well
                 stub = pbgrpc.Mu2NetStub(ch)
                 md = (("authorization", f"Bearer {token}"),) if token else None
@@ -869,6 +998,8 @@ def test_private_tasks_are_invisible_without_their_groups_read_token_or_the_admi
                 assert client.task("secret").name == "secret"
                 result = client.classify("secret", x[:2])
                 assert len(result.results) == 2 and result.results[0].labels[0] in ("even", "odd")
+            r = httpx.post(f"{server.http}/v1/tasks/secret/classify", headers=headers, content=_png(x[0]))
+            assert r.status_code == 200 and r.json()["results"][0]["labels"][0] in ("even", "odd")
         # a read token is not the admin token: it cannot upload or delete
         r = httpx.delete(f"{server.http}/v1/tasks/secret", headers={"Authorization": "Bearer team-token"})
         assert r.status_code == 401

@@ -30,6 +30,7 @@ def test_swap_loads_only_missing_components_and_a_failed_load_keeps_serving(tiny
     assert second.paths["digits"] is not first.paths["digits"]  # re-wrapped, same path
     assert second.paths["digits"].path.id == first.paths["digits"].path.id
     shared = set(second.paths["digits"].path.component_ids) & set(second.paths["small"].path.component_ids)
+    assert shared, "the two tasks' paths share no component: the check below would check nothing"
     for cid in shared:  # a component shared by two paths is one array in memory
         i = second.paths["digits"].path.component_ids.index(cid)
         j = second.paths["small"].path.component_ids.index(cid)

@@ -139,3 +139,83 @@ def test_a_task_uploaded_again_under_the_same_name_gets_nothing_of_the_old_ones_
     assert tiny_store.get_task("small").iterations_done == 0 and tiny_store.system_version() == version
     tiny_store.publish(None, [], task="small", iteration_done=True, task_seq=new.seq)
     assert tiny_store.get_task("small").iterations_done == 1
+
+
+PUBLISH_LOOP = textwrap.dedent("""
+    import dataclasses, sys, uuid
+    import numpy as np
+    from flax import traverse_util
+    from mu2net.store import Store
+    store = Store({data!r})
+    task = store.get_task("digits")
+    while True:  # nothing but file writes, publish transactions and their garbage collection
+        best = store.best_path("digits")
+        head = store.get_components([best.component_ids[-1]])[0]
+        flat = traverse_util.flatten_dict(store.get_arrays(head.params_digest))
+        params = traverse_util.unflatten_dict({{k: v + np.float32(1e-3) for k, v in flat.items()}})
+        digest, _ = store.write_component_files(params, None)
+        record = dataclasses.replace(head, id=digest, params_digest=digest, opt_digest=None, parent_id=head.id)
+        path = dataclasses.replace(best, id=uuid.uuid4().hex, component_ids=best.component_ids[:-1] + (digest,),
+                                   parent_id=best.id)
+        version = store.publish(path, [record], task="digits", task_seq=task.seq)
+        print(version, path.id, flush=True)  # acknowledged: committed
+""")
+
+
+def test_kill_9_inside_file_writes_and_publish_transactions_loses_nothing_committed(tiny_store):
+    """A process doing nothing but publishes (array files written, the publish transaction,
+    its garbage collection) is SIGKILLed at random moments: each time the store verifies,
+    its version never goes back behind what was committed, the served path is the last
+    committed one or a later one, the start-up sweep leaves nothing to sweep, and another
+    task's path still loads bit for bit."""
+    import os
+    import random
+    import signal
+    import time
+
+    import jax
+
+    from conftest import TINY_EVOLVER
+    from mu2net.evolver import Evolver
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    ev.active_phase("small")
+    other = tiny_store.best_path("small")
+    other_params = [jax.tree_util.tree_leaves(p) for p in tiny_store.load_params(other.component_ids)]
+    data = str(tiny_store.data_dir)
+    tiny_store.close()
+    rng = random.Random(0)
+    committed: list[tuple[int, str]] = []
+    for round_ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP.format(data=data)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        first = proc.stdout.readline()  # running its loop
+        assert first, proc.stderr.read()[-2000:]
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        lines = [first, *out.splitlines()]
+        committed += [(int(v), p) for v, p in (line.split() for line in lines if line.strip())]
+        store = Store(data)
+        try:
+            assert store.verify() == [], round_
+            version, last_path = committed[-1]
+            assert store.system_version() >= version
+            served = store.best_path("digits")
+            history = [h["path_id"] for h in store.history("digits")]
+            assert last_path in history and history.index(served.id) >= history.index(last_path)
+            store.load_params(served.component_ids)  # every file of the served path reads back
+            store.remove_orphans(min_age_seconds=0)  # what a serve start does
+            assert store.remove_orphans(min_age_seconds=0) == {"temporary_files": 0, "arrays": 0, "datasets": 0,
+                                                                "upload_dirs": 0}
+            assert store.verify() == []
+            assert not list((store.data_dir / "arrays").rglob("*.tmp"))
+            for want, got in zip(other_params, store.load_params(store.best_path("small").component_ids)):
+                for a, b in zip(want, jax.tree_util.tree_leaves(got), strict=True):
+                    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        finally:
+            store.close()
+    versions = [v for v, _ in committed]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert len(committed) >= 12  # the loop ran and was killed mid-way each round

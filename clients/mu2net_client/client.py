@@ -235,6 +235,11 @@ def _json(r: httpx.Response) -> dict[str, Any]:
     return doc
 
 
+def _upload_timeout(client_timeout: float, timeout: float | None) -> float:
+    """An upload's httpx timeout: the call's, else the client's but at least 600 s."""
+    return max(client_timeout, 600.0) if timeout is None else timeout
+
+
 def _upload_params(name: str, private: bool, acl_group: str | None) -> dict[str, str]:
     params = {"name": name, "private": str(private).lower()}
     if acl_group:
@@ -301,15 +306,22 @@ class Client:
 
     # ---- classify (gRPC) ----------------------------------------------------------------
 
-    def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
+    def classify(self, task: str, images: Images, top_k: int = 1, *, timeout: float | None = None) -> ClassifyResult:
         """Top-k labels of each image with the task's served path.
 
+        Args:
+          timeout: seconds for this call, every retry included (default: the client's); sent
+            as the gRPC deadline, so the server drops the images unrun once it passes, and
+            refuses them at once if its queue would outlast it.
+
         Raises:
-          NotFoundError, NotReadyError, InvalidArgumentError, TooLargeError, TransportError.
+          NotFoundError, NotReadyError, InvalidArgumentError, TooLargeError, OverloadedError,
+          TimeoutError, TransportError.
         """
         req = classify_request(task, images, top_k)
         with E.map_exceptions():
-            return classify_result(self._stub.Classify(req, timeout=self.timeout, metadata=self._metadata))
+            return classify_result(self._stub.Classify(req, timeout=self.timeout if timeout is None else timeout,
+                                                       metadata=self._metadata))
 
     # ---- tasks (HTTP) -------------------------------------------------------------------
 
@@ -323,7 +335,8 @@ class Client:
         doc: dict[str, Any] = self._get("/v1/system")
         return doc
 
-    def upload(self, name: str, data: DatasetLike, *, private: bool = False, acl_group: str | None = None) -> Task:
+    def upload(self, name: str, data: DatasetLike, *, private: bool = False, acl_group: str | None = None,
+               timeout: float | None = None) -> Task:
         """Uploads a labeled dataset as a new task.
 
         Not retried on a transport failure (the server may have created the task); a 429 (every
@@ -337,6 +350,8 @@ class Client:
             ``x_test``, ``y_test``, ``label_names``).
           private: withhold its components from other tasks.
           acl_group: ACL group of a private task.
+          timeout: seconds for each attempt's network phases (httpx's connect, read, write;
+            default: the client's timeout, at least 600 s, as large datasets take minutes).
         """
         body, _ = dataset_body(data)
         params = _upload_params(name, private, acl_group)
@@ -346,7 +361,7 @@ class Client:
                     with E.map_exceptions():
                         r = self._http.post("/v1/tasks", params=params, content=_rewind(body),
                                             headers={"Content-Type": "application/octet-stream"},
-                                            timeout=max(self.timeout, 600.0))
+                                            timeout=_upload_timeout(self.timeout, timeout))
                     view = _json(r)
         finally:
             if hasattr(body, "close"):
@@ -461,10 +476,13 @@ class AsyncClient:
         await self._channel.close()
         await self._http.aclose()
 
-    async def classify(self, task: str, images: Images, top_k: int = 1) -> ClassifyResult:
+    async def classify(self, task: str, images: Images, top_k: int = 1, *,
+                       timeout: float | None = None) -> ClassifyResult:
+        """Async :meth:`Client.classify`."""
         req = classify_request(task, images, top_k)
         with E.map_exceptions():
-            return classify_result(await self._stub.Classify(req, timeout=self.timeout, metadata=self._metadata))
+            return classify_result(await self._stub.Classify(
+                req, timeout=self.timeout if timeout is None else timeout, metadata=self._metadata))
 
     async def _get(self, url: str) -> Any:
         async for attempt in tenacity.AsyncRetrying(**overload_retry(self.retries)):
@@ -486,7 +504,8 @@ class AsyncClient:
         return doc
 
     async def upload(self, name: str, data: DatasetLike, *, private: bool = False,
-                     acl_group: str | None = None) -> Task:
+                     acl_group: str | None = None, timeout: float | None = None) -> Task:
+        """Async :meth:`Client.upload`."""
         body, _ = dataset_body(data)
         if hasattr(body, "read"):
             with body:
@@ -497,7 +516,7 @@ class AsyncClient:
                 with E.map_exceptions():
                     r = await self._http.post("/v1/tasks", params=params, content=body,
                                               headers={"Content-Type": "application/octet-stream"},
-                                              timeout=max(self.timeout, 600.0))
+                                              timeout=_upload_timeout(self.timeout, timeout))
                 view = _json(r)
         return Task.from_json(view)
 

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
+import math
+import time
 from typing import Iterator
 
 import grpc
@@ -86,6 +89,26 @@ def from_grpc(error: grpc.RpcError) -> Mu2netError:
     return GRPC_ERRORS.get(code, ServerError)(details)
 
 
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from an HTTP ``Retry-After`` header (RFC 9110 section 10.2.3):
+    delay-seconds (a decimal fraction is accepted too) or an HTTP-date, counted from ``now``
+    (``time.time()``; a date in the past is 0). None for an absent or unreadable value."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(text)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # an HTTP-date is GMT
+            return None
+        return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
 def from_http(response: httpx.Response) -> Mu2netError:
     """Maps an HTTP error response (JSON with an ``error`` member)."""
     try:
@@ -94,8 +117,7 @@ def from_http(response: httpx.Response) -> Mu2netError:
         message = response.text
     text = f"HTTP {response.status_code}: {message}"
     if response.status_code == 429:
-        retry_after = response.headers.get("retry-after")
-        return OverloadedError(text, float(retry_after) if retry_after and retry_after.isdigit() else None)
+        return OverloadedError(text, parse_retry_after(response.headers.get("retry-after")))
     return HTTP_ERRORS.get(response.status_code, ServerError)(text)
 
 
