@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-concurrent-requests", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=512,
                     help="requests handled at once over gRPC and HTTP together (health probes and metrics "
                          "not counted); one more is refused with 429 / RESOURCE_EXHAUSTED")
+    sv.add_argument("--no-cross-task-batching", dest="cross_task_batching", action="store_false",
+                    help="batch requests per served path only (default: requests of paths that differ only in "
+                         "their heads share one forward call)")
     sv.add_argument("--max-queued-images", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=16384,
                     help="most images queued for the forward pass; more is refused with 429 / RESOURCE_EXHAUSTED")
     sv.add_argument("--no-deadline-admission", dest="deadline_admission", action="store_false",
@@ -407,6 +410,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_archive_bytes=args.max_archive_bytes, max_queued_images=args.max_queued_images,
                            deadline_admission=args.deadline_admission, max_concurrent_uploads=args.max_concurrent_uploads,
                            max_concurrent_requests=args.max_concurrent_requests,
+                           cross_task_batching=args.cross_task_batching,
                            admin_token=args.admin_token, read_tokens=dict(args.read_token))
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
                              None if args.no_evolver else evolver_argv(args), tls))

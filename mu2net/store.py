@@ -273,9 +273,11 @@ def _fsync_dir(path: FsPath) -> None:
 
 
 def fsync_tree(root: str | os.PathLike[str]) -> None:
-    """fsyncs every file and directory under ``root``, and the directory holding ``root``
-    (its entry), e.g. a TFDS dataset before the task row that points to it commits."""
+    """fsyncs every file and directory under ``root``, the directory holding ``root`` (its
+    entry) and that directory's own entry (e.g. ``datasets/`` created by the first upload),
+    e.g. a TFDS dataset before the task row that points to it commits."""
     _fsync_dir(FsPath(root).parent)
+    _fsync_dir(FsPath(root).parent.parent)
     for dirpath, _dirs, files in os.walk(root):
         for name in files:
             fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)

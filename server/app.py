@@ -186,10 +186,11 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     service.close()
     if abandoned:
         # their threads would hold the interpreter's exit for as long as the ingestion
-        # takes; leave now: a task row commits whole or not at all, and the next start-up
-        # sweep removes the files of one that did not (as after a kill -9)
-        log.warning("shutdown: %d upload(s) still being ingested are abandoned; their files are removed at the "
-                    "next start", abandoned)
+        # takes; leave now: a task row commits whole or not at all, and a start-up sweep
+        # removes the files of one that did not once they are an hour old (as after a kill -9)
+        log.warning("shutdown: %d upload(s) still being ingested are abandoned; nothing of them was committed "
+                    "unless their 202 was sent, and the start-up sweep removes their files once they are an hour "
+                    "old", abandoned)
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -2,7 +2,11 @@
 
 Requests for the same served path and image shape are merged into one forward call of at
 most ``max_batch_size`` images, waiting at most ``max_delay_ms`` for more to arrive. The
-batch is padded to a power-of-two bucket compiled at load time.
+batch is padded to a power-of-two bucket compiled at load time. With ``cross_task`` (the
+default), requests of different tasks are merged too when their paths differ only in their
+heads and they read the same snapshot version: the shared trunk runs once for all of them
+(:mod:`mu2net.server.grouping`; every request's probabilities are bit-identical to its own
+path's forward on the same padded batch).
 
 Load is bounded: at most ``max_queued_images`` images wait or run at once; beyond that a
 request fails at once with :class:`mu2net.server.errors.Overloaded` (429 /
@@ -25,11 +29,12 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from mu2net.server import errors as E
+from mu2net.server.grouping import grouped_probabilities, trunk_key
 from mu2net.server.snapshot import ServedPath, bucket_for
 
 
@@ -42,10 +47,9 @@ class _Request:
     deadline: float | None = None  # time.monotonic() after which the request is not computed
     released: bool = False  # its images no longer count in Batcher.queued_images
     running: bool = False  # taken into a forward call (its count is released when that ends)
-
-    @property
-    def key(self) -> tuple[str, tuple[int, ...]]:
-        return self.served.path.id, self.images.shape[1:]
+    #: what it may share a forward call with: (path id, image shape), or with cross-task
+    #: batching (snapshot version, image shape, trunk component ids)
+    key: tuple[Any, ...] = ()
 
 
 class Batcher:
@@ -54,18 +58,22 @@ class Batcher:
     Args:
       max_batch_size: most images per forward call.
       max_delay_ms: longest wait for more requests after the first one of a batch.
-      on_batch: called with the real batch size of every forward call (metrics).
+      on_batch: called with the real batch size and the number of served paths of every
+        forward call (metrics).
       max_queued_images: most images waiting or running at once (None: unbounded).
       deadline_admission: refuse a request with a deadline at once (Overloaded) when the
         queued work is estimated to outlast it (:meth:`queue_seconds`).
+      cross_task: merge requests of paths that differ only in their heads (same snapshot
+        version, same image shape) into one forward call (:mod:`mu2net.server.grouping`).
     """
 
     #: Weight of the newest batch in the seconds-per-image moving average.
     RATE_EWMA = 0.2
 
     def __init__(self, max_batch_size: int = 64, max_delay_ms: float = 2.0,
-                 on_batch: Callable[[int], None] | None = None, max_queued_images: int | None = None,
-                 deadline_admission: bool = True) -> None:
+                 on_batch: Callable[[int, int], None] | None = None, max_queued_images: int | None = None,
+                 deadline_admission: bool = True, cross_task: bool = True) -> None:
+        self.cross_task = cross_task
         self.max_batch_size = max_batch_size
         self.max_delay = max_delay_ms / 1000.0
         self.on_batch = on_batch
@@ -84,12 +92,15 @@ class Batcher:
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
 
-    async def predict(self, served: ServedPath, images: np.ndarray, timeout: float | None = None) -> np.ndarray:
+    async def predict(self, served: ServedPath, images: np.ndarray, timeout: float | None = None,
+                      snapshot_version: int = -1) -> np.ndarray:
         """Probabilities ``[N, classes] float32`` for ``images [N,H,W,C] uint8`` on ``served``.
 
         Args:
-          timeout: seconds the caller waits (its gRPC deadline); images not started by then
+          timeout: seconds the caller waits (its deadline); images not started by then
             are dropped unrun.
+          snapshot_version: the version of the snapshot ``served`` was read from; with
+            ``cross_task``, only requests of the same version share a forward call.
 
         Raises:
           Overloaded: more than ``max_queued_images`` would be queued, or (with
@@ -119,9 +130,11 @@ class Batcher:
         chunks = [images[i:i + self.max_batch_size] for i in range(0, n, self.max_batch_size)] or [images]
         futures: list[asyncio.Future[np.ndarray]] = []
         requests: list[_Request] = []
+        key = ((snapshot_version, images.shape[1:], trunk_key(served.path)) if self.cross_task
+               else (served.path.id, images.shape[1:]))
         for chunk in chunks:
             fut: asyncio.Future[np.ndarray] = loop.create_future()
-            requests.append(_Request(served, chunk, fut, loop, deadline))
+            requests.append(_Request(served, chunk, fut, loop, deadline, key=key))
             self._queue.put(requests[-1])
             futures.append(fut)
         try:
@@ -199,37 +212,43 @@ class Batcher:
         for r in batch:
             r.running = True
         try:
-            probs: np.ndarray | None = self._compute(batch, size)
+            answers: list[np.ndarray] | None = self._compute(batch, size)
             error: Exception | None = None
         except Exception as e:  # delivered to every waiting request
-            probs, error = None, e
+            answers, error = None, e
         finally:
             for r in batch:  # uncounted before the answers go out: a caller may resubmit at once
                 self._release_request(r)
-        offset = 0
-        for r in batch:
-            n = len(r.images)
-            if probs is None:
+        for i, r in enumerate(batch):
+            if answers is None:
                 _deliver(r, _set_exception, error)
             else:
-                _deliver(r, _set_result, probs[offset:offset + n])
-            offset += n
+                _deliver(r, _set_result, answers[i])
 
-    def _compute(self, batch: list[_Request], size: int) -> np.ndarray:
+    def _compute(self, batch: list[_Request], size: int) -> list[np.ndarray]:
+        """One forward call for the batch; each request's probabilities, in batch order."""
         images = np.concatenate([r.images for r in batch])
         padded = bucket_for(size, self.max_batch_size)
         if padded > size:
             images = np.concatenate([images, np.zeros((padded - size,) + images.shape[1:], images.dtype)])
         started = time.perf_counter()
-        probs: np.ndarray = batch[0].served.predict(images)[:size]
+        paths = len({r.served.path.id for r in batch})
+        if paths == 1:
+            probs = batch[0].served.predict(images)
+            answers, offset = [], 0
+            for r in batch:
+                answers.append(probs[offset:offset + len(r.images)])
+                offset += len(r.images)
+        else:  # one trunk, several heads (cross-task batching)
+            answers = grouped_probabilities([(r.served, len(r.images)) for r in batch], images)
         if 2 * size >= self.max_batch_size:
             # per padded row: a queue drains in full batches, whose rows all carry images
             spi = (time.perf_counter() - started) / padded
             old = self.seconds_per_image
             self.seconds_per_image = spi if old is None else old + self.RATE_EWMA * (spi - old)
         if self.on_batch is not None:
-            self.on_batch(size)
-        return probs
+            self.on_batch(size, paths)
+        return answers
 
     def close(self) -> None:
         self._closed = True

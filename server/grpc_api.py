@@ -155,6 +155,7 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
 
     @_handle("kserve_grpc")
     async def ModelInfer(self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+        entered = time.monotonic()  # the timeout parameter counts from here, as the gRPC deadline does
         if len(request.inputs) != 1:
             raise E.InvalidArgument(f"{len(request.inputs)} inputs; exactly one is allowed ({INPUT_NAME}: UINT8 "
                                     "[N,H,W,C], or BYTES [N] of encoded images)")
@@ -164,8 +165,9 @@ class InferenceServicer(kgrpc.GRPCInferenceServiceServicer):  # type: ignore[mis
                                       list(inp.contents.uint_contents), list(inp.contents.bytes_contents))
         outputs = [(o.name, {k: _param(v) for k, v in o.parameters.items()}) for o in request.outputs]
         k = requested_classification(outputs)
+        parameter = request_timeout({key: _param(v) for key, v in request.parameters.items()})
         timeout = earliest(context.time_remaining(),
-                           request_timeout({key: _param(v) for key, v in request.parameters.items()}))
+                           None if parameter is None else parameter - (time.monotonic() - entered))
         result = await self.service.classify(request.model_name, encoded=encoded, raw=pixels, top_k=k or 1,
                                              clip_top_k=True, timeout=timeout)
         n_classes = result.probabilities.shape[1]

@@ -46,6 +46,10 @@ def _int_param(request: Request, name: str, default: int) -> int:
         raise E.InvalidArgument(f"query parameter {name}={text!r} is not an integer") from None
 
 
+#: Handlers that take their :meth:`Service.request_slot` once the request body is read.
+_SLOT_AFTER_BODY = frozenset({"classify", "v2_infer"})
+
+
 def _timeout_param(request: Request) -> float | None:
     """The ``timeout_ms`` query parameter (milliseconds, a positive finite number) in seconds:
     the classify's deadline, counted from the handler's entry; images not computed by then
@@ -135,8 +139,11 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
                 done = service.metrics.observe("http", method_name) if service.metrics is not None else None
                 CALLER_TOKEN.set(bearer_token(request.headers.get("authorization")))  # this request's task
                 try:
-                    with service.request_slot(method_name):  # 429 when all are taken, before the body is read
+                    if method_name in _SLOT_AFTER_BODY:  # takes its slot itself, once its body is read
                         resp = await fn(request)
+                    else:
+                        with service.request_slot(method_name):  # 429 when every slot is taken
+                            resp = await fn(request)
                 except asyncio.CancelledError:  # the server cancelled the handler (shutdown)
                     if done is not None:
                         done("499", time.perf_counter() - t0)
@@ -222,6 +229,11 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         task = request.path_params["name"]
         entered, timeout = time.monotonic(), _timeout_param(request)
         body = await _read_limited(request, service.config.max_message_bytes)
+        with service.request_slot("classify"):  # a slow sender held no slot while its body arrived
+            return await _classify(request, task, body, entered, timeout)
+
+    async def _classify(request: Request, task: str, body: bytes, entered: float,
+                        timeout: float | None) -> Response:
         ctype = request.headers.get("content-type", "")
         top_k = _int_param(request, "top_k", 1)
         encoded: list[bytes] = []
@@ -302,6 +314,10 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         name = request.path_params["name"]
         entered = time.monotonic()
         body = await _read_limited(request, service.config.max_message_bytes)
+        with service.request_slot("v2_infer"):  # a slow sender held no slot while its body arrived
+            return await _infer(request, name, body, entered)
+
+    async def _infer(request: Request, name: str, body: bytes, entered: float) -> Response:
         header_len = request.headers.get(HEADER_LENGTH.lower())
         try:
             n = int(header_len) if header_len is not None else len(body)

@@ -19,6 +19,11 @@ class Metrics:
                                  buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=r)
         self.batch = Histogram("mu2net_batch_size", "Images per forward call (dynamic batching).",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_paths = Histogram("mu2net_batch_paths",
+                                     "Served paths per forward call (cross-task batching merges paths that differ "
+                                     "only in their heads).", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.compiles = Gauge("mu2net_compiled_functions", "Traces (compilations) of serving functions, by kind.",
+                              ["function"], registry=r)
         self.version = Gauge("mu2net_system_version", "System version being served.", registry=r)
         self.swaps = Counter("mu2net_hot_swaps_total", "Snapshots swapped in.", registry=r)
         self.swap_seconds = Histogram("mu2net_hot_swap_load_seconds", "Time to load, compile and warm a version.",
@@ -46,14 +51,19 @@ class Metrics:
         self.swaps.inc()
         self.swap_seconds.observe(seconds)
 
-    def on_batch(self, size: int) -> None:
+    def on_batch(self, size: int, paths: int = 1) -> None:
         self.batch.observe(size)
+        self.batch_paths.observe(paths)
 
     def render(self, tasks: list[dict[str, Any]], failures: int) -> bytes:
         for state in ("queued", "training", "serving", "failed"):
             self.tasks.labels(state).set(sum(1 for t in tasks if t["state"] == state))
         self.iterations.set(sum(t["iterations_done"] for t in tasks))
         self.load_failures.set(failures)
+        from mu2net.paths import TRACES
+
+        for name in ("probabilities", "grouped_trunk", "grouped_heads"):
+            self.compiles.labels(name).set(TRACES.counts.get(name, 0))
         return generate_latest(self.registry)
 
     def observe(self, api: str, method: str) -> Callable[[str, float], None]:

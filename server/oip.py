@@ -90,9 +90,9 @@ def request_timeout(parameters: dict[str, Any] | None) -> float | None:
     value = (parameters or {}).get("timeout")
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise E.InvalidArgument(f"parameters.timeout={value!r}; allowed: an integer number of microseconds >= 0 "
-                                "(0: no timeout)")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise E.InvalidArgument(f"parameters.timeout={value!r}; allowed: an integer number of microseconds in "
+                                "0..2**63-1 (int64; 0: no timeout)")
     return value / 1e6 if value else None
 
 

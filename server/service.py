@@ -82,8 +82,13 @@ class ServiceConfig:
       max_concurrent_requests: requests handled at once over gRPC and HTTP together; one
         more is refused at once with 429 / RESOURCE_EXHAUSTED and a retry hint (None:
         unbounded). Liveness, readiness and metrics (:data:`UNBOUNDED_METHODS`) are not
-        counted, so probes and monitoring still answer. With ``max_message_bytes`` it bounds
-        the memory requests can hold before the batcher's queue bound applies.
+        counted, so probes and monitoring still answer; uploads are not either (they have
+        ``max_concurrent_uploads``). An HTTP classify or inference request takes its slot
+        once its body is read, so a client sending a body slowly holds none; a gRPC message
+        has been received whole before its call is counted. It bounds the decoded images
+        waiting for the batcher's queue, and the work in progress.
+      cross_task_batching: merge requests of paths that differ only in their heads into one
+        forward call (:mod:`mu2net.server.grouping`).
     """
 
     max_batch_size: int = 64
@@ -96,12 +101,14 @@ class ServiceConfig:
     deadline_admission: bool = True
     max_concurrent_uploads: int = 2
     max_concurrent_requests: int | None = 512
+    cross_task_batching: bool = True
     read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 #: Handlers that :meth:`Service.request_slot` does not count: liveness and readiness probes
-#: (Open Inference Protocol REST and gRPC) and the Prometheus scrape.
-UNBOUNDED_METHODS = frozenset({"v2_live", "v2_ready", "metrics", "ServerLive", "ServerReady"})
+#: (Open Inference Protocol REST and gRPC), the Prometheus scrape, and uploads (bounded by
+#: ``max_concurrent_uploads`` instead).
+UNBOUNDED_METHODS = frozenset({"v2_live", "v2_ready", "metrics", "ServerLive", "ServerReady", "upload"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +220,8 @@ class Service:
         self.config = config
         self.metrics = metrics
         self.manager = manager or SnapshotManager(store, config.max_batch_size,
-                                                  on_swap=metrics.on_swap if metrics else None)
+                                                  on_swap=metrics.on_swap if metrics else None,
+                                                  cross_task=config.cross_task_batching)
         self.upload_slots = threading.BoundedSemaphore(config.max_concurrent_uploads)
         self.ingest_pool = concurrent.futures.ThreadPoolExecutor(config.max_concurrent_uploads,
                                                                  thread_name_prefix="ingest")
@@ -224,7 +232,7 @@ class Service:
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
                                on_batch=metrics.on_batch if metrics else None,
                                max_queued_images=config.max_queued_images,
-                               deadline_admission=config.deadline_admission)
+                               deadline_admission=config.deadline_admission, cross_task=config.cross_task_batching)
         if metrics is not None:
             metrics.watch_batcher(self.batcher)
 
@@ -301,7 +309,8 @@ class Service:
           :mod:`server.errors`).
         """
         started = time.monotonic()  # the deadline counts from here, decoding included
-        served = self.served(task)  # one snapshot read: the request finishes on this version
+        snapshot = self.manager.snapshot  # one snapshot read: the request finishes on this version
+        served = self.served(task, snapshot)
         n_classes = served.path.architecture.num_classes
         if top_k == 0:
             top_k = 1
@@ -314,6 +323,9 @@ class Service:
         count = len(encoded) if encoded else (len(raw) if raw is not None else 0)
         if count > MAX_IMAGES_PER_REQUEST:
             raise E.InvalidArgument(f"{count} images in one request; at most {MAX_IMAGES_PER_REQUEST}")
+        if timeout is not None and timeout <= 0:
+            raise E.DeadlineExceeded("the request's deadline passed before its images were decoded (while the "
+                                     "request was received); they were not run")
         if encoded:
             images = await asyncio.to_thread(decode_images, list(encoded), served.task.image_shape)
         else:
@@ -323,7 +335,7 @@ class Service:
         left = None if timeout is None else timeout - (time.monotonic() - started)
         if left is not None and left <= 0:
             raise E.DeadlineExceeded("the request's deadline passed while its images were decoded; they were not run")
-        probs = await self.batcher.predict(served, images, timeout=left)
+        probs = await self.batcher.predict(served, images, timeout=left, snapshot_version=snapshot.version)
         order = np.argsort(-probs, axis=-1, kind="stable")[:, :top_k].astype(np.int32)
         scores = np.take_along_axis(probs, order, axis=-1)
         names = served.task.label_names

@@ -89,10 +89,14 @@ class SnapshotManager:
       max_batch_size: largest padded batch; every bucket is compiled before a swap.
       poll_seconds: how often the store's system version is checked.
       on_swap: called with (old, new) snapshot after every swap (metrics).
+      cross_task: also compile, before a swap, the cross-task batching functions of the
+        paths that share a trunk (:func:`mu2net.server.grouping.warm`).
     """
 
     def __init__(self, store: Store, max_batch_size: int = 64, poll_seconds: float = 0.5,
-                 on_swap: Callable[[Snapshot, Snapshot, float], None] | None = None) -> None:
+                 on_swap: Callable[[Snapshot, Snapshot, float], None] | None = None,
+                 cross_task: bool = True) -> None:
+        self.cross_task = cross_task
         self.store = store
         self.max_batch_size = max_batch_size
         self.poll_seconds = poll_seconds
@@ -173,6 +177,13 @@ class SnapshotManager:
                 if old is not None:
                     paths[name] = dataclasses.replace(old, task=task)
         self.task_errors = errors
+        if self.cross_task:
+            from mu2net.server import grouping
+
+            try:
+                grouping.warm(list(paths.values()), bucket_sizes(self.max_batch_size))
+            except Exception:  # the batches would compile them then; the swap goes on
+                log.exception("compiling the cross-task batching functions of version %s failed", version)
         return Snapshot(version=version, paths=paths, loaded_at=time.time())
 
     def _load(self, task: TaskRecord, path: P.Path, version: int) -> ServedPath:

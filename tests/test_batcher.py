@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 import time
@@ -17,6 +18,7 @@ from mu2net.server.batcher import Batcher
 @dataclasses.dataclass
 class _Path:
     id: str = "p"
+    component_ids: tuple[str, ...] = ("trunk", "head")
 
 
 class SlowServed:
@@ -133,6 +135,10 @@ def test_an_overloaded_http_answer_is_a_429_with_retry_after(tmp_path):
         async def classify(self, *a, **k):
             raise E.Overloaded("16384 images are queued")
 
+        @contextlib.contextmanager
+        def request_slot(self, method):
+            yield
+
         class config:
             max_message_bytes = 1 << 20
 
@@ -183,6 +189,10 @@ def test_an_http_client_that_disconnects_has_its_images_dropped_unrun(tmp_path):
     class Service:
         metrics = None
         cancelled = asyncio.Event()
+
+        @contextlib.contextmanager
+        def request_slot(self, method):
+            yield
 
         async def classify(self, task, *, encoded=(), raw=None, top_k=1, clip_top_k=False, timeout=None):
             try:  # queued behind the blocked forward pass of another caller's image

@@ -76,9 +76,9 @@ class _FlakyServicer(_pbgrpc.Mu2NetServicer):
         if step == "overloaded":
             context.set_trailing_metadata((("mu2net-error", "Overloaded"), ("grpc-retry-pushback-ms", "50")))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded")
-        if step == "slow":  # answers after the caller's deadline
+        if step == "slow":  # answers long after the caller's deadline
             import time
-            time.sleep(1.0)
+            time.sleep(6.0)
         if step == "unauthenticated":
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin bearer token")
         if step == "internal":
@@ -96,7 +96,7 @@ class _FlakyServicer(_pbgrpc.Mu2NetServicer):
     (["unavailable"], 0, 1, "TransportError"),      # retries=0: no policy
     (["unauthenticated"], 3, 1, "AuthenticationError"),  # not retryable: one call
     (["internal"], 3, 1, "ServerError"),
-    (["slow"], 3, 1, "TimeoutError"),               # DEADLINE_EXCEEDED (the call's timeout of 0.3 s)
+    (["slow"], 3, 1, "TimeoutError"),               # DEADLINE_EXCEEDED (the call's timeout of 2 s)
 ])
 def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, calls, error):
     from concurrent import futures
@@ -115,7 +115,7 @@ def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, cal
     try:
         with Client(f"127.0.0.1:{port}", UNREACHABLE[1], retries=retries, timeout=20) as client:
             images = np.zeros((1, 8, 8, 1), np.uint8)
-            timeout = 0.3 if script == ["slow"] else None  # a per-call timeout below the client's 20 s
+            timeout = 2.0 if script == ["slow"] else None  # a per-call timeout below the client's 20 s
             if error is None:
                 assert client.classify("x", images).system_version == 7
             else:
@@ -147,6 +147,7 @@ def test_http_errors_map_to_the_sdk_hierarchy():
     ("2", 2.0), ("0", 0.0), ("1.5", 1.5), (" 3 ", 3.0),
     ("Wed, 21 Oct 2015 07:28:30 GMT", 30.0),  # an HTTP-date: from "now" (07:28:00 below)
     ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),   # in the past
+    ("Wed Oct 21 07:28:10 2015", 10.0),       # the asctime form, which carries no zone: GMT
     ("soon", None), ("-1", None), ("nan", None), ("inf", None), ("", None), (None, None),
 ])
 def test_retry_after_is_delay_seconds_or_an_http_date(header, seconds):

@@ -187,7 +187,8 @@ def test_kill_9_inside_file_writes_and_publish_transactions_loses_nothing_commit
     tiny_store.close()
     rng = random.Random(0)
     committed: list[tuple[int, str]] = []
-    for round_ in range(12):
+    swept = 0  # rounds whose kill left a written, uncommitted file (it landed inside a publish)
+    for round_ in range(20):
         proc = subprocess.Popen([sys.executable, "-c", PUBLISH_LOOP.format(data=data)], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         first = proc.stdout.readline()  # running its loop
@@ -206,7 +207,8 @@ def test_kill_9_inside_file_writes_and_publish_transactions_loses_nothing_commit
             history = [h["path_id"] for h in store.history("digits")]
             assert last_path in history and history.index(served.id) >= history.index(last_path)
             store.load_params(served.component_ids)  # every file of the served path reads back
-            store.remove_orphans(min_age_seconds=0)  # what a serve start does
+            removed = store.remove_orphans(min_age_seconds=0)  # what a serve start does
+            swept += bool(removed["arrays"] or removed["temporary_files"])
             assert store.remove_orphans(min_age_seconds=0) == {"temporary_files": 0, "arrays": 0, "datasets": 0,
                                                                 "upload_dirs": 0}
             assert store.verify() == []
@@ -218,4 +220,6 @@ def test_kill_9_inside_file_writes_and_publish_transactions_loses_nothing_commit
             store.close()
     versions = [v for v, _ in committed]
     assert versions == sorted(versions) and len(set(versions)) == len(versions)
-    assert len(committed) >= 12  # the loop ran and was killed mid-way each round
+    # some kills landed between a component's files and its publish transaction (most of a
+    # loop's time is file writes and fsyncs), so the checks above saw that state too
+    assert swept >= 1, "no kill landed inside a publish"

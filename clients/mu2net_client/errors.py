@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import email.utils
 import json
 import math
@@ -103,8 +104,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             when = email.utils.parsedate_to_datetime(text)
         except (TypeError, ValueError, IndexError):
             return None
-        if when.tzinfo is None:  # an HTTP-date is GMT
-            return None
+        if when.tzinfo is None:  # an HTTP-date is GMT (the asctime form carries no zone)
+            when = when.replace(tzinfo=datetime.timezone.utc)
         return max(0.0, when.timestamp() - (time.time() if now is None else now))
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
