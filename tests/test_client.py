@@ -159,41 +159,33 @@ def test_retry_after_is_delay_seconds_or_an_http_date(header, seconds):
     assert parse_retry_after(header, now=now) == seconds
 
 
-class _OverloadedHTTP:
-    """A real HTTP server (http.server on 127.0.0.1) that refuses the first ``refusals``
-    requests with 429 and ``Retry-After: retry_after``, then answers like mu2net's task
-    endpoints; it records each request's method, path, body and arrival time."""
+class _LocalHTTP:
+    """A real HTTP server (http.server on 127.0.0.1, in a daemon thread) answering every GET
+    and POST with :meth:`answer`'s (status, JSON document, headers)."""
 
-    def __init__(self, refusals: int, retry_after: str = "0"):
+    def __init__(self):
         import http.server
         import json
         import threading
-        import time
 
         owner = self
-        self.refusals, self.requests, self.times = refusals, [], []
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def _answer(self, body: bytes) -> None:
-                owner.requests.append((self.command, self.path.split("?")[0], body))
-                owner.times.append(time.monotonic())
-                if len(owner.requests) <= owner.refusals:
-                    payload, code = json.dumps({"error": "2 uploads are in progress"}).encode(), 429
-                else:
-                    payload, code = json.dumps({**OLD_SERVER_TASK, "state": "queued"}).encode(), 202
+            def _serve(self, body: bytes) -> None:
+                code, doc, headers = owner.answer(self.command, self.path.split("?")[0], body)
+                payload = json.dumps(doc).encode()
                 self.send_response(code)
-                if code == 429:
-                    self.send_header("Retry-After", retry_after)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
+                for name, value in {**headers, "Content-Type": "application/json",
+                                    "Content-Length": str(len(payload))}.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(payload)
 
             def do_POST(self):  # noqa: N802
-                self._answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self._serve(self.rfile.read(int(self.headers.get("Content-Length", 0))))
 
             def do_GET(self):  # noqa: N802
-                self._answer(b"")
+                self._serve(b"")
 
             def log_message(self, *args):
                 pass
@@ -202,9 +194,31 @@ class _OverloadedHTTP:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def answer(self, method: str, path: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
+        raise NotImplementedError
+
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class _OverloadedHTTP(_LocalHTTP):
+    """Refuses the first ``refusals`` requests with 429 and ``Retry-After: retry_after``, then
+    answers like mu2net's task endpoints; records each request's method, path, body and
+    arrival time."""
+
+    def __init__(self, refusals: int, retry_after: str = "0"):
+        self.refusals, self.retry_after, self.requests, self.times = refusals, retry_after, [], []
+        super().__init__()
+
+    def answer(self, method, path, body):
+        import time
+
+        self.requests.append((method, path, body))
+        self.times.append(time.monotonic())
+        if len(self.requests) <= self.refusals:
+            return 429, {"error": "2 uploads are in progress"}, {"Retry-After": self.retry_after}
+        return 202, {**OLD_SERVER_TASK, "state": "queued"}, {}
 
 
 @pytest.mark.parametrize("refusals, retries, ok", [(2, 3, True), (3, 2, False)])
@@ -253,41 +267,19 @@ def test_reads_refused_with_429_are_retried_after_retry_after():
         server.close()
 
 
-class _TaskStatesHTTP:
-    """A real HTTP server answering ``GET /v1/tasks/NAME`` with the next of ``states`` (the
-    last one repeated), as a task resource."""
+class _TaskStatesHTTP(_LocalHTTP):
+    """Answers ``GET /v1/tasks/NAME`` with the next of ``states`` (the last one repeated), as
+    a task resource."""
 
     def __init__(self, states):
-        import http.server
-        import json
-        import threading
-
-        owner = self
         self.states, self.polls = list(states), 0
+        super().__init__()
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                state = owner.states[min(owner.polls, len(owner.states) - 1)]
-                owner.polls += 1
-                doc = {**OLD_SERVER_TASK, "state": state,
-                       "error": "the evolver failed 3 times: boom" if state == "failed" else None}
-                payload = json.dumps(doc).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+    def answer(self, method, path, body):
+        state = self.states[min(self.polls, len(self.states) - 1)]
+        self.polls += 1
+        return 200, {**OLD_SERVER_TASK, "state": state,
+                     "error": "the evolver failed 3 times: boom" if state == "failed" else None}, {}
 
 
 @pytest.mark.parametrize("states, timeout, error, match", [
