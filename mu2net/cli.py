@@ -136,6 +136,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-answer-max-samples", type=lambda t: _count_arg(t, 1, "an integer >= 1"),
                    default=None, metavar="N", help="cap on the long first child's training examples "
                                                    "(default: 400000)")
+    p.add_argument("--first-answer-blocks", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=None,
+                   metavar="N", help="transformer blocks a new task's first child inserts into a random root "
+                                     "without blocks (default: 1, the preliminary experiment's insertion)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -158,7 +161,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "min_cycle_samples",
                  "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
-                 "first_answer_max_samples")
+                 "first_answer_max_samples", "first_answer_blocks")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -192,6 +195,8 @@ def evolver_config(args: argparse.Namespace) -> Any:
                     else (SERVE_FIRST_ANSWER_EPOCHS if serving else 0.0)}
     if args.first_answer_max_samples is not None:
         first_answer["first_answer_max_samples"] = args.first_answer_max_samples
+    if args.first_answer_blocks is not None:
+        first_answer["first_answer_blocks"] = args.first_answer_blocks
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, budget=dataclasses.replace(PAPER_PRESET.budget,
                                                                             min_samples=args.min_cycle_samples),

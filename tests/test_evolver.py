@@ -305,6 +305,14 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
     # one child: the deepest served path alone (the cheapest first answer); no long schedule: as before
     assert [s.parent.id for s in ev.first_answer_specs(t, [*served, root], num_train=n_train)] == ["served-1"]
     assert [s.parent.id for s in two.first_answer_specs(t, [*served, root])] == ["served-1", "served-0"]
+    # --first-answer-blocks: the root's child inserts that many new blocks, all trained
+    deep = Evolver(tiny_store, dataclasses.replace(cfg, first_answer_blocks=3), progress=False)
+    (spec3,) = deep.first_answer_specs(t, [root], num_train=n_train)
+    assert spec3.architecture.num_blocks == 3 and spec3.sources[3:6] == (None,) * 3 and all(spec3.trainable)
+    assert [m for m in spec3.mutations if m.startswith("insert_block:")] == ["insert_block:3", "insert_block:4",
+                                                                            "insert_block:5"]
+    with pytest.raises(ValueError, match="first_answer_blocks must be in 1..max_blocks"):
+        dataclasses.replace(cfg, first_answer_blocks=0)
     assert Evolver(tiny_store, TINY_EVOLVER, progress=False).first_answer_specs(
         t, [tiny_store.root_path()], num_train=n_train)[0].cycles is None
 
