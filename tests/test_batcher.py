@@ -28,8 +28,10 @@ class SlowServed:
         self.path = _Path()
         self.calls: list[int] = []
         self.gate = threading.Event()
+        self.entered = threading.Event()  # a forward call has started (and blocks)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
+        self.entered.set()
         self.gate.wait(10)
         self.calls.append(len(images))
         return np.full((len(images), 2), 0.5, np.float32)
@@ -217,6 +219,11 @@ def test_an_http_client_that_disconnects_has_its_images_dropped_unrun(tmp_path):
             await asyncio.sleep(0.02)
         assert server.started
         blocker = asyncio.ensure_future(batcher.predict(served, np.zeros((1, 8, 8, 1), np.uint8)))
+        for _ in range(500):  # its forward pass has started alone, so the request below queues behind it
+            if served.entered.is_set():
+                break
+            await asyncio.sleep(0.02)
+        assert served.entered.is_set()
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"POST /v1/tasks/x/classify HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\npng")
         await writer.drain()

@@ -305,8 +305,10 @@ def test_health_reflection_metrics_page_and_system(static_server):
 
 
 def _png(v):
+    """A 6x6 gray PNG of value ``v``, or the PNG of an image array ``[H,W,1]``."""
     buf = io.BytesIO()
-    Image.fromarray(np.full((6, 6), v, np.uint8)).save(buf, format="PNG")
+    pixels = np.asarray(v, np.uint8)
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 else np.full((6, 6), v, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -29,12 +29,6 @@ def test_swap_loads_only_missing_components_and_a_failed_load_keeps_serving(tiny
     assert second.version > first.version and set(second.paths) == {"digits", "small"}
     assert second.paths["digits"] is not first.paths["digits"]  # re-wrapped, same path
     assert second.paths["digits"].path.id == first.paths["digits"].path.id
-    shared = set(second.paths["digits"].path.component_ids) & set(second.paths["small"].path.component_ids)
-    assert shared, "the two tasks' paths share no component: the check below would check nothing"
-    for cid in shared:  # a component shared by two paths is one array in memory
-        i = second.paths["digits"].path.component_ids.index(cid)
-        j = second.paths["small"].path.component_ids.index(cid)
-        assert second.paths["digits"].params[i] is second.paths["small"].params[j]
     assert loaded_before <= set(manager._components)
     np.testing.assert_array_equal(second.paths["digits"].predict(x[:4]), probs)  # old version intact
 
@@ -120,3 +114,40 @@ def test_a_request_held_in_the_batcher_across_a_publish_answers_from_its_own_ver
         assert (after.system_version, after.path_id) == (new.version, new.path.id)
     finally:
         service.close()
+
+
+def test_a_component_shared_by_two_served_paths_is_one_array_in_memory(tiny_store):
+    """A second task served on the first one's trunk with a head of its own (as a frozen
+    reuse child is): the snapshot holds each shared component once, the same array object in
+    both served paths, and loads only the new head for the second."""
+    import dataclasses
+
+    import jax
+
+    from mu2net import components as C
+    from mu2net.evolver.loop import _digest
+    from mu2net.store import ComponentRecord, new_id
+
+    Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")
+    manager = SnapshotManager(tiny_store, max_batch_size=4)
+    assert manager.refresh()
+    digits = tiny_store.best_path("digits")
+    head = jax.device_get(C.init_component(C.HEAD, digits.architecture.config, jax.random.PRNGKey(7), 2))
+    pd, od = tiny_store.write_component_files(head, None)
+    record = ComponentRecord(id=_digest(head), kind=C.HEAD, params_digest=pd, opt_digest=od, parent_id=None,
+                             task="small", acl_group=None, steps={"small": 1}, num_params=C.num_params(head),
+                             num_classes=2)
+    path = dataclasses.replace(digits, id=new_id(), task="small", component_ids=digits.component_ids[:-1] + (record.id,),
+                               architecture=dataclasses.replace(digits.architecture, num_classes=2),
+                               parent_id=digits.id, score=0.5, metrics={})
+    tiny_store.publish(path, [record], task="small")
+    loaded = set(manager._components)
+    assert manager.refresh()
+    one, two = manager.snapshot.paths["digits"], manager.snapshot.paths["small"]
+    shared = set(one.path.component_ids) & set(two.path.component_ids)
+    assert shared == set(digits.component_ids[:-1])
+    for cid in shared:
+        assert one.params[one.path.component_ids.index(cid)] is two.params[two.path.component_ids.index(cid)]
+    assert set(manager._components) - loaded == {record.id}  # only the new head was loaded
+    x, _ = digits_splits()["test"]
+    assert two.predict(x[:3]).shape == (3, 2)
