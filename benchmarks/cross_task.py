@@ -7,11 +7,13 @@ width 64, 3 blocks):
    paths do); one image per request, tasks drawn uniformly. Saturation throughput of the
    batcher with cross-task batching, without it (per-path batching, as before), and with
    the same total traffic sent to one task. In process: the server's Batcher and
-   SnapshotManager, requests from asyncio (no gRPC, so the client costs little).
+   SnapshotManager, requests from asyncio tasks in the same process (no gRPC; the
+   process's CPU use per mode is recorded). Per-path batching is measured with the
+   server's default 2 ms batching delay and with none.
 2. The same through gRPC: a real ``mu2net serve`` with and without
-   ``--no-cross-task-batching``; a grpc.aio client on the same 2 cores keeps requests in
-   flight. The client's Python costs about as much CPU per request as the server's, so
-   these figures are bounded by the client and say less than (1).
+   ``--no-cross-task-batching``; a grpc.aio client on the same 2 cores keeps 128
+   requests in flight. Per-request gRPC and Python work (server and client) bound these
+   figures more than the forward pass does, so they say less than (1).
 3. *separate*: 50 tasks whose paths share nothing (each its own random trunk): grouping
    must not cost anything (it cannot group them).
 4. *evolved*: the tasks of an evolved store (``--evolved-store``, e.g. the main job's
@@ -128,9 +130,18 @@ async def _open_loop(batcher: Batcher, snapshot: Any, tasks: list[str], rate: fl
             "p99_ms": float(np.percentile(ms, 99))}
 
 
+#: in-process modes: (cross-task batching, the batcher's max delay in ms, one task only)
+MODES = {"grouped": (True, 2.0, False), "per_path": (False, 2.0, False),
+         "per_path_no_delay": (False, 0.0, False), "one_task": (True, 2.0, True)}
+
+
 def in_process(data: str, seconds: float, concurrency: int, rounds: int, one_task: bool = True) -> dict[str, Any]:
-    """Saturation images/s of the batcher, grouping on / off (and one task), rounds alternated."""
-    out: dict[str, list[float]] = {"grouped": [], "per_path": [], "one_task": []}
+    """Saturation images/s of the batcher, rounds alternated: cross-task batching; per-path
+    batching with the server's default 2 ms delay and with none (a per-path batch of these
+    requests rarely fills, so with a delay it waits the whole delay); and (``one_task``) the
+    same traffic to one task. Also this process's CPU use per mode (cores, of 2)."""
+    out: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     stores = []
     try:
         snaps = {}
@@ -139,21 +150,28 @@ def in_process(data: str, seconds: float, concurrency: int, rounds: int, one_tas
             stores.append(store)
         tasks = sorted(snaps["grouped"].paths)
         for r in range(rounds):
-            for mode in ("grouped", "per_path", "one_task") if one_task else ("grouped", "per_path"):
-                batcher = Batcher(64, 2.0, cross_task=mode != "per_path")
+            for mode, (cross, delay, single) in MODES.items():
+                if single and not one_task:
+                    continue
+                batcher = Batcher(64, delay, cross_task=cross)
                 try:
-                    chosen = tasks[:1] if mode == "one_task" else tasks
-                    snap = snaps["grouped" if mode != "per_path" else "per_path"]
+                    chosen = tasks[:1] if single else tasks
+                    snap = snaps["grouped" if cross else "per_path"]
                     asyncio.run(_closed_loop(batcher, snap, chosen, 1.0, concurrency, seed=r))  # warm
+                    t0, c0 = time.perf_counter(), os.times()
                     out[mode].append(asyncio.run(_closed_loop(batcher, snap, chosen, seconds, concurrency, seed=r)))
+                    c1 = os.times()
+                    cpu[mode].append((c1.user - c0.user + c1.system - c0.system) / (time.perf_counter() - t0))
                 finally:
                     batcher.close()
     finally:
         for s in stores:
             s.close()
     med = {k: float(np.median(v)) for k, v in out.items() if v}
-    result: dict[str, Any] = {"tasks": len(tasks), "images_per_s": med, "rounds": out}
+    result: dict[str, Any] = {"tasks": len(tasks), "images_per_s": med, "rounds": out,
+                              "process_cpu_cores": {k: float(np.median(v)) for k, v in cpu.items() if v}}
     result["grouped_over_per_path"] = med["grouped"] / med["per_path"]
+    result["grouped_over_per_path_no_delay"] = med["grouped"] / med["per_path_no_delay"]
     if "one_task" in med:
         result["grouped_over_one_task"] = med["grouped"] / med["one_task"]
     return result

@@ -10,10 +10,10 @@ one jitted function, grouped by class count).
 
 Exactness. Every request's probabilities equal, bit for bit, its own path's forward
 (:func:`mu2net.paths.probabilities_fn`) run on the same padded batch. Two measured facts
-make this hold on XLA's CPU backend (``tests/test_grouping.py`` checks them on every run):
-splitting a jitted forward at a component boundary does not change its results, and at a
-fixed batch size a row's result depends on that row alone, not on its position or on the
-other rows. What does change results is the batch size itself (a matmul of 1 row and one
+make this hold on XLA's CPU backend (``tests/test_grouping.py`` checks the exactness and
+both facts on every run): splitting a jitted forward at a component boundary does not
+change its results, and at a fixed batch size a row's result depends on that row alone,
+not on its position or on the other rows. What does change results is the batch size itself (a matmul of 1 row and one
 of 64 rows differ in the last bit), so every part of a group runs at the group's padded
 batch size: each head runs on all the trunk's rows and keeps its own. A head is a
 LayerNorm and one small dense layer, so that costs little; branches with blocks of their
@@ -23,13 +23,15 @@ a batch of 64 (docs/benchmarks.md, section "Cross-task batching").
 
 Compiles are bounded: trunks by architecture and padded batch size (the batch buckets of
 :func:`mu2net.server.snapshot.bucket_sizes`), head steps by class count, number of heads
-padded to a power of two (a padding slot repeats the last head) and batch size. They are
-counted in :data:`mu2net.paths.TRACES` (``grouped_trunk``, ``grouped_heads``).
+padded by :func:`head_slots` (a padding slot repeats the last head) and batch size. They are
+counted in :data:`mu2net.paths.TRACES` (``grouped_trunk``, ``grouped_heads``; traces in this
+process, re-traces included).
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any, Callable, Sequence
 
 import jax
@@ -64,7 +66,7 @@ def trunk_fn(arch: P.Architecture) -> TrunkFn:
     return jax.jit(trunk)
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=1024)
 def heads_fn(config: C.ViTConfig, num_classes: int, count: int) -> HeadsFn:
     """``count`` heads of ``num_classes`` classes, each on every row of the trunk's output,
     unrolled in one compiled function (softmax as in :func:`mu2net.paths.probabilities_fn`)."""
@@ -78,11 +80,19 @@ def heads_fn(config: C.ViTConfig, num_classes: int, count: int) -> HeadsFn:
 
 
 def head_slots(count: int) -> int:
-    """Heads per compiled head step for ``count`` distinct heads: the next power of two."""
+    """Heads per compiled head step for ``count`` distinct heads: the next power of two up to
+    8, then the next multiple of 8 (so at most 7 padding slots: 36 heads run as 40, not 64)."""
+    if count > 8:
+        return -(-count // 8) * 8
     slots = 1
     while slots < count:
         slots *= 2
     return slots
+
+
+def slot_counts(most: int) -> list[int]:
+    """Every :func:`head_slots` value for 1..``most`` heads, ascending."""
+    return sorted({head_slots(k) for k in range(1, most + 1)})
 
 
 def grouped_probabilities(members: Sequence[tuple[Any, int]], images: np.ndarray) -> list[np.ndarray]:
@@ -129,12 +139,20 @@ def grouped_probabilities(members: Sequence[tuple[Any, int]], images: np.ndarray
     return result
 
 
+#: (function key, batch size) pairs :func:`warm` has run in this process: a swap warms only
+#: what no earlier swap did
+_warmed: set[tuple[Any, ...]] = set()
+_warmed_lock = threading.Lock()
+
+
 def warm(paths: Sequence[Any], buckets: Sequence[int]) -> int:
     """Compiles the grouped functions that batches of these served paths can use, at every
     batch bucket, so the first grouped batch does not compile on the batcher thread: for
-    each trunk shared by two or more of ``paths``, its trunk and head steps of every
-    power-of-two head count up to the paths sharing it (per class count). Returns the number
-    of (function, batch size) pairs run."""
+    each trunk shared by two or more of ``paths``, its trunk and the head steps of every
+    slot count (:func:`head_slots`) a batch of that bucket can need (at most as many heads
+    as the paths sharing it, per class count, and as the bucket's rows). Functions already
+    run at a bucket by an earlier call are skipped. Returns the number of (function, batch
+    size) pairs run."""
     sharing: dict[tuple[Any, ...], list[Any]] = {}
     for sp in paths:  # a batch holds one image shape
         sharing.setdefault((trunk_key(sp.path), tuple(sp.task.image_shape)), []).append(sp)
@@ -148,15 +166,26 @@ def warm(paths: Sequence[Any], buckets: Sequence[int]) -> int:
         counts: dict[int, int] = {}
         for sp in group:
             counts[sp.path.architecture.num_classes] = counts.get(sp.path.architecture.num_classes, 0) + 1
+        trunk = P.Architecture(arch.config, arch.kinds, 1)
         for b in buckets:
-            activations = trunk_fn(P.Architecture(arch.config, arch.kinds, 1))(
-                first.params[:-1], np.zeros((b, h, w, c), np.uint8))
-            runs += 1
+            activations = None
             for classes, n in counts.items():
                 head = next(sp.params[-1] for sp in group if sp.path.architecture.num_classes == classes)
-                slots = 1
-                while slots <= head_slots(n):
+                for slots in slot_counts(min(n, b)):  # a batch of b rows holds at most b requests
+                    key = ("heads", arch.config, classes, slots, b)
+                    if key in _warmed:
+                        continue
+                    if activations is None:
+                        activations = trunk_fn(trunk)(first.params[:-1], np.zeros((b, h, w, c), np.uint8))
                     np.asarray(heads_fn(arch.config, classes, slots)([head] * slots, activations))
                     runs += 1
-                    slots *= 2
+                    with _warmed_lock:
+                        _warmed.add(key)
+            key = ("trunk", trunk, (h, w, c), b)
+            if key not in _warmed:
+                if activations is None:
+                    np.asarray(trunk_fn(trunk)(first.params[:-1], np.zeros((b, h, w, c), np.uint8)))
+                runs += 1
+                with _warmed_lock:
+                    _warmed.add(key)
     return runs

@@ -22,8 +22,8 @@ class Metrics:
         self.batch_paths = Histogram("mu2net_batch_paths",
                                      "Served paths per forward call (cross-task batching merges paths that differ "
                                      "only in their heads).", buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.compiles = Gauge("mu2net_compiled_functions", "Traces (compilations) of serving functions, by kind.",
-                              ["function"], registry=r)
+        self.traces = Gauge("mu2net_function_traces", "Traces (each a compilation) of the serving functions in "
+                            "this process so far, re-traces included, by function.", ["function"], registry=r)
         self.version = Gauge("mu2net_system_version", "System version being served.", registry=r)
         self.swaps = Counter("mu2net_hot_swaps_total", "Snapshots swapped in.", registry=r)
         self.swap_seconds = Histogram("mu2net_hot_swap_load_seconds", "Time to load, compile and warm a version.",
@@ -63,7 +63,7 @@ class Metrics:
         from mu2net.paths import TRACES
 
         for name in ("probabilities", "grouped_trunk", "grouped_heads"):
-            self.compiles.labels(name).set(TRACES.counts.get(name, 0))
+            self.traces.labels(name).set(TRACES.counts.get(name, 0))
         return generate_latest(self.registry)
 
     def observe(self, api: str, method: str) -> Callable[[str, float], None]:

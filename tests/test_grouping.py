@@ -46,6 +46,7 @@ def pool():
     return {
         "a": _served("a", one[:-1], ids1, 10, 11), "b": _served("b", one[:-1], ids1, 10, 12),
         "c": _served("c", one[:-1], ids1, 2, 13),
+        **{f"k{i}": _served(f"k{i}", one[:-1], ids1, 10, 20 + i) for i in range(5)},  # more 10-class heads
         "d": _served("d", one[:3] + two[3:-1], ids1[:3] + ids2[3:], 10, 14),
         "e": _served("e", two[:-1], ids2, 10, 15),
     }
@@ -55,9 +56,12 @@ def _own(sp: ServedPath, images: np.ndarray) -> np.ndarray:
     return np.asarray(P.probabilities_fn(sp.path.architecture)(sp.params, images))
 
 
-@pytest.mark.parametrize("rows", [(1, 1, 1), (3, 1, 2), (1, 5, 2, 6), (20, 11, 33)])
+@pytest.mark.parametrize("rows", [(1, 1, 1), (3, 1, 2), (1, 5, 2, 6), (20, 11, 33),
+                                  (2, 1, 1, 3, 1, 2, 1, 4, 1, 2)])
 def test_grouped_probabilities_equal_each_paths_own_forward_bit_for_bit(pool, rows):
-    names = ["a", "b", "c", "a"][:len(rows)]  # a repeated: two requests of one task in the group
+    # a repeated: two requests of one task in the group; the last case has 7 distinct 10-class
+    # heads (8 slots: a padding slot) and a 2-class one
+    names = ["a", "b", "c", "a", "k0", "k1", "k2", "k3", "k4", "b"][:len(rows)]
     total = sum(rows)
     padded = bucket_for(total, 64)
     rng = np.random.default_rng(total)
@@ -71,8 +75,25 @@ def test_grouped_probabilities_equal_each_paths_own_forward_bit_for_bit(pool, ro
         assert got.shape == (r, sp.path.architecture.num_classes)
         np.testing.assert_array_equal(got, want)  # bit for bit, at the same padded batch
         offset += r
-    # the check is not vacuous: different heads give different probabilities
+    # the check is not vacuous: different heads give different probabilities, and different
+    # rows of one request differ (a wrong row offset would not pass by equal rows)
     assert not np.array_equal(parts[0][:1], _own(pool["b"], images)[:1])
+    big = max(range(len(rows)), key=lambda i: rows[i])
+    if rows[big] > 1:
+        assert not np.array_equal(parts[big][0], parts[big][1])
+
+
+def test_a_rows_result_depends_on_that_row_alone_at_a_fixed_batch_size(pool):
+    """The fact cross-task batching's exactness rests on (server/grouping.py): at one batch
+    size, a row's probabilities do not change when the other rows change or move."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    want = _own(pool["a"], images)
+    other = images.copy()
+    other[1:] = rng.integers(0, 256, other[1:].shape, dtype=np.uint8)
+    np.testing.assert_array_equal(_own(pool["a"], other)[0], want[0])
+    perm = rng.permutation(16)
+    np.testing.assert_array_equal(_own(pool["a"], images[perm]), want[perm])
 
 
 def test_paths_with_other_components_than_the_head_are_not_grouped(pool):
@@ -80,7 +101,8 @@ def test_paths_with_other_components_than_the_head_are_not_grouped(pool):
     for other in ("d", "e"):  # embeddings only, or nothing, in common
         with pytest.raises(ValueError, match="differ in their heads only"):
             G.grouped_probabilities([(pool["a"], 2), (pool[other], 2)], images)
-    assert G.head_slots(1) == 1 and G.head_slots(3) == 4 and G.head_slots(4) == 4 and G.head_slots(33) == 64
+    assert [G.head_slots(k) for k in (1, 2, 3, 4, 5, 8, 9, 33, 50, 64)] == [1, 2, 4, 4, 8, 8, 16, 40, 56, 64]
+    assert G.slot_counts(20) == [1, 2, 4, 8, 16, 24]
 
 
 def test_the_batcher_merges_one_trunks_tasks_and_keeps_other_paths_and_versions_apart(pool):
@@ -128,10 +150,18 @@ def test_the_batcher_merges_one_trunks_tasks_and_keeps_other_paths_and_versions_
 
 
 def test_warm_compiles_shared_trunks_and_head_counts_only(pool):
+    G.trunk_fn.cache_clear()
+    G.heads_fn.cache_clear()
+    G._warmed.clear()
     assert G.warm([pool["d"], pool["e"]], [1, 2]) == 0  # no trunk is shared by two of them
+    before = dict(P.TRACES.counts)
     runs = G.warm([pool[n] for n in "abcde"], [1, 2])
-    # trunk 1 (a, b, c): per bucket the trunk, 10-class head steps of 1 and 2 heads, a 2-class step of 1
-    assert runs == 2 * (1 + 2 + 1)
+    # trunk 1 (a, b, c): at batch 1 the trunk and one-head steps (10 and 2 classes); at batch 2
+    # the trunk, 10-class steps of 1 and 2 heads, a 2-class step of 1
+    assert runs == (1 + 1 + 1) + (1 + 2 + 1)
+    assert P.TRACES.counts["grouped_trunk"] - before.get("grouped_trunk", 0) == 2  # compiled here, per bucket
+    assert P.TRACES.counts["grouped_heads"] - before.get("grouped_heads", 0) == 5
+    assert G.warm([pool[n] for n in "abcde"], [1, 2]) == 0  # a later swap warms nothing again
     # a grouped batch of a warmed bucket and head count compiles nothing more
     before = dict(P.TRACES.counts)
     G.grouped_probabilities([(pool["a"], 1), (pool["b"], 1)], np.zeros((2, 8, 8, 1), np.uint8))

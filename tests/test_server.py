@@ -293,10 +293,10 @@ def test_health_reflection_metrics_page_and_system(static_server):
                  "mu2net_system_version", 'mu2net_tasks{state="serving"} 1.0', "mu2net_evolver_task_iterations",
                  'mu2net_requests_in_flight{api="http"} 1.0',  # this very scrape
                  "mu2net_batcher_queued_images 0.0", "mu2net_batcher_seconds_per_image", "mu2net_batch_paths_bucket",
-                 'mu2net_compiled_functions{function="grouped_trunk"}'):
+                 'mu2net_function_traces{function="grouped_trunk"}'):
         assert name in metrics, name
     # the server compiled its served path's forward (every batch bucket, at load), and counts it
-    compiled = re.search(r'mu2net_compiled_functions\{function="probabilities"\} (\d+)', metrics)
+    compiled = re.search(r'mu2net_function_traces\{function="probabilities"\} (\d+)', metrics)
     assert compiled and int(compiled.group(1)) >= 1, metrics[-2000:]
     page = httpx.get(server.http + "/")
     assert page.status_code == 200 and "<svg" in page.text and "digits" in page.text
