@@ -172,7 +172,7 @@ def warm(paths: Sequence[Any], buckets: Sequence[int]) -> int:
             for classes, n in counts.items():
                 head = next(sp.params[-1] for sp in group if sp.path.architecture.num_classes == classes)
                 for slots in slot_counts(min(n, b)):  # a batch of b rows holds at most b requests
-                    key = ("heads", arch.config, classes, slots, b)
+                    key: tuple[Any, ...] = ("heads", arch.config, classes, slots, b)
                     if key in _warmed:
                         continue
                     if activations is None:
@@ -181,11 +181,11 @@ def warm(paths: Sequence[Any], buckets: Sequence[int]) -> int:
                     runs += 1
                     with _warmed_lock:
                         _warmed.add(key)
-            key = ("trunk", trunk, (h, w, c), b)
-            if key not in _warmed:
+            done = ("trunk", trunk, (h, w, c), b)
+            if done not in _warmed:
                 if activations is None:
                     np.asarray(trunk_fn(trunk)(first.params[:-1], np.zeros((b, h, w, c), np.uint8)))
                 runs += 1
                 with _warmed_lock:
-                    _warmed.add(key)
+                    _warmed.add(done)
     return runs
