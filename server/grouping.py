@@ -79,6 +79,13 @@ def heads_fn(config: C.ViTConfig, num_classes: int, count: int) -> HeadsFn:
     return jax.jit(heads)
 
 
+@functools.lru_cache(maxsize=256)
+def trunk_fn_of(arch: P.Architecture) -> TrunkFn:
+    """:func:`trunk_fn` of a path's own architecture (one cache lookup per batch, instead of
+    building and validating the class-count-free architecture each time)."""
+    return trunk_fn(P.Architecture(arch.config, arch.kinds, 1))
+
+
 def head_slots(count: int) -> int:
     """Heads per compiled head step for ``count`` distinct heads: the next power of two up to
     8, then the next multiple of 8 (so at most 7 padding slots: 36 heads run as 40, not 64)."""
@@ -116,7 +123,7 @@ def grouped_probabilities(members: Sequence[tuple[Any, int]], images: np.ndarray
     if any(trunk_key(sp.path) != trunk for sp, _ in members):
         raise ValueError("cross-task batching needs paths that differ in their heads only")
     arch = first.path.architecture
-    activations = trunk_fn(P.Architecture(arch.config, arch.kinds, 1))(first.params[:-1], images)
+    activations = trunk_fn_of(arch)(first.params[:-1], images)
     # distinct heads in first-seen order, by class count: (count -> path ids, their params)
     slot: dict[str, tuple[int, int]] = {}
     by_classes: dict[int, list[Any]] = {}

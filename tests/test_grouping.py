@@ -151,6 +151,7 @@ def test_the_batcher_merges_one_trunks_tasks_and_keeps_other_paths_and_versions_
 
 def test_warm_compiles_shared_trunks_and_head_counts_only(pool):
     G.trunk_fn.cache_clear()
+    G.trunk_fn_of.cache_clear()
     G.heads_fn.cache_clear()
     G._warmed.clear()
     assert G.warm([pool["d"], pool["e"]], [1, 2]) == 0  # no trunk is shared by two of them
