@@ -33,7 +33,7 @@ from mu2net.evolver import schedule as S
 from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
-from mu2net.evolver.training import ChildTraining, TrainBudget, TrainResult, train_child
+from mu2net.evolver.training import ChildTraining, Devices, TrainBudget, TrainResult, can_split, train_child
 from mu2net.store import (ROOT_PATH_ID, ComponentRecord, ComponentsGone, Store, StoreError, TaskNotFound,
                           TaskRecord, new_id, serialize_tree)
 
@@ -92,6 +92,24 @@ class EvolverConfig:
         budget.
       first_answer_max_samples: the cap on that long schedule's training examples
         (keeps a large upload's first child to minutes on a CPU).
+      long_validation_ratio: when > 0, a long first child's cycle (the training between
+        two of its validations) has about this many times as many examples as the
+        task's validation split (where that is more than the budget's cycle), so its
+        validations cost about ``1 / (3 x ratio)`` of its compute (a validation example is
+        a forward pass, a training example a forward and a backward pass); the schedule's
+        examples stay ``first_answer_epochs``'s (split evenly into the fewer cycles). Fashion-MNIST's 3,000 validation images after every
+        4,096-example cycle are about a fifth of the long child's time; at ratio 10 a
+        cycle there is 30,000 examples (every 10-20 s on this CPU, still a publish as
+        often as :attr:`checkpoint_publish_seconds` allows on MNIST-5k's 8,000). 0
+        (default): the budget's cycle, min(1 epoch, sample cap), as every other child
+        (Section 3.3).
+      long_data_parallel: a long first child trains data-parallel over every local device
+        (its batches split between them, gradients averaged;
+        :func:`mu2net.evolver.training.placement`) instead of on one device: its siblings
+        in the first-answer generation are short (a frozen reuse and a new head), so after
+        them one device would train the task's lineage while the others idle. On this
+        2-core CPU one small child's step gains only ~1.15x from XLA's two-thread pool
+        (docs/results.md); off: one device, as every other child.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
         Section 4, applied this many times at once; default 1). Plain training of a 4-block
@@ -166,6 +184,8 @@ class EvolverConfig:
     first_answer_epochs: float = 0.0
     first_answer_max_samples: int = 400_000
     first_answer_blocks: int = 1
+    long_validation_ratio: float = 0.0
+    long_data_parallel: bool = False
     checkpoint_publish_seconds: float = 5.0
     publish_on_improvement: bool = True
     preempt: bool = False
@@ -185,6 +205,8 @@ class EvolverConfig:
         if not (math.isfinite(self.checkpoint_publish_seconds) and self.checkpoint_publish_seconds >= 0):
             raise ValueError(f"checkpoint_publish_seconds must be a finite number >= 0, "
                              f"got {self.checkpoint_publish_seconds}")
+        if not (math.isfinite(self.long_validation_ratio) and self.long_validation_ratio >= 0):
+            raise ValueError(f"long_validation_ratio must be a finite number >= 0, got {self.long_validation_ratio}")
         if self.first_answer_max_samples < 1:
             raise ValueError(f"first_answer_max_samples must be >= 1, got {self.first_answer_max_samples}")
         if not 1 <= self.first_answer_blocks <= self.max_blocks:
@@ -197,12 +219,15 @@ class EvolverConfig:
 
 #: The paper's large-scale budget (Section 5.1: 4 generations of 8 children per task
 #: iteration, one per TPU core; "each model training performs 4 validation cycles", each of
-#: min(1 epoch, 128116 samples), 1/10 of an ImageNet epoch). The batch size (512) is the
-#: official mu2Net notebook's preliminary configuration; the paper does not state one. No
-#: first-answer generation: Algorithm 1's generations only.
+#: min(1 epoch, 128116 samples), 1/10 of an ImageNet epoch). The batch size (64) is the
+#: official mu2Net notebook's large-scale configuration (``get_exp_config_large``:
+#: ``batch_size = 64``, "TPUv4 megacore=64, TPUv3=32"); the paper does not state one. No
+#: layer-count mutation: Section 4 adds it for the preliminary experiment only, and the
+#: official large configuration has no layer-count range. No first-answer generation:
+#: Algorithm 1's generations only.
 PAPER_PRESET = EvolverConfig(generations=4, children=8,
-                             budget=TrainBudget(cycles=4, sample_cap=128116, batch_size=512),
-                             first_answer=False)
+                             budget=TrainBudget(cycles=4, sample_cap=128116, batch_size=64),
+                             allow_insertion=False, first_answer=False)
 
 
 @dataclasses.dataclass
@@ -489,7 +514,7 @@ class Evolver:
     # ---- one active phase ---------------------------------------------------------------
 
     def first_answer_specs(self, task: TaskRecord, others: Sequence[P.Path],
-                           num_train: int | None = None) -> list[ChildSpec]:
+                           num_train: int | None = None, num_validation: int = 0) -> list[ChildSpec]:
         """The children of a new task's first-answer generation (:attr:`EvolverConfig.first_answer`).
 
         Each child reuses one allowed path with every component frozen and trains only a
@@ -509,15 +534,26 @@ class Evolver:
         generation's only child of that root; with 2 or more children it is always among
         them (the served paths fill the other places, deepest first), however many paths
         are served, so every new task also trains like plain training from its first phase.
+        With :attr:`EvolverConfig.long_validation_ratio` R > 0 and R x ``num_validation``
+        more than the budget's cycle, the schedule is split evenly into
+        ``ceil(schedule examples / (R x num_validation))`` cycles (at least
+        :attr:`EvolverConfig.first_answer_cycles`; :attr:`ChildSpec.cycle_samples`), so the
+        schedule's examples stay the same (up to rounding) and the child validates less often.
         """
         cfg = self.config
         root = [p for p in others if p.id == ROOT_PATH_ID]
         trained = sorted((p for p in others if p.id != ROOT_PATH_ID),
                          key=lambda p: (-p.architecture.num_blocks, -(p.score or 0.0)))
-        long_cycles = None
+        long_cycles = cycle_samples = None
         if cfg.first_answer_epochs > 0 and num_train:
             samples = min(cfg.first_answer_epochs * num_train, cfg.first_answer_max_samples)
-            long_cycles = max(cfg.first_answer_cycles, math.ceil(samples / cfg.budget.samples_per_cycle(num_train)))
+            per_cycle = cfg.budget.samples_per_cycle(num_train)
+            long_cycles = max(cfg.first_answer_cycles, math.ceil(samples / per_cycle))
+            sparse = math.ceil(cfg.long_validation_ratio * num_validation)
+            if sparse > per_cycle:  # fewer, longer cycles splitting the same schedule evenly
+                cycles = max(cfg.first_answer_cycles, math.ceil(samples / sparse))
+                if math.ceil(samples / cycles) > per_cycle:
+                    long_cycles, cycle_samples = cycles, math.ceil(samples / cycles)
         random_roots = [p for p in root if not p.metrics.get("pretrained", False)]
         if long_cycles is not None and random_roots and cfg.children >= 2:
             # the random root's long child always runs beside the reuse children: it trains
@@ -545,10 +581,11 @@ class Evolver:
             arch = P.Architecture(parent.architecture.config, tuple(kinds), task.num_classes)
             cycles = long_cycles if random_root else None
             if cycles is not None:
-                applied.append(f"long_schedule:{cycles}")
+                applied.append(f"long_schedule:{cycles}" + (f"x{cycle_samples}" if cycle_samples else ""))
             specs.append(ChildSpec(parent=parent, task=task.name, architecture=arch, sources=tuple(sources),
                                    trainable=tuple(trainable), hparams=dict(parent.hparams),
-                                   mutations=tuple(applied), cycles=cycles))
+                                   mutations=tuple(applied), cycles=cycles,
+                                   cycle_samples=cycle_samples if cycles is not None else None))
         return specs
 
     def active_phase(self, task_name: str) -> P.Path:
@@ -683,7 +720,8 @@ class Evolver:
                 specs = [resumed.spec]
                 budget = dataclasses.replace(cfg.budget, cycles=cfg.first_answer_cycles)
             elif gen == 0:
-                specs = self.first_answer_specs(task, others, num_train=len(train[0]))
+                specs = self.first_answer_specs(task, others, num_train=len(train[0]),
+                                                num_validation=len(validation[0]))
                 budget = dataclasses.replace(cfg.budget, cycles=cfg.first_answer_cycles)
             else:
                 specs = []
@@ -808,12 +846,14 @@ class Evolver:
                 bar.update(1)
                 return None  # a new task is waiting: children not yet started are skipped
             if spec.cycles is not None and on_done is not None:
+                if self.config.long_data_parallel and can_split(len(self.devices), budget.batch_size):
+                    device = self.devices  # its batches split between every device, beside its siblings
                 out = self._train_long(spec, task, params, opts, recs, seed, device, scored, train, validation,
-                                       dataclasses.replace(budget, cycles=spec.cycles), interrupt, finished.put,
+                                       spec.budget(budget), interrupt, finished.put,
                                        failed.is_set,
                                        resume if resume is not None and spec is resume.spec else None)
             else:
-                child_budget = budget if spec.cycles is None else dataclasses.replace(budget, cycles=spec.cycles)
+                child_budget = spec.budget(budget)
                 result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
                                      child_budget, self.scorer, seed, device, scored_params=scored,
                                      interrupt=stop)
@@ -860,7 +900,7 @@ class Evolver:
         return results, skipped
 
     def _train_long(self, spec: ChildSpec, task: TaskRecord, params: Sequence[Any], opts: Sequence[Any],
-                    recs: Sequence[ComponentRecord | None], seed: int, device: jax.Device, scored: float,
+                    recs: Sequence[ComponentRecord | None], seed: int, device: Devices, scored: float,
                     train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                     budget: TrainBudget, interrupt: Callable[[], bool] | None,
                     report: Callable[[tuple[ChildSpec, P.Path, list] | None], Any],

@@ -23,13 +23,16 @@ way.
 from __future__ import annotations
 
 import dataclasses
-from typing import AbstractSet, Any, Mapping
+from typing import TYPE_CHECKING, AbstractSet, Any, Mapping
 
 import numpy as np
 
 from mu2net import components as C
 from mu2net import hparams as H
 from mu2net.paths import Architecture, Path
+
+if TYPE_CHECKING:
+    from mu2net.evolver.training import TrainBudget
 
 #: Position source of a newly initialised component in :attr:`ChildSpec.sources`.
 NEW = None
@@ -51,6 +54,9 @@ class ChildSpec:
       cycles: train cycles of this child when they are not its generation's budget (a
         random root's first-answer child on one long schedule,
         :attr:`mu2net.evolver.EvolverConfig.first_answer_epochs`); None: the budget's.
+      cycle_samples: training examples per cycle of this child when they are not the
+        budget's (a long child validates less often:
+        :attr:`mu2net.evolver.EvolverConfig.long_validation_ratio`); None: the budget's.
     """
 
     parent: Path
@@ -61,6 +67,15 @@ class ChildSpec:
     hparams: Mapping[str, Any]
     mutations: tuple[str, ...]
     cycles: int | None = None
+    cycle_samples: int | None = None
+
+    def budget(self, budget: TrainBudget) -> TrainBudget:
+        """``budget`` with this child's own cycles and examples per cycle, where it has them."""
+        if self.cycles is not None:
+            budget = dataclasses.replace(budget, cycles=self.cycles)
+        if self.cycle_samples is not None:
+            budget = dataclasses.replace(budget, sample_cap=self.cycle_samples, min_samples=self.cycle_samples)
+        return budget
 
 
 def mutation_probability(hparams: dict[str, Any], mutation: str, rng: np.random.Generator,

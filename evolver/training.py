@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mu2net import components as C
 from mu2net import paths as P
@@ -179,11 +180,10 @@ class ChildTraining:
                  mask: tuple[bool, ...], hparams: Mapping[str, Any],
                  train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                  budget: TrainBudget, scorer: Callable[[float, float], float], seed: int,
-                 device: jax.Device | None = None, scored_params: float | None = None) -> None:
+                 device: Devices = None, scored_params: float | None = None) -> None:
         if len(mask) != len(arch.kinds) or not mask[-1]:
             raise ValueError(f"trainable mask {mask} must cover {len(arch.kinds)} components with a trainable head")
-        device = device or jax.devices()[0]
-        self._put = functools.partial(jax.device_put, device=device)
+        self._put, self._put_batch = placement(device, budget.batch_size)
         put = self._put
         self.arch, self.budget, self.scorer = arch, budget, scorer
         self.train, self.validation = train, validation
@@ -236,7 +236,8 @@ class ChildTraining:
                 self.cursor += b
                 self.key, sub = jax.random.split(self.key)
                 self.suffix, self.momentum, _ = self.step_fn(
-                    self.suffix, self.momentum, self.prefix, self.suffix_mask, put(x_train[idx]), put(y_train[idx]),
+                    self.suffix, self.momentum, self.prefix, self.suffix_mask,
+                    self._put_batch(x_train[idx]), self._put_batch(y_train[idx]),
                     put(jnp.asarray(self.step, jnp.int32)), self.total, self.hp, sub)
                 self.step += 1
                 self.images += b
@@ -266,20 +267,24 @@ class ChildTraining:
         x_val, y_val = self.validation
         if len(y_val) == 0:
             raise ValueError("cannot compute accuracy on an empty split")
-        if self.first == 0:
-            return P.accuracy(self.arch, list(self.suffix), x_val, y_val)
-        if self._val_activations is None:
-            tokens = self.arch.config.num_patches + (1 if self.first >= 2 else 0)
-            if len(x_val) * tokens * self.arch.config.width * 4 > VALIDATION_CACHE_BYTES:
-                return P.accuracy(self.arch, list(self.prefix) + list(self.suffix), x_val, y_val)
+        params, start = self.suffix, self.first
+        tokens = self.arch.config.num_patches + (1 if self.first >= 2 else 0)
+        if self.first > 0 and self._val_activations is None \
+                and len(x_val) * tokens * self.arch.config.width * 4 > VALIDATION_CACHE_BYTES:
+            params, start = list(self.prefix) + list(self.suffix), 0  # too big to keep: the whole path
+        if start == 0:  # the images go in as they are (the function preprocesses them)
+            batches: Any = (self._put_batch(b) for b in _padded_batches(x_val, VALIDATION_BATCH))
+        elif self._val_activations is not None:
+            batches = self._val_activations
+        else:
             prefix_fn = _prefix_fn(self.arch, self.first)
-            self._val_activations = [prefix_fn(self.prefix, self._put(batch))
-                                     for batch in _padded_batches(x_val, VALIDATION_BATCH)]
-        suffix_fn = _suffix_fn(self.arch, self.first)
+            batches = self._val_activations = [prefix_fn(self.prefix, self._put_batch(batch))
+                                               for batch in _padded_batches(x_val, VALIDATION_BATCH)]
+        suffix_fn = _suffix_fn(self.arch, start)
         correct = 0
-        for i, h in enumerate(self._val_activations):
+        for i, h in enumerate(batches):
             labels = y_val[i * VALIDATION_BATCH:(i + 1) * VALIDATION_BATCH]
-            pred = np.asarray(suffix_fn(self.suffix, h))[:len(labels)]
+            pred = np.asarray(suffix_fn(params, h))[:len(labels)]
             correct += int(np.sum(pred == labels))
         return correct / len(y_val)
 
@@ -303,9 +308,10 @@ class ChildTraining:
         self._val_activations = None
         self._parked = True
 
-    def place(self, device: jax.Device) -> None:
-        """Puts a parked (or placed) child's state on ``device``, where its next cycles run."""
-        self._put = functools.partial(jax.device_put, device=device)
+    def place(self, device: Devices) -> None:
+        """Puts a parked (or placed) child's state on ``device`` (one device, or several to
+        train data-parallel: :func:`placement`), where its next cycles run."""
+        self._put, self._put_batch = placement(device, self.budget.batch_size)
         put = self._put
         self.prefix, self.suffix, self.momentum = put(self.prefix), put(self.suffix), put(self.momentum)
         self.suffix_mask, self.hp, self.total = put(self.suffix_mask), put(self.hp), put(self.total)
@@ -316,6 +322,39 @@ class ChildTraining:
         """Drops the device arrays (a stopped child keeps only its best checkpoint on the host)."""
         self.prefix = self.suffix = self.momentum = []
         self._val_activations = None
+
+
+#: Where a child trains: one device, several (data-parallel, :func:`placement`), or None
+#: (JAX's default device).
+Devices = jax.Device | Sequence[jax.Device] | None
+
+
+def placement(device: Devices, batch_size: int) -> tuple[Callable[[Any], Any], Callable[[Any], Any]]:
+    """How a child's arrays are put on its device(s): ``(put, put_batch)``.
+
+    One device (or None: JAX's first device): both put there. Several devices whose count
+    divides ``batch_size`` (and :data:`VALIDATION_BATCH`): data parallelism through
+    ``jax.sharding`` (GSPMD): ``put`` replicates parameters, optimizer state and scalars
+    on a one-axis mesh of the devices, ``put_batch`` splits a batch's leading (example)
+    axis between them, and the jitted train step then computes each device's share of
+    the batch and averages the gradients across devices (an all-reduce), the same update
+    as one device up to floating-point summation order. Otherwise the first device alone.
+    """
+    devices = [jax.devices()[0]] if device is None else (
+        [device] if isinstance(device, jax.Device) else list(device))
+    n = len(devices)
+    if not can_split(n, batch_size):
+        put = functools.partial(jax.device_put, device=devices[0])
+        return put, put
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    return (functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec())),
+            functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec("batch"))))
+
+
+def can_split(num_devices: int, batch_size: int) -> bool:
+    """Whether :func:`placement` trains data-parallel on ``num_devices`` devices: more
+    than one, dividing both ``batch_size`` and :data:`VALIDATION_BATCH`."""
+    return num_devices > 1 and batch_size % num_devices == 0 and VALIDATION_BATCH % num_devices == 0
 
 
 #: Largest frozen-prefix validation activations a child keeps on its device (bytes); above
@@ -344,15 +383,24 @@ def _prefix_fn(arch: P.Architecture, stop: int) -> Callable[[Sequence[Any], jax.
 
 @functools.lru_cache(maxsize=256)
 def _suffix_fn(arch: P.Architecture, start: int) -> Callable[[Sequence[Any], jax.Array], jax.Array]:
-    """Jitted ``(suffix params, activations) -> predicted class [B] int32``."""
-    return jax.jit(lambda params, h: jnp.argmax(P.forward(arch, params, h, start=start), axis=-1))
+    """Jitted ``(suffix params, activations entering position start) -> predicted class [B]
+    int32``; for ``start`` 0 the input is the images, ``[B,H,W,C] uint8``, preprocessed as
+    :func:`mu2net.paths.predict_fn` does."""
+
+    def predict(params: Sequence[Any], h: jax.Array) -> jax.Array:
+        P.TRACES.hit("predict")  # counted with the other evaluation traces
+        if start == 0:
+            h = P.preprocess(h, arch.config.image_size)
+        return jnp.argmax(P.forward(arch, params, h, start=start), axis=-1)
+
+    return jax.jit(predict)
 
 
 def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence[Any | None],
                 mask: tuple[bool, ...], hparams: Mapping[str, Any],
                 train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray],
                 budget: TrainBudget, scorer: Callable[[float, float], float], seed: int,
-                device: jax.Device | None = None,
+                device: Devices = None,
                 on_cycle: Callable[[int, float], None] | None = None,
                 scored_params: float | None = None,
                 interrupt: Callable[[], bool] | None = None) -> TrainResult:
@@ -369,7 +417,8 @@ def train_child(arch: P.Architecture, params: Sequence[Any], opt_state: Sequence
       budget: cycles, sample cap and batch size.
       scorer: ``(validation accuracy, scored params) -> score``.
       seed: seeds batch order and augmentation.
-      device: device to train on (default: JAX's default device).
+      device: device to train on (default: JAX's default device), or several devices to
+        train on data-parallel (:func:`placement`).
       on_cycle: called after each cycle's validation with (cycles done, validation
         accuracy), e.g. to advance a progress bar.
       scored_params: the parameter count the scorer sees (the evolver passes the path's

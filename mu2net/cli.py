@@ -139,6 +139,13 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-answer-blocks", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=None,
                    metavar="N", help="transformer blocks a new task's first child inserts into a random root "
                                      "without blocks (default: 1, the preliminary experiment's insertion)")
+    p.add_argument("--long-validation-ratio", type=_nonnegative_float_arg, default=None, metavar="R",
+                   help="a long first child validates after at least R x its validation split's examples of "
+                        "training (its validations then cost about 1/(3R) of its compute); 0: after every "
+                        "cycle of min(1 epoch, --sample-cap) (default: 0)")
+    p.add_argument("--long-data-parallel", action="store_true",
+                   help="a long first child trains data-parallel over every local device (--cpu-devices) "
+                        "instead of on one")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     root = p.add_argument_group("root model (used only when the store is new)")
     root.add_argument("--root-checkpoint", help="vision_transformer .npz checkpoint to start from")
@@ -161,7 +168,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "min_cycle_samples",
                  "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
-                 "first_answer_max_samples", "first_answer_blocks")
+                 "first_answer_max_samples", "first_answer_blocks", "long_validation_ratio")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -180,6 +187,8 @@ def evolver_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--identity-insertion")
     if args.per_mutation_mu:
         argv.append("--per-mutation-mu")
+    if args.long_data_parallel:
+        argv.append("--long-data-parallel")
     if not getattr(args, "no_continual", True):
         argv.append("--continual")
     return argv
@@ -197,6 +206,8 @@ def evolver_config(args: argparse.Namespace) -> Any:
         first_answer["first_answer_max_samples"] = args.first_answer_max_samples
     if args.first_answer_blocks is not None:
         first_answer["first_answer_blocks"] = args.first_answer_blocks
+    if args.long_validation_ratio is not None:
+        first_answer["long_validation_ratio"] = args.long_validation_ratio
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, budget=dataclasses.replace(PAPER_PRESET.budget,
                                                                             min_samples=args.min_cycle_samples),
@@ -204,14 +215,16 @@ def evolver_config(args: argparse.Namespace) -> Any:
                                    first_answer=serving or PAPER_PRESET.first_answer,
                                    clone_random_root=args.clone_random_root, halving=args.halving,
                                    identity_insertion=args.identity_insertion,
-                                   per_mutation_probabilities=args.per_mutation_mu, **first_answer)
+                                   per_mutation_probabilities=args.per_mutation_mu,
+                                   long_data_parallel=args.long_data_parallel, **first_answer)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size, args.min_cycle_samples),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
                          preempt=serving, grow_when_stale=serving, patience=args.patience,
                          clone_random_root=args.clone_random_root, halving=args.halving,
                          identity_insertion=args.identity_insertion,
-                         per_mutation_probabilities=args.per_mutation_mu, **first_answer)
+                         per_mutation_probabilities=args.per_mutation_mu,
+                         long_data_parallel=args.long_data_parallel, **first_answer)
 
 
 def ensure_root(store: Any, args: argparse.Namespace, serving: bool = False) -> None:

@@ -313,6 +313,25 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
                                                                             "insert_block:5"]
     with pytest.raises(ValueError, match="first_answer_blocks must be in 1..max_blocks"):
         dataclasses.replace(cfg, first_answer_blocks=0)
+    # --long-validation-ratio: the long child's cycles are sized from the validation split, the
+    # schedule's examples stay the same; a ratio that gives less than the budget's cycle changes nothing
+    assert spec.cycle_samples is None and spec.budget(cfg.budget).samples_per_cycle(n_train) == per_cycle
+    sparse = Evolver(tiny_store, dataclasses.replace(cfg, long_validation_ratio=2.5), progress=False)
+    n_val = per_cycle  # 2.5 x a cycle's examples between validations
+    (lv,) = sparse.first_answer_specs(t, [root], num_train=n_train, num_validation=n_val)
+    schedule = min(3.0 * n_train, 6 * 256)
+    assert lv.cycles == max(cfg.first_answer_cycles, math.ceil(schedule / math.ceil(2.5 * n_val)))
+    assert per_cycle < lv.cycle_samples <= math.ceil(2.5 * n_val)
+    assert lv.cycle_samples == math.ceil(schedule / lv.cycles)  # the same schedule, split evenly
+    assert lv.cycles * lv.cycle_samples - schedule < lv.cycles  # not more than rounding over the cap
+    assert f"long_schedule:{lv.cycles}x{lv.cycle_samples}" in lv.mutations
+    lb = lv.budget(cfg.budget)
+    assert lb.cycles == lv.cycles and lb.samples_per_cycle(n_train) == lv.cycle_samples
+    assert lb.steps_per_cycle(n_train) == math.ceil(lv.cycle_samples / cfg.budget.batch_size)
+    (few,) = sparse.first_answer_specs(t, [root], num_train=n_train, num_validation=1)
+    assert few.cycle_samples is None and few.cycles == long_cycles
+    with pytest.raises(ValueError, match="long_validation_ratio must be a finite number >= 0"):
+        dataclasses.replace(cfg, long_validation_ratio=-1.0)
     assert Evolver(tiny_store, TINY_EVOLVER, progress=False).first_answer_specs(
         t, [tiny_store.root_path()], num_train=n_train)[0].cycles is None
 
@@ -346,6 +365,43 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
     # nothing a superseded checkpoint wrote is left
     assert tiny_store.verify() == []
     assert tiny_store.remove_orphans(min_age_seconds=0)["arrays"] == 0
+
+
+def test_a_long_child_with_sparse_validation_and_data_parallel_trains_its_whole_schedule(tiny_store, monkeypatch):
+    """long_validation_ratio: the long child validates once per ceil(ratio x validation
+    examples) of training, over the same schedule; long_data_parallel on this process's one
+    device trains it there (two devices: tests/test_training.py)."""
+    import dataclasses
+    import math
+
+    from mu2net.evolver import training as T
+
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=1, first_answer_epochs=6.0,
+                              first_answer_max_samples=10 * 256, checkpoint_publish_seconds=0.0,
+                              long_validation_ratio=4.0, long_data_parallel=True)
+    t = tiny_store.get_task("small")
+    n_train = len(D.read_split(t.dataset_dir, t.splits["train"])[1])
+    n_val = len(D.read_split(t.dataset_dir, t.splits["validation"])[1])
+    per_cycle = cfg.budget.samples_per_cycle(n_train)
+    schedule = min(6.0 * n_train, 10 * 256)
+    cycles = max(cfg.first_answer_cycles, math.ceil(schedule / math.ceil(4.0 * n_val)))
+    cycle_samples = math.ceil(schedule / cycles)
+    assert cycle_samples > per_cycle  # the tiny task: validations sparser than the budget's cycles
+    validations = []
+    real_validate = T.ChildTraining._validate
+    monkeypatch.setattr(T.ChildTraining, "_validate",
+                        lambda self: validations.append(self.budget.cycles) or real_validate(self))
+    published = []
+    real = tiny_store.publish
+    monkeypatch.setattr(tiny_store, "publish",
+                        lambda path, new, **kw: (path is not None and published.append(path)) or real(path, new, **kw))
+    Evolver(tiny_store, cfg, progress=False).active_phase("small")
+    assert published, "nothing published"
+    assert f"long_schedule:{cycles}x{cycle_samples}" in published[0].metrics["mutations"]
+    examples = math.ceil(cycle_samples / cfg.budget.batch_size) * cfg.budget.batch_size  # whole batches
+    assert tiny_store.get_task("small").samples_trained == cycles * examples + cfg.budget.cycles * per_cycle
+    # one validation per long cycle, then generation 1's child's, one per budget cycle
+    assert validations == [cycles] * cycles + [cfg.budget.cycles] * cfg.budget.cycles
 
 
 def test_a_preempted_long_first_child_is_parked_and_resumed_on_its_schedule(tiny_store, monkeypatch):

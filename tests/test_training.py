@@ -137,3 +137,70 @@ def test_min_samples_gives_a_small_training_split_several_epochs_per_cycle():
     res = train_child(arch, params, [None] * 5, (True,) * 5, H.with_defaults({}), _data(40), _data(32),
                       TrainBudget(2, 4096, 32, min_samples=256), lambda a, p: a, seed=0)
     assert len(res.history) == 2 and res.steps in (8, 16)  # 256 / 32 steps per cycle, best checkpoint's count
+
+
+DATA_PARALLEL_SCRIPT = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from conftest import TINY
+from mu2net import hparams as H, root as R
+from mu2net.evolver import training as T
+
+assert len(jax.devices()) == 2
+arch, params = R.random_root(TINY, num_blocks=1, seed=4, num_classes=3)
+rng = np.random.default_rng(0)
+data = lambda n: (rng.integers(0, 255, (n, 8, 8, 1), dtype=np.uint8), rng.integers(0, 3, n).astype(np.int32))
+train, validation = data(128), data(300)
+out = {}
+for name, device in (("one", jax.devices()[0]), ("both", jax.devices())):
+    for first in (0, 3):
+        mask = (False,) * first + (True,) * (5 - first)
+        child = T.ChildTraining(arch, params, [None] * 5, mask, H.with_defaults({"learning_rate": 0.1}), train,
+                                validation, T.TrainBudget(3, 128, 32), lambda a, p: a, seed=0, device=device)
+        child.run(2)
+        child.park(); child.place(device)  # parked and placed again: the same schedule goes on there
+        shardings = {str(leaf.sharding.device_set) for leaf in jax.tree_util.tree_leaves(child.suffix)}
+        batch = child._put_batch(train[0][:32])
+        split = [len(s.data) for s in batch.addressable_shards]
+        child.run(1)
+        res = child.result()
+        out[f"{name}{first}"] = {"history": list(res.history), "devices": sorted(shardings), "split": split,
+                                 "params": [float(np.sum(np.abs(leaf))) for p in res.params.values()
+                                            for leaf in jax.tree_util.tree_leaves(p)]}
+print(json.dumps(out))
+"""
+
+
+def test_a_child_trained_data_parallel_on_two_devices_matches_one_device():
+    """Two CPU devices (a subprocess: the device count is fixed when JAX starts): the same
+    child trained with its batches split between both devices (``placement``) takes the same
+    steps as on one device, up to float summation order, also when parked and placed again."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", DATA_PARALLEL_SCRIPT, tests], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for first in (0, 3):
+        one, both = out[f"one{first}"], out[f"both{first}"]
+        assert len(one["devices"]) == 1 and one["devices"][0].count("CpuDevice") == 1
+        assert both["devices"][0].count("CpuDevice") == 2  # parameters replicated on both devices
+        assert one["split"] == [32] and both["split"] == [16, 16]  # a batch split between them
+        assert len(both["history"]) == 3
+        np.testing.assert_allclose(both["history"], one["history"], atol=2 / 300)
+        np.testing.assert_allclose(both["params"], one["params"], rtol=1e-3, atol=1e-6)
+
+
+def test_placement_falls_back_to_one_device_when_the_batch_does_not_split():
+    from mu2net.evolver import training as T
+
+    put, put_batch = T.placement(None, 64)
+    assert put is put_batch and put(np.zeros(2)).devices() == {jax.devices()[0]}
+    put, put_batch = T.placement([jax.devices()[0]] * 3, 64)  # 64 is not divisible by 3: the first device
+    assert put is put_batch and put_batch(np.zeros(64)).devices() == {jax.devices()[0]}
