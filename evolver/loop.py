@@ -105,11 +105,12 @@ class EvolverConfig:
         (Section 3.3).
       long_data_parallel: a long first child trains data-parallel over every local device
         (its batches split between them, gradients averaged;
-        :func:`mu2net.evolver.training.placement`) instead of on one device: its siblings
-        in the first-answer generation are short (a frozen reuse and a new head), so after
-        them one device would train the task's lineage while the others idle. On this
-        2-core CPU one small child's step gains only ~1.15x from XLA's two-thread pool
-        (docs/results.md); off: one device, as every other child.
+        :func:`mu2net.evolver.training.placement`) instead of on one device, once the other
+        children of its generation are done (they are short: a frozen reuse and a new
+        head; they run first, one per device, and the first answer comes from them). Without
+        it one device trains the task's lineage while the others idle: on this 2-core CPU
+        a 4-block child's step ran 1,380-1,550 images/s on one device and 1,770 split
+        over two. Off (default): one device, as every other child.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
         Section 4, applied this many times at once; default 1). Plain training of a 4-block
@@ -846,8 +847,8 @@ class Evolver:
                 bar.update(1)
                 return None  # a new task is waiting: children not yet started are skipped
             if spec.cycles is not None and on_done is not None:
-                if self.config.long_data_parallel and can_split(len(self.devices), budget.batch_size):
-                    device = self.devices  # its batches split between every device, beside its siblings
+                if data_parallel:
+                    device = self.devices  # its batches split between every device, its siblings done
                 out = self._train_long(spec, task, params, opts, recs, seed, device, scored, train, validation,
                                        spec.budget(budget), interrupt, finished.put,
                                        failed.is_set,
@@ -861,19 +862,37 @@ class Evolver:
             bar.update(1)
             return out
 
+        # a long child trains data-parallel over every device (EvolverConfig.long_data_parallel)
+        # only once its siblings are done: a collective of its step waits for every device,
+        # and on a CPU host one device's thread blocked there while another device's is busy
+        # with a sibling stalls XLA's shared thread pool (measured: the rendezvous aborted)
+        n = len(self.devices)
+        data_parallel = (on_done is not None and self.config.long_data_parallel and can_split(n, budget.batch_size)
+                         and any(j[0].cycles is not None for j in jobs))
+        queue_done = [threading.Event() for _ in range(n)]
+
         def device_queue(d: int, indices: list[int]) -> None:
             try:
                 for i in indices:  # one child at a time per device
+                    if data_parallel and jobs[i][0].cycles is not None:
+                        for e in queue_done[:d] + queue_done[d + 1:]:
+                            e.wait()
                     done[i] = run(jobs[i])
                     finished.put(i)
             except BaseException:
                 failed.set()  # the other devices' children stop after their current cycle
                 raise
             finally:
+                queue_done[d].set()
                 finished.put(-1)  # this device's queue is done (or raised)
 
-        # job i runs on device i % n (as placed above), one queue per device
-        queues = [list(range(d, len(jobs), len(self.devices))) for d in range(len(self.devices))]
+        # job i runs on device i % n (as placed above), one queue per device; a data-parallel
+        # long child last on the first device, after every sibling
+        queues = [list(range(d, len(jobs), n)) for d in range(n)]
+        if data_parallel:
+            long_jobs = [i for i, j in enumerate(jobs) if j[0].cycles is not None]
+            queues = [[i for i in q if i not in long_jobs] for q in queues]
+            queues[0] += long_jobs
         if on_done is None:
             self._each_device(device_queue, queues)
         else:  # each child is reported in this thread as it completes

@@ -404,6 +404,63 @@ def test_a_long_child_with_sparse_validation_and_data_parallel_trains_its_whole_
     assert validations == [cycles] * cycles + [cfg.budget.cycles] * cfg.budget.cycles
 
 
+DATA_PARALLEL_PHASE = textwrap.dedent("""
+    import dataclasses, json, os, sys
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, {tests!r})
+    import jax
+    from conftest import TINY_EVOLVER
+    from mu2net.store import Store
+    from mu2net.evolver import Evolver
+    assert len(jax.devices()) == 2
+    store = Store({data!r})
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=2, first_answer_epochs=6.0,
+                              first_answer_max_samples=10 * 256, checkpoint_publish_seconds=0.0,
+                              long_data_parallel=True)
+    import mu2net.evolver.loop as loop
+    events = []
+    real_train, real_long = loop.train_child, Evolver._train_long
+    def train_child(*a, **k):
+        out = real_train(*a, **k)
+        events.append("short child done")
+        return out
+    def train_long(self, *a, **k):
+        events.append("long child starts")
+        return real_long(self, *a, **k)
+    loop.train_child, Evolver._train_long = train_child, train_long
+    ev = Evolver(store, cfg, progress=False)
+    ev.active_phase("small")
+    print(json.dumps({{"samples": store.get_task("small").samples_trained, "children": ev.stats["children"],
+                      "events": events}}))
+""")
+
+
+def test_a_data_parallel_long_child_beside_a_reuse_sibling_on_two_devices(tiny_store):
+    """Two CPU devices, a served task to reuse: the first-answer generation's frozen reuse
+    child and the random root's long child, the latter data-parallel over both devices after
+    its sibling (run at once, the long child's all-reduce stalled XLA's CPU thread pool until
+    the rendezvous aborted the process)."""
+    import json
+    import math
+    import pathlib
+
+    Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")  # a path for "small" to reuse
+    script = DATA_PARALLEL_PHASE.format(tests=str(pathlib.Path(__file__).parent), data=str(tiny_store.data_dir))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    t = tiny_store.get_task("small")
+    n_train = len(D.read_split(t.dataset_dir, t.splits["train"])[1])
+    per_cycle = TINY_EVOLVER.budget.samples_per_cycle(n_train)
+    long_cycles = math.ceil(min(6.0 * n_train, 10 * 256) / per_cycle)
+    # the long schedule, the reuse child's 2 first-answer cycles, generation 1's 2 children
+    expected = (long_cycles + 2 + 2 * TINY_EVOLVER.budget.cycles) * per_cycle
+    # the long child after its sibling (then generation 1's two children)
+    assert out == {"samples": expected, "children": 4,
+                   "events": ["short child done", "long child starts"] + ["short child done"] * 2}
+    assert tiny_store.best_path("small") is not None
+
+
 def test_a_preempted_long_first_child_is_parked_and_resumed_on_its_schedule(tiny_store, monkeypatch):
     import dataclasses
 
