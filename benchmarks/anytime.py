@@ -103,9 +103,10 @@ def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], 
 
     with Store(data_dir) as store:
         history = store.history()
-        tasks = [t.name for t in store.list_tasks()]
-        iterations = {t.name: t.iterations_done for t in store.list_tasks()}
-        trained = {t.name: t.samples_trained for t in store.list_tasks()}
+        records = store.list_tasks()
+        tasks = [t.name for t in records]
+        iterations = {t.name: t.iterations_done for t in records}
+        trained = {t.name: t.samples_trained for t in records}
     if not history:
         raise SystemExit(f"store {data_dir} has published no task path yet (empty history)")
     t0 = min(h["time"] for h in history)
@@ -130,13 +131,14 @@ def store_curve(data_dir: str, marks_min: list[float]) -> tuple[dict[str, Any], 
                               # every example the task's children had trained at the mark's last
                               # publish (None: older store); "at_end" counts to the end of the run
                               "lineage_share": None if share is None else round(share, 3)})
-        # the served lineage over every example trained until the store was read (the end of
-        # the run): the marks' shares are as of each mark's last publish, so they leave out
-        # what was trained after it
+        # the served lineage over every example of the children accepted until the store was
+        # read (a generation's children are counted at its end, so a run stopped inside one
+        # leaves it out): the marks' shares are as of each mark's last publish, so they leave
+        # out what was trained after it
         served_lineage = points[-1].get("lineage_samples") if points else None
         end = {"samples_trained": trained[name], "lineage_samples": served_lineage,
                "lineage_share": round(served_lineage / trained[name], 3)
-               if served_lineage and trained[name] and served_lineage <= trained[name] else None}
+               if served_lineage is not None and trained[name] and served_lineage <= trained[name] else None}
         out["tasks"][name] = {"iterations_done": iterations[name], "publishes": len(points), "at": marks,
                               "at_end": end,
                               "history": [{"minutes": round((h["time"] - t0) / 60, 2), **{k: h[k] for k in (

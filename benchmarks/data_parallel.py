@@ -22,6 +22,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=2"])
 
 import argparse  # noqa: E402
+import concurrent.futures  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import threading  # noqa: E402
@@ -38,8 +39,9 @@ from mu2net.cli import SERVE_ROOT_HPARAMS  # noqa: E402
 from mu2net.evolver.training import placement, traced_hparams, train_step_fn, zeros_like_tree  # noqa: E402
 
 
-def throughput(device, steps: int, batch_size: int, seed: int) -> float:
-    """Images/s of ``steps`` train steps of a fresh 4-block child placed on ``device``."""
+def throughput(device, steps: int, batch_size: int, seed: int, start: threading.Barrier | None = None) -> float:
+    """Images/s of ``steps`` train steps of a fresh 4-block child placed on ``device``;
+    ``start``: every thread's timed steps begin together (after each compiled its step)."""
     arch, params = R.random_root(C.ViTConfig(28, 7, 64, 128, 4), 4, num_classes=10, seed=seed)
     put, put_batch = placement(device, batch_size)
     rng = np.random.default_rng(seed)
@@ -63,6 +65,8 @@ def throughput(device, steps: int, batch_size: int, seed: int) -> float:
     for i in range(5):  # compile and warm up
         step(i)
     jax.block_until_ready(suffix)
+    if start is not None:
+        start.wait()
     t0 = time.perf_counter()
     for i in range(steps):
         step(5 + i)
@@ -85,17 +89,14 @@ def main() -> None:
     for r in range(args.rounds):
         rounds["one device"].append(throughput(devices[0], args.steps, args.batch_size, r))
         rounds["data-parallel over 2 devices"].append(throughput(devices[:2], args.steps, args.batch_size, r))
-        both = [0.0, 0.0]
-
-        def one(k: int) -> None:
-            both[k] = throughput(devices[k], args.steps, args.batch_size, r)
-
-        threads = [threading.Thread(target=one, args=(k,)) for k in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        rounds["two children at once, total"].append(sum(both))
+        # both children's timed steps start together; the total is their images over the
+        # wall time until the slower one ends
+        start = threading.Barrier(2)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(throughput, devices[k], args.steps, args.batch_size, r, start) for k in range(2)]
+            rates = [f.result() for f in futures]  # re-raises a thread's error
+        rounds["two children at once, total"].append(2 * args.steps * args.batch_size
+                                                      / max(args.steps * args.batch_size / v for v in rates))
     base = statistics.median(rounds["one device"])
     out = {"command": "python benchmarks/data_parallel.py", "batch_size": args.batch_size, "steps": args.steps,
            "results": {k: {"images_per_second_rounds": [round(v) for v in vs],

@@ -866,7 +866,9 @@ class Evolver:
         # a long child trains data-parallel over every device (EvolverConfig.long_data_parallel)
         # only once its siblings are done: a collective of its step waits for every device,
         # and on a CPU host one device's thread blocked there while another device's is busy
-        # with a sibling stalls XLA's shared thread pool (measured: the rendezvous aborted)
+        # with a sibling stalls XLA's shared thread pool (measured: the rendezvous aborted);
+        # the test-split evaluation of a publish of its checkpoints (seconds, on one device)
+        # still runs beside it and only delays its steps
         n = len(self.devices)
         data_parallel = (on_done is not None and self.config.long_data_parallel and can_split(n, budget.batch_size)
                          and any(j[0].cycles is not None for j in jobs))
