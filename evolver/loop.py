@@ -109,8 +109,8 @@ class EvolverConfig:
         children of its generation are done (they are short: a frozen reuse and a new
         head; they run first, one per device, and the first answer comes from them). Without
         it one device trains the task's lineage while the others idle: on this 2-core CPU
-        a 4-block child's step ran 1,542 images/s on one device and 1,768 split over two
-        (1.15x; ``benchmarks/data_parallel.py``). Off (default): one device, as every other
+        a 4-block child's step ran 1,381-1,542 images/s on one device and 1,692-1,768
+        split over two (1.15-1.23x; ``benchmarks/data_parallel.py``). Off (default): one device, as every other
         child.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
