@@ -414,7 +414,7 @@ DATA_PARALLEL_PHASE = textwrap.dedent("""
     from mu2net.evolver import Evolver
     assert len(jax.devices()) == 2
     store = Store({data!r})
-    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=2, first_answer_epochs=6.0,
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children={children}, first_answer_epochs=6.0,
                               first_answer_max_samples=10 * 256, checkpoint_publish_seconds=0.0,
                               long_data_parallel=True)
     import mu2net.evolver.loop as loop
@@ -435,17 +435,26 @@ DATA_PARALLEL_PHASE = textwrap.dedent("""
 """)
 
 
-def test_a_data_parallel_long_child_beside_a_reuse_sibling_on_two_devices(tiny_store):
-    """Two CPU devices, a served task to reuse: the first-answer generation's frozen reuse
-    child and the random root's long child, the latter data-parallel over both devices after
-    its sibling (run at once, the long child's all-reduce stalled XLA's CPU thread pool until
-    the rendezvous aborted the process)."""
+@pytest.mark.parametrize("children", [2, 3])
+def test_a_data_parallel_long_child_beside_a_reuse_sibling_on_two_devices(tiny_store, children):
+    """Two CPU devices, served tasks to reuse: the first-answer generation's frozen reuse
+    children and the random root's long child, the latter data-parallel over both devices
+    after its siblings (run at once, the long child's all-reduce stalled XLA's CPU thread
+    pool until the rendezvous aborted the process). With 3 children a reuse child runs on
+    the other device's queue, which the long child waits for."""
     import json
     import math
     import pathlib
 
+    from conftest import digits_splits
+    from mu2net.ingest import add_task_arrays
+
     Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits")  # a path for "small" to reuse
-    script = DATA_PARALLEL_PHASE.format(tests=str(pathlib.Path(__file__).parent), data=str(tiny_store.data_dir))
+    if children == 3:
+        add_task_arrays(tiny_store, "digits2", digits_splits(), [str(i) for i in range(10)], source="test")
+        Evolver(tiny_store, TINY_EVOLVER, progress=False).active_phase("digits2")
+    script = DATA_PARALLEL_PHASE.format(tests=str(pathlib.Path(__file__).parent), data=str(tiny_store.data_dir),
+                                        children=children)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -453,11 +462,13 @@ def test_a_data_parallel_long_child_beside_a_reuse_sibling_on_two_devices(tiny_s
     n_train = len(D.read_split(t.dataset_dir, t.splits["train"])[1])
     per_cycle = TINY_EVOLVER.budget.samples_per_cycle(n_train)
     long_cycles = math.ceil(min(6.0 * n_train, 10 * 256) / per_cycle)
-    # the long schedule, the reuse child's 2 first-answer cycles, generation 1's 2 children
-    expected = (long_cycles + 2 + 2 * TINY_EVOLVER.budget.cycles) * per_cycle
-    # the long child after its sibling (then generation 1's two children)
-    assert out == {"samples": expected, "children": 4,
-                   "events": ["short child done", "long child starts"] + ["short child done"] * 2}
+    # the long schedule, the reuse children's first-answer cycles, generation 1's children
+    reuse = children - 1
+    expected = (long_cycles + reuse * TINY_EVOLVER.first_answer_cycles
+                + children * TINY_EVOLVER.budget.cycles) * per_cycle
+    # the long child after its siblings (then generation 1's children)
+    assert out == {"samples": expected, "children": 2 * children,
+                   "events": ["short child done"] * reuse + ["long child starts"] + ["short child done"] * children}
     assert tiny_store.best_path("small") is not None
 
 
