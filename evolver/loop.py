@@ -97,21 +97,20 @@ class EvolverConfig:
         task's validation split (where that is more than the budget's cycle), so its
         validations cost about ``1 / (3 x ratio)`` of its compute (a validation example is
         a forward pass, a training example a forward and a backward pass); the schedule's
-        examples stay ``first_answer_epochs``'s (split evenly into the fewer cycles). Fashion-MNIST's 3,000 validation images after every
-        4,096-example cycle are about a fifth of the long child's time; at ratio 10 a
-        cycle there is 30,000 examples (every 10-20 s on this CPU, still a publish as
-        often as :attr:`checkpoint_publish_seconds` allows on MNIST-5k's 8,000). 0
-        (default): the budget's cycle, min(1 epoch, sample cap), as every other child
+        examples stay ``first_answer_epochs``'s, split evenly into the fewer cycles.
+        Fashion-MNIST's 3,000 validation images after every 4,096-example cycle are about
+        a fifth of the long child's time; at ratio 10 a cycle there is 30,000 examples.
+        0 (default): the budget's cycle, min(1 epoch, sample cap), as every other child
         (Section 3.3).
       long_data_parallel: a long first child trains data-parallel over every local device
         (its batches split between them, gradients averaged;
-        :func:`mu2net.evolver.training.placement`) instead of on one device, once the other
-        children of its generation are done (they are short: a frozen reuse and a new
-        head; they run first, one per device, and the first answer comes from them). Without
-        it one device trains the task's lineage while the others idle: on this 2-core CPU
-        a 4-block child's step ran 1,381-1,542 images/s on one device and 1,692-1,768
-        split over two (1.15-1.23x; ``benchmarks/data_parallel.py``). Off (default): one device, as every other
-        child.
+        :func:`mu2net.evolver.training.placement`) instead of on one device, once the
+        other children of its generation are done (they are short: a frozen reuse and a
+        new head; they run first, one per device, and the first answer comes from them).
+        Without it one device trains the task's lineage while the others idle: on this
+        2-core CPU a 4-block child's step ran 1,381-1,542 images/s on one device and
+        1,692-1,768 split over two (1.15-1.23x; ``benchmarks/data_parallel.py``).
+        Off (default): one device, as every other child.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
         Section 4, applied this many times at once; default 1). Plain training of a 4-block
@@ -554,8 +553,9 @@ class Evolver:
             sparse = math.ceil(cfg.long_validation_ratio * num_validation)
             if sparse > per_cycle:  # fewer, longer cycles splitting the same schedule evenly
                 cycles = max(cfg.first_answer_cycles, math.ceil(samples / sparse))
-                if math.ceil(samples / cycles) > per_cycle:
-                    long_cycles, cycle_samples = cycles, math.ceil(samples / cycles)
+                even = math.ceil(samples / cycles)
+                if even > per_cycle:
+                    long_cycles, cycle_samples = cycles, even
         random_roots = [p for p in root if not p.metrics.get("pretrained", False)]
         if long_cycles is not None and random_roots and cfg.children >= 2:
             # the random root's long child always runs beside the reuse children: it trains

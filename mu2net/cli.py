@@ -140,9 +140,9 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                    metavar="N", help="transformer blocks a new task's first child inserts into a random root "
                                      "without blocks (default: 1, the preliminary experiment's insertion)")
     p.add_argument("--long-validation-ratio", type=_nonnegative_float_arg, default=None, metavar="R",
-                   help="a long first child validates after at least R x its validation split's examples of "
-                        "training (its validations then cost about 1/(3R) of its compute); 0: after every "
-                        "cycle of min(1 epoch, --sample-cap) (default: 0)")
+                   help="a long first child's schedule is split evenly into cycles of about R x its validation "
+                        "split's examples, so it validates less often (its validations then cost about 1/(3R) of "
+                        "its compute); 0: the budget's cycles (default: 0)")
     p.add_argument("--long-data-parallel", action="store_true",
                    help="a long first child trains data-parallel over every local device (--cpu-devices) "
                         "instead of on one")
