@@ -60,6 +60,14 @@ def task_splits(task) -> tuple:
     return tuple(D.read_split(task.dataset_dir, task.splits[s]) for s in ("train", "validation", "test"))
 
 
+def init_params(arch, seed: int) -> list:
+    """Random initialisation of every component of ``arch`` (numpy pytrees), one key per
+    position drawn from ``numpy.random.default_rng(seed)``: the baselines' initialisation."""
+    keys = np.random.default_rng(seed)
+    return [jax.device_get(C.init_component(k, arch.config, jax.random.PRNGKey(int(keys.integers(2**31))),
+                                            arch.num_classes)) for k in arch.kinds]
+
+
 def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, args: argparse.Namespace,
              seed: int) -> dict:
     """Trains ``arch`` from random initialisation (seed ``seed``), every component trainable,
@@ -67,9 +75,7 @@ def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, a
     ``samples`` training examples (whole cycles of min(1 epoch, sample cap)), with the root
     hyperparameters; returns its best-validation checkpoint's accuracies."""
     train, val, test = splits
-    keys = np.random.default_rng(seed)
-    params = [jax.device_get(C.init_component(k, arch.config, jax.random.PRNGKey(int(keys.integers(2**31))),
-                                              arch.num_classes)) for k in arch.kinds]
+    params = init_params(arch, seed)
     per_cycle = min(len(train[0]), args.sample_cap)
     cycles = max(1, math.ceil(samples / per_cycle))
     tb = time.time()

@@ -126,6 +126,20 @@ def make_store(path: str, arch: P.Architecture, params: list, n_tasks: int, seed
     return store
 
 
+def publish_new_head(store: Store, task: str, config: C.ViTConfig, seed: int) -> int:
+    """Publishes the task's served path with a newly initialised head (PRNG key ``seed``);
+    every other component stays shared. Returns the system version of the publish."""
+    old = store.best_path(task)
+    head = jax.device_get(C.init_component(C.HEAD, config, jax.random.PRNGKey(seed), old.architecture.num_classes))
+    pd, od = store.write_component_files(head, None)
+    rec = ComponentRecord(id=_digest(head), kind=C.HEAD, params_digest=pd, opt_digest=od, parent_id=None,
+                          task=task, acl_group=None, steps={task: 1}, num_params=C.num_params(head),
+                          num_classes=old.architecture.num_classes)
+    new = P.Path(id=new_id(), task=task, component_ids=old.component_ids[:-1] + (rec.id,),
+                 architecture=old.architecture, hparams=dict(old.hparams), score=0.5, parent_id=old.id, metrics={})
+    return store.publish(new, [rec], task=task, iteration_done=True)
+
+
 def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, seconds: float, clients: int,
                     sdk: bool = True) -> float:
     """Images/s of Classify from ``clients`` threads: through the SDK (typed results) or, with
@@ -359,17 +373,8 @@ def main() -> None:
 
                 with Client(server.grpc, server.http) as c:
                     for i in range(args.swaps):
-                        old = store.best_path("task00")
-                        head = jax.device_get(C.init_component(C.HEAD, config, jax.random.PRNGKey(5000 + i), 10))
-                        pd, od = store.write_component_files(head, None)
-                        rec = ComponentRecord(id=_digest(head), kind=C.HEAD, params_digest=pd, opt_digest=od,
-                                              parent_id=None, task="task00", acl_group=None, steps={"task00": 1},
-                                              num_params=C.num_params(head), num_classes=10)
-                        new = P.Path(id=new_id(), task="task00", component_ids=old.component_ids[:-1] + (rec.id,),
-                                     architecture=old.architecture, hparams=dict(old.hparams), score=0.5,
-                                     parent_id=old.id, metrics={})
                         t0 = time.perf_counter()
-                        version = store.publish(new, [rec], task="task00", iteration_done=True)
+                        version = publish_new_head(store, "task00", config, 5000 + i)
                         while c.classify("task00", x8[:1]).system_version != version:
                             time.sleep(0.005)
                         swap_times.append(time.perf_counter() - t0)

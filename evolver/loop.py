@@ -34,7 +34,7 @@ from mu2net.evolver.mutations import ChildSpec, mutate
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, Devices, TrainBudget, TrainResult, can_split, train_child
-from mu2net.store import (ROOT_PATH_ID, ComponentRecord, ComponentsGone, Store, StoreError, TaskNotFound,
+from mu2net.store import (ROOT_PATH_ID, ComponentRecord, ComponentsGone, Store, StoreError, TaskNotFound, TaskPinned,
                           TaskRecord, new_id, serialize_tree)
 
 log = logging.getLogger("mu2net.evolver")
@@ -389,6 +389,10 @@ class Evolver:
                     self.stats["requeued"] += 1
                 else:
                     log.warning("task %s was deleted during its active phase", task.name)
+            except TaskPinned:  # a user rolled it back meanwhile: its phase ends, uncounted, nothing published
+                log.info("task %s was rolled back and pinned by a user during its active phase; phase ended",
+                         task.name)
+                self.store.cancel_attempt(task.name)
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
                 with contextlib.suppress(TaskNotFound):  # deleted meanwhile
@@ -464,8 +468,7 @@ class Evolver:
         it goes on right after the new task's first answer, before anyone's later generations."""
         now = time.time()
         live = [t for t in self.store.list_tasks() if t.name != task.name and t.name in self._suspended
-                and t.seq == self._suspended[t.name].seq and t.state != "failed"
-                and (t.retry_after is None or t.retry_after <= now)]
+                and t.seq == self._suspended[t.name].seq and S.is_live(t, now)]
         return min(live, key=lambda t: t.seq) if live else None
 
     def _waiting_new_task(self, task: TaskRecord) -> TaskRecord | None:

@@ -12,7 +12,7 @@ Order, first match wins:
    (``POST /v1/tasks/{name}/evolve``).
 
 Failed tasks are never chosen, nor a task backing off after a crashed phase (until its
-``retry_after``).
+``retry_after``), nor a task a user rolled back and pinned (until the user wakes it).
 """
 
 from __future__ import annotations
@@ -35,6 +35,12 @@ def woken(task: TaskRecord, tasks: Sequence[TaskRecord], served_versions: Mappin
     return any(related(task, o) and served_versions.get(o.name, -1) > task.paused_version for o in tasks)
 
 
+def is_live(task: TaskRecord, now: float) -> bool:
+    """Whether the evolver may run ``task`` at unix time ``now``: not failed, not pinned by a
+    rollback, and not backing off after a raising phase (``retry_after``)."""
+    return task.state != "failed" and not task.pinned and (task.retry_after is None or task.retry_after <= now)
+
+
 def next_task(tasks: Sequence[TaskRecord], served_versions: Mapping[str, int], iterations: int,
               continual: bool, now: float | None = None) -> TaskRecord | None:
     """The next active task (see the module docstring), or None if there is nothing to do.
@@ -48,7 +54,7 @@ def next_task(tasks: Sequence[TaskRecord], served_versions: Mapping[str, int], i
       now: unix time compared with each task's ``retry_after`` (default: the clock).
     """
     now = time.time() if now is None else now
-    live = [t for t in tasks if t.state != "failed" and (t.retry_after is None or t.retry_after <= now)]
+    live = [t for t in tasks if is_live(t, now)]
     new = [t for t in live if t.name not in served_versions]
     if new:
         return min(new, key=lambda t: t.seq)

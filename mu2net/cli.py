@@ -303,7 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bearer token that lists, reads and classifies the private tasks of ACL group GROUP "
                          "(repeatable); with an admin token or read tokens, private tasks are invisible "
                          "(404) to every other caller")
-    sv.add_argument("--no-evolver", action="store_true", help="serve only (another process evolves)")
+    sv.add_argument("--no-evolver", action="store_true",
+                    help="serve only (another process evolves); with --repository: a replica")
+    sv.add_argument("--repository", default=None, metavar="URL",
+                    help="model repository (a directory or an fsspec URL such as s3://bucket/prefix): with the "
+                         "evolver, every system version is also written there for replicas; with --no-evolver, "
+                         "this server is a replica serving the repository's latest version, mirrored into "
+                         "--data-dir (an empty directory of its own)")
+    sv.add_argument("--keep-versions", type=lambda t: _count_arg(t, 1, "an integer >= 1"), default=None,
+                    metavar="N", help="system versions the evolver host keeps readable in --repository, for "
+                                      "lagging replicas and rollbacks (default 2; older ones and the arrays only "
+                                      "they use are deleted)")
+    sv.add_argument("--ingest-url", default=None, metavar="URL",
+                    help="a replica forwards uploads, deletes, evolve and rollback requests to this HTTP base URL (the "
+                         "evolver host's server); without it a replica refuses them with 503")
     sv.add_argument("--tls-cert", help="PEM certificate chain: serve gRPC and HTTPS over TLS (with --tls-key)")
     sv.add_argument("--tls-key", help="PEM private key of --tls-cert")
     sv.add_argument("--tls-client-ca", help="PEM CA: require client certificates it signed (mutual TLS)")
@@ -320,7 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, help_ in (("upload", "upload a labeled dataset as a new task"), ("classify", "classify images"),
                         ("tasks", "list tasks"), ("status", "server and evolver status"),
-                        ("wake", "resume continual evolution of a paused task")):
+                        ("wake", "resume continual evolution of a paused or pinned task"),
+                        ("rollback", "serve a task's path of an earlier retained system version and pin it "
+                                     "(the server needs --repository)")):
         c = sub.add_parser(name, help=help_)
         c.add_argument("--grpc", default="127.0.0.1:50051", help="gRPC target host:port")
         c.add_argument("--http", default="http://127.0.0.1:8000", help="HTTP base URL")
@@ -342,11 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument("--top-k", type=int, default=1)
         elif name == "wake":
             c.add_argument("task")
+        elif name == "rollback":
+            c.add_argument("task")
+            c.add_argument("--version", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=None,
+                           help="the retained system version to go back to (default: the newest retained one "
+                                "with another path of the task)")
     return parser
 
 
 #: Commands that talk to a server: they log at WARNING unless ``--verbose``.
-CLIENT_COMMANDS = ("upload", "classify", "tasks", "status", "wake")
+CLIENT_COMMANDS = ("upload", "classify", "tasks", "status", "wake", "rollback")
 
 
 def _fraction_arg(text: str) -> float:
@@ -414,11 +434,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not os.path.isfile(f):
             raise SystemExit(f"mu2net serve: error: TLS file {f!r} does not exist")
     tls = (args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    replica = bool(args.no_evolver and args.repository)
+    if args.ingest_url is not None and not replica:
+        raise SystemExit("mu2net serve: error: --ingest-url is for a replica (--no-evolver --repository URL)")
+    if args.ingest_url is not None and not args.ingest_url.startswith(("http://", "https://")):
+        raise SystemExit(f"mu2net serve: error: --ingest-url {args.ingest_url!r} must be an http:// or https:// URL")
+    if args.keep_versions is not None and (replica or not args.repository):
+        raise SystemExit("mu2net serve: error: --keep-versions is for the evolver host's --repository (a replica "
+                         "keeps no versions)")
+    if replica and args.task:
+        raise SystemExit("mu2net serve: error: a replica serves the repository's tasks; give --task to the evolver "
+                         "host's server")
+    if args.repository is not None:
+        from mu2net.repository import Repository
+
+        try:
+            Repository(args.repository)
+        except Exception as e:  # a malformed URL, a protocol whose fsspec package is not installed
+            raise SystemExit(f"mu2net serve: error: --repository {args.repository!r}: {e}") from None
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)
-    ensure_root(store, args, serving=True)
-    _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)
+    if replica:
+        from mu2net.store import StoreError
+
+        try:
+            store.make_mirror(args.repository)
+        except StoreError as e:
+            raise SystemExit(f"mu2net serve: error: {e}") from None
+    elif store.mirror_of() is not None:
+        raise SystemExit(f"mu2net serve: error: {args.data_dir} is a replica's mirror of {store.mirror_of()!r}: serve "
+                         f"it with --no-evolver --repository, or give the evolver host a data directory of its own")
+    else:
+        ensure_root(store, args, serving=True)
+        _add_tasks(store, args.task, args.private, {}, add_task, TaskExists)
     store.close()
     if args.read_token and not args.admin_token:
         raise SystemExit("mu2net serve: error: --read-token needs --admin-token (or $MU2NET_ADMIN_TOKEN): without "
@@ -429,9 +478,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            deadline_admission=args.deadline_admission, max_concurrent_uploads=args.max_concurrent_uploads,
                            max_concurrent_requests=args.max_concurrent_requests,
                            cross_task_batching=args.cross_task_batching,
-                           admin_token=args.admin_token, read_tokens=dict(args.read_token))
+                           admin_token=args.admin_token, read_tokens=dict(args.read_token),
+                           replica=replica, ingest_url=args.ingest_url)
     return asyncio.run(serve(args.data_dir, args.host, args.grpc_port, args.http_port, config,
-                             None if args.no_evolver else evolver_argv(args), tls))
+                             None if args.no_evolver else evolver_argv(args), tls,
+                             repository=args.repository, keep_versions=args.keep_versions or 2))
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -538,6 +589,16 @@ def cmd_wake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        task = client.rollback(args.task, args.version)
+    back = task.rolled_back_to or {}
+    print(json.dumps(_task_json(task), indent=2) if args.json else
+          f"task {task.name}: serving its path {back.get('path_id')} of system version {back.get('system_version')} "
+          f"again (now system version {task.system_version}); pinned until `mu2net wake {task.name}`")
+    return 0
+
+
 def report(store: Any) -> dict[str, Any]:
     """Per task: accuracies, path length, parameters, parent tasks, knowledge transfer;
     and the pool totals (the paper's Table 7 / Figure 2 columns).
@@ -639,7 +700,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mu2net.datasets import DatasetError
 
     commands = {"evolve": cmd_evolve, "report": cmd_report, "serve": cmd_serve, "upload": cmd_upload,
-                "classify": cmd_classify, "tasks": cmd_tasks, "status": cmd_status, "wake": cmd_wake}
+                "classify": cmd_classify, "tasks": cmd_tasks, "status": cmd_status, "wake": cmd_wake,
+                "rollback": cmd_rollback}
     try:
         return commands[args.command](args)
     except DatasetError as e:

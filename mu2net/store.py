@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path as FsPath
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from flax import traverse_util
@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS tasks (
   paused_version INTEGER,
   samples_trained INTEGER NOT NULL DEFAULT 0,
   attempts INTEGER NOT NULL DEFAULT 0,
-  retry_after REAL
+  retry_after REAL,
+  pinned INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS components (
   id TEXT PRIMARY KEY,
@@ -107,7 +108,8 @@ ROOT_PATH_ID = "root"
 #: Columns added to ``tasks`` after the first release (added to older stores on open).
 _TASK_COLUMNS_ADDED = (("improved_at", "REAL"), ("stale_iterations", "INTEGER NOT NULL DEFAULT 0"),
                        ("paused_version", "INTEGER"), ("samples_trained", "INTEGER NOT NULL DEFAULT 0"),
-                       ("attempts", "INTEGER NOT NULL DEFAULT 0"), ("retry_after", "REAL"))
+                       ("attempts", "INTEGER NOT NULL DEFAULT 0"), ("retry_after", "REAL"),
+                       ("pinned", "INTEGER NOT NULL DEFAULT 0"))
 _HISTORY_COLUMNS_ADDED = (("samples_trained", "INTEGER"), ("lineage_samples", "INTEGER"))
 
 
@@ -157,6 +159,11 @@ def evolver_lock(data_dir: str | os.PathLike[str]) -> Any:
     return lock
 
 
+class TaskPinned(StoreError):
+    """A user rolled the task back and pinned it (``mu2net rollback``): the evolver does not
+    replace its served path until the user wakes it (:meth:`Store.wake_task`)."""
+
+
 class TaskExists(StoreError):
     """A task of that name already exists."""
 
@@ -188,6 +195,9 @@ class TaskRecord:
         the evolver process dying inside it); see :meth:`Store.begin_attempt`.
       retry_after: unix time before which the evolver does not start the task again (back
         off after a crashed phase), or None.
+      pinned: a user rolled the task back to an earlier path (:meth:`Store.restore_path`):
+        the evolver neither runs it nor replaces its served path until the user wakes it
+        (:meth:`Store.wake_task`).
     """
 
     name: str
@@ -209,6 +219,7 @@ class TaskRecord:
     samples_trained: int = 0
     attempts: int = 0
     retry_after: float | None = None
+    pinned: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -335,6 +346,7 @@ class Store:
                     db.execute(f"ALTER TABLE history ADD COLUMN {col} {decl}")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('system_version', '0')")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('task_seq', '0')")
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
 
     def close(self) -> None:
         with self._lock:
@@ -416,15 +428,17 @@ class Store:
             iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"],
             improved_at=row["improved_at"], stale_iterations=row["stale_iterations"],
             paused_version=row["paused_version"], samples_trained=row["samples_trained"],
-            attempts=row["attempts"], retry_after=row["retry_after"])
+            attempts=row["attempts"], retry_after=row["retry_after"], pinned=bool(row["pinned"]))
 
     def add_task(self, task: TaskRecord) -> TaskRecord:
         """Inserts a task at the end of the queue.
 
         Raises:
           TaskExists: if a task with the same name exists.
+          StoreError: if this store is a replica's mirror.
         """
         with self.transaction() as db:
+            self._refuse_mirror(db, "adding a task")
             if db.execute("SELECT 1 FROM tasks WHERE name=?", (task.name,)).fetchone():
                 raise TaskExists(f"task {task.name!r} already exists")
             seq = int(db.execute("SELECT value FROM meta WHERE key='task_seq'").fetchone()[0]) + 1
@@ -527,12 +541,17 @@ class Store:
 
     def wake_task(self, name: str) -> TaskRecord:
         """Asks the evolver to run the task again (``POST /v1/tasks/{name}/evolve``): clears
-        its pause and its count of iterations without improvement.
+        its pause, its pin (:meth:`restore_path`) and its count of iterations without
+        improvement.
 
         Raises:
           TaskNotFound: if there is no such task.
         """
-        self.set_evolution(name, stale_iterations=0, paused_version=None)
+        with self.transaction() as db:
+            cur = db.execute("UPDATE tasks SET stale_iterations=0, paused_version=NULL, pinned=0 WHERE name=?",
+                             (name,))
+            if cur.rowcount == 0:
+                raise TaskNotFound(f"unknown task {name!r}")
         return self.get_task(name)
 
     def add_samples_trained(self, name: str, samples: int, seq: int | None = None) -> None:
@@ -638,6 +657,203 @@ class Store:
                 self._db.execute("COMMIT")
         return version, tasks, paths
 
+    def export_state(self) -> dict[str, Any]:
+        """What serving needs at the current system version, as JSON-able rows read in one
+        read transaction (the model repository's manifest, :mod:`mu2net.repository`).
+
+        Returns:
+          ``{"store_id": str, "system_version": int, "tasks": [...], "paths": [...],
+          "components": [...], "history": [...], "evolver_status": {...}}``: the rows of those
+          tables as column -> value dicts. Components carry no optimizer state (``opt_digest`` is None): a
+          replica serves, it does not train.
+        """
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                version = int(self._db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+                rows = {t: [dict(r) for r in self._db.execute(f"SELECT * FROM {t} ORDER BY {order}").fetchall()]
+                        for t, order in (("tasks", "seq"), ("paths", "system_version, id"), ("components", "id"),
+                                         ("history", "system_version"))}
+                status = self._db.execute("SELECT value FROM meta WHERE key='evolver_status'").fetchone()
+                store_id = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+            finally:
+                self._db.execute("COMMIT")
+        for c in rows["components"]:
+            c["opt_digest"] = None
+        return {"store_id": store_id, "system_version": version, **rows,
+                "evolver_status": json.loads(status[0]) if status else {}}
+
+    def change_mark(self) -> tuple[int, int]:
+        """A cheap mark that differs after any commit to the database since it was read:
+        SQLite's ``PRAGMA data_version`` (commits by other connections, e.g. the evolver
+        process) and this connection's ``total_changes`` (its own). Equal marks: nothing
+        :meth:`export_state` reads has changed."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0]), int(self._db.total_changes)
+
+    def store_id(self) -> str:
+        """This store's identity (random, made with the store): a model repository belongs to one."""
+        return str(self._query("SELECT value FROM meta WHERE key='store_id'")[0][0])
+
+    def mirrored_manifest(self) -> dict[str, Any] | None:
+        """A mirror's last imported manifest (``store_id``, ``system_version``,
+        ``revision``), None before the first import."""
+        rows = self._query("SELECT value FROM meta WHERE key='mirror_manifest'")
+        return json.loads(rows[0][0]) if rows else None
+
+    def _refuse_mirror(self, db: sqlite3.Connection, what: str) -> None:
+        row = db.execute("SELECT value FROM meta WHERE key='mirror_of'").fetchone()
+        if row is not None:
+            raise StoreError(f"store {self.data_dir} is a replica's mirror of {row[0]!r}: {what} happens on the "
+                             f"evolver host's store (a mirror's content is replaced at its next sync)")
+
+    def mirror_of(self) -> str | None:
+        """The model repository URL this store mirrors (a replica's), None for a store of its own."""
+        rows = self._query("SELECT value FROM meta WHERE key='mirror_of'")
+        return rows[0][0] if rows else None
+
+    def make_mirror(self, url: str) -> None:
+        """Marks this store as a replica's mirror of the repository at ``url``
+        (:meth:`import_state` replaces everything in it).
+
+        Raises:
+          StoreError: if the store holds tasks or paths of its own (it is no mirror, and a
+            replica would overwrite them), or mirrors another repository.
+        """
+        with self.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='mirror_of'").fetchone()
+            if row is not None:
+                if row[0] != url:
+                    raise StoreError(f"store {self.data_dir} mirrors the repository {row[0]!r}, not {url!r}; give a "
+                                     f"replica a data directory of its own for each repository")
+                return
+            own = db.execute("SELECT (SELECT COUNT(*) FROM tasks) + (SELECT COUNT(*) FROM paths)").fetchone()[0]
+            if own:
+                raise StoreError(f"store {self.data_dir} holds tasks or paths of its own; a replica mirrors a model "
+                                 f"repository into an empty data directory (its content would be replaced)")
+            db.execute("INSERT INTO meta VALUES ('mirror_of', ?)", (url,))
+
+    def import_state(self, state: Mapping[str, Any]) -> int:
+        """Makes this store a mirror of ``state`` (:meth:`export_state` of another store, as a
+        replica reads it from the model repository): its tasks, paths, components, history,
+        evolver status and system version are replaced in one transaction, then the array
+        files neither this nor the previous import uses are removed (only this one's when a
+        task was deleted). A mirror is never
+        trained on; only a store marked by :meth:`make_mirror` can be imported into.
+
+        Returns:
+          The number of array files removed.
+
+        Raises:
+          StoreError: if the store is not a mirror, a row names a column the table does not
+            have, or a component's parameter file has not been written to this store first
+            (:meth:`put_array_bytes`).
+        """
+        version = int(state["system_version"])
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM meta WHERE key='mirror_of'").fetchone() is None:
+                raise StoreError(f"store {self.data_dir} is not a mirror (Store.make_mirror); importing would replace "
+                                 f"its own tasks and paths")
+            for table in ("tasks", "paths", "components", "history"):
+                columns = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                for row in state[table]:
+                    unknown = sorted(set(row) - columns)
+                    if unknown:
+                        raise StoreError(f"{table} row has unknown columns {unknown}; allowed: {sorted(columns)}")
+            for c in state["components"]:
+                if not is_digest(c["params_digest"]):
+                    raise StoreError(f"component {c['id']}: {c['params_digest']!r} is not a sha256 hex digest")
+                if not self._array_path(c["params_digest"]).exists():
+                    raise StoreError(f"component {c['id']}: array file {c['params_digest']} was not written first")
+            before = {(r[0], r[1]) for r in db.execute("SELECT name, seq FROM tasks")}
+            deleted = bool(before - {(t.get("name"), t.get("seq")) for t in state["tasks"]})
+            for table in ("selections", "paths", "components", "history", "tasks"):
+                db.execute(f"DELETE FROM {table}")
+            for table in ("tasks", "components", "paths", "history"):
+                for row in state[table]:
+                    names = list(row)
+                    db.execute(f"INSERT INTO {table} ({','.join(names)}) VALUES ({','.join('?' * len(names))})",
+                               [row[n] for n in names])
+            db.execute("UPDATE meta SET value=? WHERE key='system_version'", (str(version),))
+            current = sorted({c["params_digest"] for c in state["components"]})
+            previous = db.execute("SELECT value FROM meta WHERE key='mirror_digests'").fetchone()
+            for key, value in (("evolver_status", dict(state.get("evolver_status") or {})), ("mirror_digests", current),
+                               ("mirror_manifest", {"store_id": state.get("store_id"), "system_version": version,
+                                                    "revision": int(state.get("revision", 0))})):
+                db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                           (key, json.dumps(value)))
+            # the previous import's arrays stay until the next import: the snapshot loader may be
+            # reading them for the version it is swapping from; not after a task's deletion,
+            # whose removal of the task's knowledge takes effect at once (Section 3.4)
+            live = set(current) | (set(json.loads(previous[0])) if previous and not deleted else set())
+        removed = 0
+        for f in (self.data_dir / "arrays").rglob("*.npz"):
+            if f.stem not in live:
+                f.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def array_file(self, digest: str) -> FsPath:
+        """The file holding the arrays of ``digest`` (it may not exist)."""
+        return self._array_path(digest)
+
+    def put_array_bytes(self, digest: str, data: bytes) -> None:
+        """Writes an array file received from elsewhere (a replica's copy from the model
+        repository) under its digest.
+
+        Raises:
+          StoreError: if ``data`` does not hash to ``digest``.
+        """
+        if not is_digest(digest):
+            raise StoreError(f"array digest {digest!r} is not a sha256 hex digest")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise StoreError(f"array {digest}: content does not match its digest")
+        path = self._array_path(digest)
+        if not path.exists():
+            write_file_atomic(path, data)
+
+    def restore_path(self, path_row: Mapping[str, Any], component_rows: Sequence[Mapping[str, Any]],
+                     read_array: Callable[[str], bytes], task_seq: int | None = None) -> int:
+        """Rolls a task back to an earlier path and pins it there (``mu2net rollback``).
+
+        ``path_row`` and ``component_rows`` are the path's rows as :meth:`export_state` wrote
+        them into a model repository's manifest; the parameter files of components no longer
+        in the layer pool are fetched with ``read_array(digest)`` (checked against their
+        digests) and the components come back without momentum. The path is published as a
+        new system version (its history records the rollback), and the task is pinned: the
+        evolver neither runs it nor replaces its path until :meth:`wake_task`. ``task_seq``:
+        the task's :attr:`TaskRecord.seq` the path belonged to (a task deleted and uploaded
+        again under its name since is another task, and nothing is restored to it).
+
+        Returns:
+          The system version of the publish.
+
+        Raises:
+          ComponentsGone: if a component was trained on a task deleted since (Section 3.4's
+            removal is never undone).
+          StoreError: if the rows do not describe the path's components, an array does not
+            match its digest, or the task is another one than ``task_seq``'s.
+        """
+        by_id = {c["id"]: c for c in component_rows}
+        path = self._path(path_row)  # type: ignore[arg-type]
+        missing = [cid for cid in path.component_ids if cid not in by_id]
+        if missing:
+            raise StoreError(f"path {path.id}: no rows for its components {missing}")
+        # every component of the path, the ones still in the layer pool too: a publish may drop
+        # one before this commit (its row then comes back; INSERT OR IGNORE keeps a live row)
+        records = []
+        for cid in path.component_ids:
+            row = by_id[cid]
+            if not is_digest(row["params_digest"]):
+                raise StoreError(f"component {cid}: {row['params_digest']!r} is not a sha256 hex digest")
+            if not self._array_path(row["params_digest"]).exists():
+                self.put_array_bytes(row["params_digest"], read_array(row["params_digest"]))
+            records.append(ComponentRecord(
+                id=cid, kind=row["kind"], params_digest=row["params_digest"], opt_digest=None,
+                parent_id=row["parent_id"], task=row["task"], acl_group=row["acl_group"],
+                steps=json.loads(row["steps"]), num_params=row["num_params"], num_classes=row["num_classes"]))
+        return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True)
+
     def served_versions(self) -> dict[str, int]:
         """Task name -> system version of its retained (served) path's publish."""
         return {r["task"]: r["system_version"]
@@ -691,6 +907,8 @@ class Store:
           ComponentsGone: if ``path`` uses components no longer in the layer pool, or a new
             component was trained on a task that no longer exists (deleted with another task
             during the phase: Section 3.4's removal must not be undone).
+          TaskPinned: if a user rolled the task back and pinned it (:meth:`restore_path`)
+            since; nothing is published or recorded (the phase's bookkeeping neither).
           StoreError: if a referenced array file is missing, or the task was deleted (or
             replaced by another of the same name).
         """
@@ -699,7 +917,7 @@ class Store:
 
     def _commit_publish(self, path: Path | None, new_components: Sequence[ComponentRecord],
                         task: str | None, iteration_done: bool,
-                        selections: Mapping[str, int], task_seq: int | None = None) -> int:
+                        selections: Mapping[str, int], task_seq: int | None = None, pin: bool = False) -> int:
         with self.transaction() as db:
             # checked inside the write transaction: a delete unlinks a file only inside one of its
             # own after checking no row references it (_delete_component_files)
@@ -707,10 +925,15 @@ class Store:
                 for d in (c.params_digest, c.opt_digest):
                     if d and not self._array_path(d).exists():
                         raise StoreError(f"component {c.id}: array file {d} was not written first")
+            self._refuse_mirror(db, "publishing")
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
-            row = db.execute("SELECT seq FROM tasks WHERE name=?", (task,)).fetchone() if task is not None else None
+            row = db.execute("SELECT seq, pinned FROM tasks WHERE name=?", (task,)).fetchone() \
+                if task is not None else None
             if task is not None and (row is None or (task_seq is not None and row[0] != task_seq)):
                 raise StoreError(f"task {task!r} was deleted during its active phase; nothing published")
+            if task is not None and not pin and row[1]:
+                raise TaskPinned(f"task {task!r} was rolled back and pinned by a user; its served path stays "
+                                 f"until the user wakes it")
             if path is not None:
                 # a component trained (also cloned from) on a task deleted meanwhile carries that
                 # task's knowledge: it must not come back into the layer pool (Section 3.4)
@@ -759,6 +982,8 @@ class Store:
                     db.execute("UPDATE tasks SET iterations_done=iterations_done+1 WHERE name=?", (task,))
                 if path is not None:
                     db.execute("UPDATE tasks SET state='serving', error=NULL WHERE name=?", (task,))
+            if pin and path is not None and path.task is not None:
+                db.execute("UPDATE tasks SET pinned=1, paused_version=NULL WHERE name=?", (path.task,))
             doomed = self._unreferenced_components(db)
         self._delete_component_files(doomed)
         return version
@@ -892,6 +1117,7 @@ class Store:
         """
         task = self.get_task(name)
         with self.transaction() as db:
+            self._refuse_mirror(db, "deleting a task")
             if not db.execute("SELECT 1 FROM tasks WHERE name=?", (name,)).fetchone():
                 raise TaskNotFound(f"unknown task {name!r}")
             db.execute("DELETE FROM paths WHERE task=?", (name,))
@@ -906,7 +1132,7 @@ class Store:
                     if r["task"] is not None:
                         requeued.append(r["task"])
                         db.execute("UPDATE tasks SET state='queued', iterations_done=0, stale_iterations=0, "
-                                   "paused_version=NULL WHERE name=?",
+                                   "paused_version=NULL, pinned=0 WHERE name=?",
                                    (r["task"],))
             db.execute("DELETE FROM tasks WHERE name=?", (name,))
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
@@ -915,6 +1141,11 @@ class Store:
         self._delete_component_files(doomed)
         shutil.rmtree(task.dataset_dir, ignore_errors=True)
         return requeued
+
+
+def is_digest(text: Any) -> bool:
+    """Whether ``text`` is a sha256 hex digest (64 lowercase hex characters), as array files are named."""
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def new_id() -> str:

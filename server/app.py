@@ -22,6 +22,7 @@ from typing import Iterator, Sequence
 
 import uvicorn
 
+from mu2net.repository import DEFAULT_KEEP, Poller, Repository, exporter
 from mu2net.server.grpc_api import start_grpc
 from mu2net.server.http_api import build_app
 from mu2net.server.metrics import Metrics
@@ -126,17 +127,42 @@ def _remove_orphans(store: Store) -> None:
 
 
 async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config: ServiceConfig,
-                evolver_argv: Sequence[str] | None, tls: tuple[str, str, str | None] | None = None) -> int:
+                evolver_argv: Sequence[str] | None, tls: tuple[str, str, str | None] | None = None,
+                repository: str | None = None, keep_versions: int = DEFAULT_KEEP) -> int:
     """Runs the server until SIGTERM/SIGINT. ``evolver_argv=None`` runs no evolver.
 
     ``tls`` = (certificate chain PEM, private key PEM, client CA PEM or None): gRPC and HTTPS
     over TLS; with a client CA both require client certificates signed by it.
+
+    ``repository``: a model repository URL (:mod:`mu2net.repository`). With
+    ``config.replica`` the store in ``data_dir`` is a local mirror of the repository's
+    pointed-to version, synced every 0.5 s before the snapshot loader swaps it in;
+    otherwise every new system version of the store is exported to it (the newest
+    ``keep_versions`` manifests kept readable).
     """
     store = Store(data_dir)
     _remove_orphans(store)
     metrics = Metrics()
     service = Service(store, config, metrics=metrics)
+    poller = None
+    if repository is not None:
+        repo = Repository(repository)
+        if config.replica:
+            poller = Poller("repository-sync", lambda: repo.sync(store), repository=repo)
+        else:
+            poller = Poller("repository-export", exporter(store, repo, keep_versions), repository=repo)
+        service.repository = poller
+        # what /v1/system shows before anything new is written or mirrored
+        if config.replica:
+            poller.last_version = (store.mirrored_manifest() or {}).get("system_version")
+        else:
+            with contextlib.suppress(Exception):  # unreadable now: the poller reports it
+                poller.last_version = repo.latest()
+        if config.replica:  # the first mirror before the first snapshot
+            await asyncio.to_thread(poller.start)
     await asyncio.to_thread(service.manager.start)
+    if poller is not None and not config.replica:
+        poller.start(poll_first=False)  # exports on its thread; serving does not wait for it
     grpc_server, grpc_bound = await start_grpc(service, host, grpc_port, config.max_message_bytes, tls)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,6 +208,10 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     for r in results:  # one part failing must not cut the others' drain short
         if isinstance(r, BaseException):
             log.error("shutdown: %r", r)
+    if poller is not None:
+        await asyncio.to_thread(poller.stop)
+        if not config.replica:  # the last publishes before the shutdown reach the replicas now
+            await asyncio.to_thread(poller.poll)
     abandoned = service.ingesting  # uploads whose requests the HTTP drain cut off after 30 s
     service.close()
     if abandoned:

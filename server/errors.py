@@ -57,6 +57,22 @@ class Unauthenticated(ServiceError):
     """An admin call without the configured bearer token."""
 
 
+class FailedPrecondition(ServiceError):
+    """The system is not in a state the call needs (e.g. a rollback without a model
+    repository, or to a path whose components were deleted with a task). HTTP 400, as
+    google.rpc.Code maps FAILED_PRECONDITION."""
+
+
+class BadGateway(ServiceError):
+    """A replica could not reach the evolver host it forwards uploads, deletes, evolve and
+    rollback requests to (``mu2net serve --no-evolver --repository URL --ingest-url URL``)."""
+
+
+class RepositoryUnavailable(ServiceError):
+    """The model repository could not be read whole (unreachable, or a manifest or array
+    in it is malformed or does not match its digest); the message names its URL."""
+
+
 #: ServiceError subclass -> (gRPC status code, HTTP status).
 TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     NotFound: (grpc.StatusCode.NOT_FOUND, 404),
@@ -68,6 +84,9 @@ TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     Overloaded: (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
     DeadlineExceeded: (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
     Cancelled: (grpc.StatusCode.CANCELLED, 499),
+    BadGateway: (grpc.StatusCode.UNAVAILABLE, 502),
+    RepositoryUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
+    FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 400),  # google.rpc.Code's HTTP mapping
 }
 
 

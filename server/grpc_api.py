@@ -86,6 +86,7 @@ def _task_message(view: dict[str, Any]) -> pb.Task:
                                              test_accuracy=h["test_accuracy"] or 0.0)
                             for h in view.get("history", ())],
                    paused=bool(evolution.get("paused")), stale_iterations=evolution.get("stale_iterations") or 0,
+                   pinned=bool(evolution.get("pinned")),
                    evolver=None if ev is None else pb.EvolverActivity(
                        task=ev.get("task") or "", iteration=ev.get("iteration") or 0,
                        generation=ev.get("generation") or 0, generations=ev.get("generations") or 0,

@@ -13,9 +13,11 @@ import math
 import os
 import tempfile
 import time
+import urllib.parse
 import uuid
 from typing import Any, Awaitable, Callable, TypeVar
 
+import httpx
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +33,12 @@ from mu2net.server.page import render_page
 from mu2net.server.service import CALLER_TOKEN, Service, bearer_token, raw_images
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+#: Seconds a replica waits for the evolver host's answer to a forwarded write (an upload is
+#: answered once ingested, which can take minutes for a large archive).
+FORWARD_TIMEOUT_SECONDS = 600.0
+#: Header a replica adds to a forwarded write; a replica refuses a request that carries it
+#: (a replica forwarding to a replica would loop).
+FORWARDED_HEADER = "mu2net-forwarded"
 log = logging.getLogger("mu2net.server")
 OPENAPI = openapi_document()
 
@@ -167,8 +175,43 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
     def admin(request: Request) -> None:
         service.check_admin(bearer_token(request.headers.get("authorization")))
 
+    async def forward(request: Request) -> Response:
+        """A replica's write (upload, delete, evolve, rollback) sent on as it came to the evolver host's
+        server, whose answer (status, JSON body, Location, Retry-After) goes back as it is:
+        the evolver host validates, stores and evolves it, and every replica serves the
+        result once the model repository has its system version."""
+        target = service.config.ingest_url
+        if target is None:
+            raise E.NotReady(f"{request.method} {request.url.path}: this server is a read-only replica of a model "
+                             f"repository (started with --no-evolver --repository and without --ingest-url); send "
+                             f"uploads, deletes, evolve and rollback requests to the evolver host's server")
+        if FORWARDED_HEADER in request.headers:
+            raise E.BadGateway(f"{request.method} {request.url.path} was forwarded to this replica by another "
+                               f"server: --ingest-url must name the evolver host's server, not a replica")
+        # the path as it arrived (percent-encoded): a decoded '?' or '#' in a name must stay in the name
+        raw = request.scope.get("raw_path")
+        path = raw.decode("latin-1") if isinstance(raw, bytes) else urllib.parse.quote(request.url.path)
+        url = target.rstrip("/") + path + (f"?{request.url.query}" if request.url.query else "")
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type", "content-length")}
+        headers[FORWARDED_HEADER] = "1"
+        body = request.stream() if request.method == "POST" else None
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(FORWARD_TIMEOUT_SECONDS, connect=10.0)) as client:
+                resp = await client.request(request.method, url, headers=headers, content=body)
+        except httpx.HTTPError as e:
+            raise E.BadGateway(f"the evolver host's server {target} did not answer {request.method} "
+                               f"{request.url.path}: {type(e).__name__}: {e}") from None
+        kept = {k: resp.headers[k] for k in ("content-type", "location", "retry-after") if k in resp.headers}
+        return Response(resp.content, status_code=resp.status_code, headers=kept)
+
     @endpoint("upload")
     async def upload(request: Request) -> Response:
+        if service.config.replica:
+            if service.config.admin_token:  # no slot held, no body streamed on, for a caller without the token
+                admin(request)
+            with service.upload_slot():  # 429 when max_concurrent_uploads are in progress
+                return await forward(request)
         admin(request)
         name = request.query_params.get("name")
         if not name:
@@ -216,13 +259,28 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
 
     @endpoint("delete_task")
     async def delete_task(request: Request) -> Response:
+        if service.config.replica:
+            return await forward(request)
         admin(request)
         return JSONResponse(await asyncio.to_thread(service.delete_task, request.path_params["name"]))
 
     @endpoint("evolve_task")
     async def evolve_task(request: Request) -> Response:
+        if service.config.replica:
+            return await forward(request)
         admin(request)
         return JSONResponse(await asyncio.to_thread(service.evolve, request.path_params["name"]), status_code=202)
+
+    @endpoint("rollback_task")
+    async def rollback_task(request: Request) -> Response:
+        if service.config.replica:
+            return await forward(request)
+        admin(request)
+        text = request.query_params.get("version")
+        if text is not None and not (text.isascii() and text.isdigit() and len(text) <= 18):
+            raise E.InvalidArgument(f"version={text[:40]!r}; allowed: a retained system version (an integer >= 0)")
+        return JSONResponse(await asyncio.to_thread(service.rollback, request.path_params["name"],
+                                                    None if text is None else int(text)))
 
     @endpoint("classify")
     async def classify(request: Request) -> Response:
@@ -364,6 +422,7 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         Route("/v1/tasks/{name}", get_task, methods=["GET"]), Route("/v1/tasks/{name}", delete_task, methods=["DELETE"]),
         Route("/v1/tasks/{name}/classify", classify, methods=["POST"]),
         Route("/v1/tasks/{name}/evolve", evolve_task, methods=["POST"]),
+        Route("/v1/tasks/{name}/rollback", rollback_task, methods=["POST"]),
         Route("/v1/system", system), Route("/openapi.json", openapi),
         Route("/v2/health/live", v2_live), Route("/v2/health/ready", v2_ready), Route("/v2", v2_metadata),
         Route("/v2/models/{name}", v2_model_metadata), Route("/v2/models/{name}/versions/{version}", v2_model_metadata),

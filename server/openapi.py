@@ -18,17 +18,33 @@ _ERROR = {"$ref": "#/components/schemas/Error"}
 _TASK_REF = {"$ref": "#/components/schemas/Task"}
 
 
-def _errors(*codes: int) -> dict[str, Any]:
+#: The 503 of a write (upload, delete, evolve, rollback): shutting down, or sent to a replica
+#: that forwards nowhere.
+_READ_ONLY = {503: "the server is shutting down, or is a read-only replica (--no-evolver --repository) without "
+                   "--ingest-url: send writes to the evolver host's server"}
+
+
+#: What a rollback's 400 and 404 mean.
+_ROLLBACK = {503: _READ_ONLY[503] + ", or the model repository could not be read whole (the message names it)",
+             404: "no such task (or deleted during the rollback), or no retained system version with another path "
+                  "of it",
+             400: "a version that is not an integer, no model repository (--repository), or a path whose "
+                  "components were deleted with a task"}
+
+
+def _errors(*codes: int, text_of: dict[int, str] | None = None) -> dict[str, Any]:
     text = {400: "bad request: the message names the bad value and what is allowed",
             401: "missing or wrong admin token", 404: "no such task", 409: "a task of that name exists",
             413: "body or request larger than the server's limit",
             429: "overloaded: retry after the Retry-After header's seconds",
             503: "not ready: the task has no served path yet, or the server is shutting down",
+            502: "a replica could not reach the evolver host's server it forwards writes to (--ingest-url)",
             504: "the request's deadline passed before its images were computed",
             500: "internal error (logged with the request_id; no internals in the answer)"}
     out: dict[str, Any] = {}
     for c in (*codes, 500):
-        out[str(c)] = {"description": text[c], "content": {"application/json": {"schema": _ERROR}}}
+        out[str(c)] = {"description": {**text, **(text_of or {})}[c],
+                       "content": {"application/json": {"schema": _ERROR}}}
         if c == 429:
             out[str(c)]["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}}
     return out
@@ -71,8 +87,13 @@ _TASK = {
             "system_version": {"type": "integer"}, "time": {"type": "number"},
             "validation_accuracy": {"type": ["number", "null"]}, "test_accuracy": {"type": ["number", "null"]}}}},
         "evolution": {"type": "object", "properties": {"paused": {"type": "boolean"},
-                                                       "stale_iterations": {"type": "integer"}}},
+                                                       "stale_iterations": {"type": "integer"},
+                                                       "pinned": {"type": "boolean", "description":
+                                                                  "rolled back by a user: not evolved until woken"}}},
         "evolver": {"type": ["object", "null"], "description": "what the evolver does for this task now"},
+        "rolled_back_to": {"type": "object", "description": "in a rollback's answer: the retained version and "
+                           "path the task went back to", "properties": {"system_version": {"type": "integer"},
+                                                                        "path_id": {"type": "string"}}},
     },
 }
 
@@ -134,7 +155,7 @@ def document() -> dict[str, Any]:
                                      "content": {"application/octet-stream": {"schema": {
                                          "type": "string", "format": "binary"}}}},
                      "responses": {"202": _json(_TASK_REF, "accepted: the task is queued for the evolver"),
-                                   **_errors(400, 401, 409, 413, 429)}},
+                                   **_errors(400, 401, 409, 413, 429, 502, 503, text_of=_READ_ONLY)}},
         },
         "/v1/tasks/{name}": {
             "parameters": [_NAME],
@@ -145,7 +166,7 @@ def document() -> dict[str, Any]:
                                                    "properties": {"deleted": {"type": "string"},
                                                                   "requeued": {"type": "array",
                                                                                "items": {"type": "string"}}}}),
-                                     **_errors(401, 404)}},
+                                     **_errors(401, 404, 502, 503, text_of=_READ_ONLY)}},
         },
         "/v1/tasks/{name}/classify": {
             "parameters": [_NAME],
@@ -171,7 +192,18 @@ def document() -> dict[str, Any]:
             "parameters": [_NAME],
             "post": {"operationId": "evolveTask", "security": _ADMIN,
                      "summary": "wake a task paused by continual evolution",
-                     "responses": {"202": _json(_TASK_REF), **_errors(401, 404)}},
+                     "responses": {"202": _json(_TASK_REF), **_errors(401, 404, 502, 503, text_of=_READ_ONLY)}},
+        },
+        "/v1/tasks/{name}/rollback": {
+            "parameters": [_NAME],
+            "post": {"operationId": "rollbackTask", "security": _ADMIN,
+                     "summary": "serve the task's path of an earlier retained system version and pin it there "
+                                "(needs --repository)",
+                     "parameters": [{"name": "version", "in": "query", "description": "a retained system version "
+                                     "(default: the newest with another path of the task)",
+                                     "schema": {"type": "integer", "minimum": 0}}],
+                     "responses": {"200": _json(_TASK_REF), **_errors(400, 401, 404, 502, 503,
+                                                                      text_of=_ROLLBACK)}},
         },
         "/v1/system": {"get": {"operationId": "system", "summary": "system version, layer pool and evolver status",
                                "responses": {"200": _json({"type": "object"}), **_errors()}}},

@@ -89,6 +89,10 @@ class ServiceConfig:
         waiting for the batcher's queue, and the work in progress.
       cross_task_batching: merge requests of paths that differ only in their heads into one
         forward call (:mod:`mu2net.server.grouping`).
+      replica: this server mirrors a model repository (:mod:`mu2net.repository`) and
+        stores nothing itself: uploads, deletes, evolve and rollback requests go to ``ingest_url``.
+      ingest_url: HTTP base URL of the evolver host's server a replica forwards writes to
+        (None: a replica refuses them with 503).
     """
 
     max_batch_size: int = 64
@@ -103,6 +107,8 @@ class ServiceConfig:
     max_concurrent_requests: int | None = 512
     cross_task_batching: bool = True
     read_tokens: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    replica: bool = False
+    ingest_url: str | None = None
 
 
 #: Handlers that :meth:`Service.request_slot` does not count: liveness and readiness probes
@@ -227,6 +233,8 @@ class Service:
                                                                  thread_name_prefix="ingest")
         self._requests = 0  # requests in progress (request_slot), gRPC and HTTP together
         self._requests_lock = threading.Lock()
+        #: the model repository's export (primary) or sync (replica) poller, set by ``serve``
+        self.repository: Any = None
         self._ingesting = 0  # uploads being validated and stored right now (upload_file calls)
         self._ingesting_lock = threading.Lock()
         self.batcher = Batcher(config.max_batch_size, config.max_delay_ms,
@@ -242,8 +250,12 @@ class Service:
         """Whether the caller (:data:`CALLER_TOKEN`) may see ``task`` (see
         :attr:`ServiceConfig.read_tokens`); tokens compared in constant time."""
         cfg = self.config
-        if not task.private or (cfg.admin_token is None and not cfg.read_tokens):
+        if not task.private:
             return True
+        if cfg.admin_token is None and not cfg.read_tokens:
+            # an open server shows every task; a replica without tokens does not know who may
+            # see the private tasks it mirrors (the evolver host may have tokens): nobody
+            return not cfg.replica
         token = CALLER_TOKEN.get()
         allowed = [t for t in (cfg.admin_token, cfg.read_tokens.get(task.acl_group or task.name)) if t is not None]
         return any(_token_matches(token, t) for t in allowed)
@@ -385,7 +397,8 @@ class Service:
             "system_version": sp.version if sp else 0, "path_id": sp.path.id if sp else None, "metrics": {},
             "improved_at": t.improved_at,
             "history": [{k: h[k] for k in HISTORY_KEYS} for h in history],
-            "evolution": {"paused": t.paused_version is not None, "stale_iterations": t.stale_iterations},
+            "evolution": {"paused": t.paused_version is not None, "stale_iterations": t.stale_iterations,
+                          "pinned": t.pinned},
             "evolver": dict(evolver) if evolver.get("state") == "training" and evolver.get("task") == t.name
             else None,
         }
@@ -408,6 +421,74 @@ class Service:
         except Exception as e:
             raise E.to_service_error(e) or e
         return self.task_view(name)
+
+    def rollback(self, name: str, version: int | None = None) -> dict[str, Any]:
+        """Rolls a task back to its path at an earlier system version retained in the model
+        repository and pins it there (``POST /v1/tasks/{name}/rollback``; TF Serving's
+        version pinning): the evolver neither runs the task nor replaces that path until
+        :meth:`evolve` wakes it.
+
+        Args:
+          name: the task.
+          version: a retained system version (``GET /v1/system``'s ``repository``); None:
+            the newest retained one whose path for the task differs from the served one.
+
+        Returns:
+          The task resource, with ``rolled_back_to`` (``system_version``, ``path_id``).
+
+        Raises:
+          NotFound: an unknown task, or no retained version with another path of it.
+          FailedPrecondition: the server exports to no repository, or the path used
+            components trained on a task deleted since (their removal is never undone).
+          RepositoryUnavailable: the repository could not be read, or what it holds is
+            malformed or does not match its digests (HTTP 503).
+        """
+        from mu2net.repository import ManifestGone, RepositoryError
+        from mu2net.store import ComponentsGone, StoreError
+
+        poller = self.repository
+        if poller is None or self.config.replica:
+            raise E.FailedPrecondition("rolling back needs the model repository's retained versions: start the "
+                                       "evolver host's server with --repository URL (it keeps --keep-versions of "
+                                       "them)")
+        task = self._get_task(name)
+        served = self.store.best_path(name)
+        repo = poller.repository
+        try:
+            retained = repo.versions()
+            if version is not None and version not in retained:
+                raise E.NotFound(f"system version {version} is not retained in the model repository; retained: "
+                                 f"{retained} (--keep-versions sets how many)")
+            for v in reversed(retained if version is None else [version]):
+                manifest = repo.manifest(v)
+                seq = next((t["seq"] for t in manifest["tasks"] if t["name"] == name), None)
+                row = next((p for p in manifest["paths"] if p["task"] == name), None)
+                if seq != task.seq or row is None or (version is None and served is not None
+                                                      and row["id"] == served.id):
+                    continue  # another task of the same name then, not served then, or the served path
+                try:
+                    self.store.restore_path(row, manifest["components"], repo.read_array, task_seq=task.seq)
+                except ComponentsGone as e:
+                    raise E.FailedPrecondition(f"task {name!r} cannot go back to system version {v}: {e}") from None
+                except StoreError as e:
+                    now = next((t for t in self.store.list_tasks() if t.name == name), None)
+                    if now is None or now.seq != task.seq:  # deleted (and maybe uploaded again) meanwhile
+                        raise E.NotFound(f"task {name!r} was deleted during the rollback; nothing restored") from None
+                    raise E.RepositoryUnavailable(f"task {name!r} was not rolled back to system version {v} of the "
+                                                  f"model repository {repo.url}: {e}") from None
+                self.manager.refresh()  # the answer shows the path served now
+                view = self.task_view(name)
+                view["rolled_back_to"] = {"system_version": v, "path_id": row["id"]}
+                return view
+        except ManifestGone as e:  # collected between the listing and the read
+            raise E.NotFound(f"task {name!r} was not rolled back: {e}") from None
+        except RepositoryError as e:
+            raise E.RepositoryUnavailable(f"task {name!r} was not rolled back: {e}") from None
+        except OSError as e:  # the filesystem or object store behind the repository
+            raise E.RepositoryUnavailable(f"task {name!r} was not rolled back: the model repository {repo.url} "
+                                          f"could not be read: {type(e).__name__}: {e}") from None
+        raise E.NotFound(f"task {name!r} has no other path in the retained system versions {retained}"
+                         if version is None else f"task {name!r} had no path at system version {version}")
 
     def upload_file(self, name: str, body_path: str, private: bool, acl_group: str | None) -> dict[str, Any]:
         """Validates and stores an uploaded dataset (blocking; run in a thread).
@@ -483,7 +564,17 @@ class Service:
                                                  self.manager.last_error for h in hidden)
                                 else self.manager.last_error),
             "evolver": self._evolver_status(hidden),
+            "repository": self._repository_status(),
         }
+
+    def _repository_status(self) -> dict[str, Any] | None:
+        """The model repository this server exports to (``role`` primary) or mirrors
+        (replica): its URL, the version it last wrote or mirrored, and the last error."""
+        poller = self.repository
+        if poller is None:
+            return None
+        return {"url": poller.url, "role": "replica" if self.config.replica else "primary",
+                "last_version": poller.last_version, "last_error": poller.last_error}
 
     def _evolver_status(self, hidden: set[str]) -> dict[str, Any]:
         """The evolver's status; while it works on a task the caller may not see, only its

@@ -132,7 +132,7 @@ def test_http_errors_map_to_the_sdk_hierarchy():
     import httpx
 
     from mu2net_client import AuthenticationError, NotReadyError, OverloadedError, TimeoutError
-    from mu2net_client.errors import ServerError, from_http
+    from mu2net_client.errors import ServerError, TransportError, from_http
 
     e = from_http(httpx.Response(429, json={"error": "queued"}, headers={"Retry-After": "2"}))
     assert isinstance(e, OverloadedError) and e.retry_after == 2.0 and "queued" in str(e)
@@ -140,7 +140,8 @@ def test_http_errors_map_to_the_sdk_hierarchy():
     assert isinstance(from_http(httpx.Response(504, json={"error": "x"})), TimeoutError)
     assert isinstance(from_http(httpx.Response(500, json={"error": "internal server error"})), ServerError)
     assert isinstance(from_http(httpx.Response(401, json={"error": "x"})), AuthenticationError)
-    assert type(from_http(httpx.Response(502, text="<html>bad gateway</html>"))) is ServerError  # not JSON
+    assert type(from_http(httpx.Response(502, text="<html>bad gateway</html>"))) is TransportError  # not JSON
+    assert type(from_http(httpx.Response(500, text="<html>oops</html>"))) is ServerError
 
 
 @pytest.mark.parametrize("header, seconds", [

@@ -63,7 +63,8 @@ def test_openapi_document_names_every_route(fuzz_server):
     server, _, _ = fuzz_server
     doc = httpx.get(f"{server.http}/openapi.json").json()
     assert doc["openapi"].startswith("3.1")
-    assert {"/v1/tasks", "/v1/tasks/{name}", "/v1/tasks/{name}/classify", "/v1/tasks/{name}/evolve", "/v1/system",
+    assert {"/v1/tasks", "/v1/tasks/{name}", "/v1/tasks/{name}/classify", "/v1/tasks/{name}/evolve",
+            "/v1/tasks/{name}/rollback", "/v1/system",
             "/v2/models/{name}/infer", "/metrics", "/openapi.json"} <= set(doc["paths"])
     assert httpx.get(f"{server.http}/v1/tasks/digits").json()["name"] == "digits"
 

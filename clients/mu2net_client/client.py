@@ -240,11 +240,33 @@ def _upload_timeout(client_timeout: float, timeout: float | None) -> float:
     return max(client_timeout, 600.0) if timeout is None else timeout
 
 
+#: Seconds the waits (:meth:`Client.wait_until_serving`, :meth:`Client.wait_until`) treat an
+#: unknown task as not visible yet: behind a load balancer, the replica that answers may
+#: mirror a task uploaded through another server up to a second or two later.
+UNKNOWN_GRACE_SECONDS = 10.0
+
+
+def _unknown_for_good(started: float, deadline: float | None) -> bool:
+    """Whether a wait that began at ``started`` (monotonic seconds) stops treating an unknown
+    task as not mirrored yet: after :data:`UNKNOWN_GRACE_SECONDS` or at its deadline."""
+    now = time.monotonic()
+    return now - started > UNKNOWN_GRACE_SECONDS or (deadline is not None and now >= deadline)
+
+
 def _upload_params(name: str, private: bool, acl_group: str | None) -> dict[str, str]:
     params = {"name": name, "private": str(private).lower()}
     if acl_group:
         params["acl_group"] = acl_group
     return params
+
+
+def _rollback_params(version: int | None) -> dict[str, str]:
+    """Query parameters of ``POST /v1/tasks/{name}/rollback``."""
+    if version is None:
+        return {}
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise E.InvalidArgumentError(f"version={version!r}; allowed: a system version (an integer >= 0) or None")
+    return {"version": str(version)}
 
 
 class Client:
@@ -385,6 +407,55 @@ class Client:
             r = self._http.post(f"/v1/tasks/{name}/evolve")
         return Task.from_json(_json(r))
 
+    def rollback(self, name: str, version: int | None = None) -> Task:
+        """Serves the task's path of an earlier system version again and pins it there: the
+        evolver neither runs the task nor replaces that path until :meth:`evolve`
+        (``POST /v1/tasks/{name}/rollback``; admin token; the evolver host's server must
+        run with ``--repository``, whose retained versions it reads).
+
+        Args:
+          name: the task.
+          version: a retained system version; None: the newest retained one whose path
+            for the task differs from the served one.
+
+        Raises:
+          NotFoundError: an unknown task, or no retained version with another path of it.
+          InvalidArgumentError: no model repository, or the path's components were deleted
+            with a task since.
+          NotReadyError: the server is shutting down, is a replica without ``--ingest-url``,
+            or could not read the model repository whole.
+          TransportError: a replica could not reach the evolver host's server (HTTP 502).
+          AuthenticationError: without the server's admin token.
+        """
+        with E.map_exceptions():
+            r = self._http.post(f"/v1/tasks/{name}/rollback", params=_rollback_params(version))
+        return Task.from_json(_json(r))
+
+    def _poll(self, name: str, describe: Callable[[Task], str], reached: Callable[[Task, float | None], bool],
+              timeout: float | None, poll: float, progress: bool) -> Task:
+        """The waits' loop: polls the task every ``poll`` seconds, showing ``describe(task)``
+        on a progress bar, until ``reached(task, deadline)`` (which raises on failure or at
+        the deadline, ``timeout`` seconds from now or None); an unknown task counts as not
+        mirrored yet for :data:`UNKNOWN_GRACE_SECONDS`."""
+        from tqdm.auto import tqdm
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            started = time.monotonic()
+            while True:
+                try:
+                    t = self.task(name)
+                except E.NotFoundError:
+                    if _unknown_for_good(started, deadline):
+                        raise
+                    time.sleep(_pause(poll, deadline))  # a replica has not mirrored the upload yet
+                    continue
+                bar.set_description_str(describe(t))
+                if reached(t, deadline):
+                    return t
+                time.sleep(_pause(poll, deadline))
+                bar.update(0)
+
     def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
                            progress: bool = True) -> Task:
         """Polls until the task serves its first answer; shows its state with a progress bar.
@@ -398,18 +469,10 @@ class Client:
         Raises:
           TimeoutError: if it is not serving within ``timeout`` seconds.
           ServerError: if the task failed (the message says why).
+          NotFoundError: if the task is still unknown after :data:`UNKNOWN_GRACE_SECONDS`.
         """
-        from tqdm.auto import tqdm
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
-            while True:
-                t = self.task(name)
-                bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
-                if _check_serving(t, deadline, timeout):
-                    return t
-                time.sleep(_pause(poll, deadline))
-                bar.update(0)
+        return self._poll(name, lambda t: f"{name}: {t.state}, {t.iterations_done} iteration(s)",
+                          lambda t, d: _check_serving(t, d, timeout), timeout, poll, progress)
 
     def wait_until(self, name: str, accuracy: float, *, metric: str = "test_accuracy", timeout: float | None = None,
                    poll: float = 1.0, progress: bool = True) -> Task:
@@ -434,18 +497,9 @@ class Client:
             message gives the last value and the target).
           ServerError: if the task failed (the message says why).
         """
-        from tqdm.auto import tqdm
-
         _check_target(accuracy, metric)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
-            while True:
-                t = self.task(name)
-                bar.set_description_str(_accuracy_progress(t, accuracy, metric))
-                if _check_accuracy(t, accuracy, metric, deadline, timeout):
-                    return t
-                time.sleep(_pause(poll, deadline))
-                bar.update(0)
+        return self._poll(name, lambda t: _accuracy_progress(t, accuracy, metric),
+                          lambda t, d: _check_accuracy(t, accuracy, metric, d, timeout), timeout, poll, progress)
 
 
 class AsyncClient:
@@ -531,36 +585,46 @@ class AsyncClient:
             r = await self._http.post(f"/v1/tasks/{name}/evolve")
         return Task.from_json(_json(r))
 
-    async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
-                                 progress: bool = True) -> Task:
-        """Async :meth:`Client.wait_until_serving`."""
+    async def rollback(self, name: str, version: int | None = None) -> Task:
+        """Async :meth:`Client.rollback`."""
+        with E.map_exceptions():
+            r = await self._http.post(f"/v1/tasks/{name}/rollback", params=_rollback_params(version))
+        return Task.from_json(_json(r))
+
+    async def _poll(self, name: str, describe: Callable[[Task], str], reached: Callable[[Task, float | None], bool],
+                    timeout: float | None, poll: float, progress: bool) -> Task:
+        """Async :meth:`Client._poll`."""
         from tqdm.auto import tqdm
 
         deadline = None if timeout is None else time.monotonic() + timeout
         with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
+            started = time.monotonic()
             while True:
-                t = await self.task(name)
-                bar.set_description_str(f"{name}: {t.state}, {t.iterations_done} iteration(s)")
-                if _check_serving(t, deadline, timeout):
+                try:
+                    t = await self.task(name)
+                except E.NotFoundError:
+                    if _unknown_for_good(started, deadline):
+                        raise
+                    await asyncio.sleep(_pause(poll, deadline))  # a replica has not mirrored the upload yet
+                    continue
+                bar.set_description_str(describe(t))
+                if reached(t, deadline):
                     return t
                 await asyncio.sleep(_pause(poll, deadline))
                 bar.update(0)
+
+    async def wait_until_serving(self, name: str, timeout: float | None = None, poll: float = 1.0,
+                                 progress: bool = True) -> Task:
+        """Async :meth:`Client.wait_until_serving`."""
+        return await self._poll(name, lambda t: f"{name}: {t.state}, {t.iterations_done} iteration(s)",
+                                lambda t, d: _check_serving(t, d, timeout), timeout, poll, progress)
 
     async def wait_until(self, name: str, accuracy: float, *, metric: str = "test_accuracy",
                          timeout: float | None = None, poll: float = 1.0, progress: bool = True) -> Task:
         """Async :meth:`Client.wait_until`."""
-        from tqdm.auto import tqdm
-
         _check_target(accuracy, metric)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with tqdm(desc=f"{name}: waiting", bar_format="{desc} [{elapsed}]", disable=not progress) as bar:
-            while True:
-                t = await self.task(name)
-                bar.set_description_str(_accuracy_progress(t, accuracy, metric))
-                if _check_accuracy(t, accuracy, metric, deadline, timeout):
-                    return t
-                await asyncio.sleep(_pause(poll, deadline))
-                bar.update(0)
+        return await self._poll(name, lambda t: _accuracy_progress(t, accuracy, metric),
+                                lambda t, d: _check_accuracy(t, accuracy, metric, d, timeout), timeout, poll, progress)
 
 
 __all__ = ["Client", "AsyncClient", "classify_request", "dataset_body"]

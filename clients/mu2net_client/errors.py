@@ -58,7 +58,8 @@ class ServerError(Mu2netError):
 
 
 class TransportError(Mu2netError):
-    """The server could not be reached (connection refused, reset...)."""
+    """The server could not be reached (connection refused, reset...), or, HTTP 502, a
+    replica could not reach the evolver host's server it forwards writes to."""
 
 
 class TimeoutError(Mu2netError):  # noqa: A001 - the SDK's own timeout
@@ -74,7 +75,8 @@ GRPC_ERRORS = {
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
 }
 HTTP_ERRORS: dict[int, type[Mu2netError]] = {404: NotFoundError, 503: NotReadyError, 400: InvalidArgumentError, 409: AlreadyExistsError,
-               413: TooLargeError, 401: AuthenticationError, 429: OverloadedError, 504: TimeoutError}
+               413: TooLargeError, 401: AuthenticationError, 429: OverloadedError, 504: TimeoutError,
+               502: TransportError}
 
 
 def from_grpc(error: grpc.RpcError) -> Mu2netError:

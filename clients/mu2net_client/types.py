@@ -47,6 +47,10 @@ class Task:
       paused: whether continual evolution paused the task (it stopped improving);
         :meth:`Client.evolve` wakes it.
       stale_iterations: completed task iterations in a row without improvement.
+      pinned: a user rolled the task back (:meth:`Client.rollback`): it is not evolved
+        until :meth:`Client.evolve` wakes it.
+      rolled_back_to: in the answer of :meth:`Client.rollback` only: the ``system_version``
+        and ``path_id`` the task went back to.
       evolver: what the evolver is doing on this task now (``iteration``, ``generation``,
         ``generations``, ``children_running``, ``phase``, ``updated`` in unix seconds, ...);
         None when it is not training this task.
@@ -66,6 +70,8 @@ class Task:
     paused: bool = False
     stale_iterations: int = 0
     evolver: Mapping[str, Any] | None = None
+    pinned: bool = False
+    rolled_back_to: Mapping[str, Any] | None = None
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> "Task":
@@ -79,7 +85,9 @@ class Task:
                    history=tuple(AccuracyPoint.from_json(p) for p in doc.get("history") or ()),
                    paused=bool(evolution.get("paused", False)),
                    stale_iterations=int(evolution.get("stale_iterations", 0)),
-                   evolver=dict(evolver) if evolver else None)
+                   evolver=dict(evolver) if evolver else None,
+                   pinned=bool(evolution.get("pinned", False)),
+                   rolled_back_to=dict(doc["rolled_back_to"]) if doc.get("rolled_back_to") else None)
 
 
 @dataclasses.dataclass(frozen=True)

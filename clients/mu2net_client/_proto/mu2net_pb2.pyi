@@ -63,7 +63,7 @@ class GetTaskRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("name", "state", "private", "labels", "system_version", "path_id", "validation_accuracy", "test_accuracy", "iterations_done", "error", "activated_params", "improved_at", "history", "paused", "stale_iterations", "evolver")
+    __slots__ = ("name", "state", "private", "labels", "system_version", "path_id", "validation_accuracy", "test_accuracy", "iterations_done", "error", "activated_params", "improved_at", "history", "paused", "stale_iterations", "evolver", "pinned")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PRIVATE_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class Task(_message.Message):
     PAUSED_FIELD_NUMBER: _ClassVar[int]
     STALE_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     EVOLVER_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     name: str
     state: str
     private: bool
@@ -96,7 +97,8 @@ class Task(_message.Message):
     paused: bool
     stale_iterations: int
     evolver: EvolverActivity
-    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., private: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., iterations_done: _Optional[int] = ..., error: _Optional[str] = ..., activated_params: _Optional[int] = ..., improved_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[AccuracyPoint, _Mapping]]] = ..., paused: _Optional[bool] = ..., stale_iterations: _Optional[int] = ..., evolver: _Optional[_Union[EvolverActivity, _Mapping]] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[str] = ..., private: _Optional[bool] = ..., labels: _Optional[_Iterable[str]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., iterations_done: _Optional[int] = ..., error: _Optional[str] = ..., activated_params: _Optional[int] = ..., improved_at: _Optional[float] = ..., history: _Optional[_Iterable[_Union[AccuracyPoint, _Mapping]]] = ..., paused: _Optional[bool] = ..., stale_iterations: _Optional[int] = ..., evolver: _Optional[_Union[EvolverActivity, _Mapping]] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class AccuracyPoint(_message.Message):
     __slots__ = ("system_version", "time", "validation_accuracy", "test_accuracy")
