@@ -11,16 +11,20 @@ URL``) and one server on the store (``--no-evolver``) run as subprocesses. Each 
 shared, as most of the evolver's publishes do); after it, every server is asked over gRPC
 until it answers from the new version. ``--url`` picks the repository (default a
 temporary directory; an ``s3://`` URL reads its endpoint and credentials from fsspec's
-environment, e.g. ``FSSPEC_S3_ENDPOINT_URL``).
+environment, e.g. ``FSSPEC_S3_ENDPOINT_URL``); ``--s3`` starts an S3-compatible server
+(moto's server mode, the test extra's ``moto[server]``) on 127.0.0.1 and uses a bucket on it.
 
     python benchmarks/replica_lag.py --out docs/replica_lag.json
+    python benchmarks/replica_lag.py --s3 --out docs/replica_lag_s3.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import tempfile
 import time
 
@@ -41,18 +45,52 @@ def main() -> None:
     ap.add_argument("--publishes", type=int, default=20)
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--url", default=None, help="repository URL (default: a new temporary directory)")
+    ap.add_argument("--s3", action="store_true", help="start an S3-compatible server (moto) and use a bucket on it")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between a version served everywhere and "
                                                                 "the next publish")
     args = ap.parse_args()
     if args.publishes < 1 or args.replicas < 1:
         raise SystemExit("--publishes and --replicas must be >= 1")
+    if args.s3 and args.url:
+        raise SystemExit("--s3 makes its own repository URL; give --s3 or --url")
+    with contextlib.ExitStack() as stack:
+        options: dict[str, str] = {}
+        if args.s3:
+            args.url, options = stack.enter_context(_s3_bucket())
+        _run(args, options)
+
+
+@contextlib.contextmanager
+def _s3_bucket():
+    """An S3-compatible server on 127.0.0.1 (moto's server mode) with a bucket; yields an
+    ``s3://`` URL in it and this process's storage options; the environment, which the
+    servers inherit, points their fsspec at it."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update({"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing").mkdir("mu2net")
+        yield "s3://mu2net/replica-lag", {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    finally:
+        server.stop()
+
+
+def _run(args: argparse.Namespace, options: dict[str, str]) -> None:
     config = C.ViTConfig(28, 7, 64, 128, 4)
     arch, params = R.random_root(config, 4, seed=0, num_classes=10)
     x = np.random.default_rng(0).integers(0, 255, (1, 28, 28, 1), dtype=np.uint8)
     with tempfile.TemporaryDirectory() as tmp:
         url = args.url or os.path.join(tmp, "repository")
         store = make_store(os.path.join(tmp, "primary"), arch, params, 1)
-        repo = Repository(url)
+        repo = Repository(url, **options)
         export = Poller("repository-export", exporter(store, repo), repository=repo).start()
         common = ["--max-batch-size", "8"]
         servers = {"same_store": RunningServer(os.path.join(tmp, "primary"), ["--no-evolver", *common])}
@@ -89,7 +127,8 @@ def main() -> None:
                 s.stop()
             export.stop()
             store.close()
-    out = {"config": vars(args), "repository": "temporary directory" if args.url is None else args.url,
+    out = {"config": vars(args), "repository": "temporary directory" if args.url is None else
+           (f"{args.url} on moto's S3-compatible server" if args.s3 else args.url),
            "export_poll_seconds": export.poll_seconds,
            "publish_to_served_s": {n: {"p50": float(np.median(v)), "max": float(max(v)), "all": v}
                                    for n, v in lags.items()}}

@@ -163,7 +163,7 @@ def test_export_mirror_retention_and_deletion(tiny_store, tmp_path, repository_u
         with pytest.raises(RepositoryError, match="belongs to the store"):
             repo.export(other)
     pointer = repo.pointer()
-    ahead = {**pointer, "system_version": v4 + 10, "manifest": f"versions/{v4 + 10:012d}.000000.json"}
+    ahead = {**pointer, "system_version": v4 + 10, "revision": 0, "manifest": f"versions/{v4 + 10:012d}.000000.json"}
     repo.fs.pipe_file(f"{repo.root}/latest.json", json.dumps(ahead).encode())
     with pytest.raises(RepositoryError, match="ahead of the store"):
         repo.export(tiny_store)
