@@ -636,8 +636,10 @@ class Evolver:
                 live: TaskRecord | None = self.store.get_task(name)
             except TaskNotFound:
                 live = None
-            if live is None or live.seq != parked.seq or live.state == "failed":
-                del self._suspended[name]  # a deleted, replaced or failed task's parked child is dropped
+            if live is None or live.seq != parked.seq or live.state == "failed" or live.pinned:
+                # a deleted, replaced or failed task's parked child is dropped, and a pinned one's
+                # (the user rolled the task back from the lineage it continues)
+                del self._suspended[name]
         if resumed is not None and (resumed.seq != task.seq or best_stored is None):
             resumed = None  # a deleted and re-uploaded task is a new one
         if resumed is not None:  # its last checkpoint is in the population if it is the served path

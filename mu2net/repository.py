@@ -319,18 +319,19 @@ class Repository:
         longer has (deleted); deletes every other manifest, then every array no kept
         manifest uses. Returns the counts deleted (``manifests``, ``arrays``)."""
         pointer = self.pointer()
+        if pointer is None:  # nothing published: nothing is known to be unused
+            return {"manifests": 0, "arrays": 0}
         names = self._published_names()  # an unpublished manifest is the next export's to write past
         newest: dict[int, int] = {}
         for v, r in names:
             newest[v] = max(r, newest.get(v, -1))
         kept = {(v, newest[v]) for v in sorted(newest)[-keep:]}
-        if pointer is not None:
-            current = (pointer["system_version"], pointer["revision"])
-            kept.add(current)
-            live_tasks = {(t["name"], t["seq"]) for t in self.manifest(*current)["tasks"]}
-            # a task is (name, seq): one deleted and uploaded again under its name is another task
-            kept = {k for k in kept if k == current
-                    or {(t["name"], t["seq"]) for t in self.manifest(*k)["tasks"]} <= live_tasks}
+        current = (pointer["system_version"], pointer["revision"])
+        kept.add(current)
+        live_tasks = {(t["name"], t["seq"]) for t in self.manifest(*current)["tasks"]}
+        # a task is (name, seq): one deleted and uploaded again under its name is another task
+        kept = {k for k in kept if k == current
+                or {(t["name"], t["seq"]) for t in self.manifest(*k)["tasks"]} <= live_tasks}
         doomed = [names[k] for k in names if k not in kept]
         for name in doomed:
             self.fs.rm_file(self._path(name))
@@ -400,8 +401,13 @@ def exporter(store: Store, repository: Repository, keep: int = DEFAULT_KEEP) -> 
     # held by the process, whichever thread polls (filelock's default lock is per thread)
     lock = filelock.FileLock(os.path.join(os.fspath(store.data_dir), EXPORT_LOCK), thread_local=False)
     exported: list[tuple[int, int] | None] = [None]  # the change mark of the last successful export
+    one_at_a_time = threading.Lock()  # the poller's thread and a last poll at shutdown
 
     def export() -> int | None:
+        with one_at_a_time:
+            return _export()
+
+    def _export() -> int | None:
         if not lock.is_locked:
             try:
                 lock.acquire(timeout=0)

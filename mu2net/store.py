@@ -370,6 +370,15 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    def abandon_transaction(self) -> None:
+        """Rolls back a transaction that code on this thread left open because a signal
+        handler interrupted it (the evolver's SIGTERM handler, which then records its stop
+        and exits the process: nothing of that transaction was to be committed). A
+        transaction of another thread is waited for, not touched."""
+        with self._lock:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+
     def _query(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()
@@ -852,6 +861,18 @@ class Store:
                 id=cid, kind=row["kind"], params_digest=row["params_digest"], opt_digest=None,
                 parent_id=row["parent_id"], task=row["task"], acl_group=row["acl_group"],
                 steps=json.loads(row["steps"]), num_params=row["num_params"], num_classes=row["num_classes"]))
+        try:
+            return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True)
+        except ComponentsGone:
+            raise
+        except StoreError:
+            # a publish of the evolver dropped a component still live at the check above, and its
+            # file with it: fetch what is missing again and commit once more
+            missing_files = [r.params_digest for r in records if not self._array_path(r.params_digest).exists()]
+            if not missing_files:
+                raise
+            for digest in missing_files:
+                self.put_array_bytes(digest, read_array(digest))
         return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True)
 
     def served_versions(self) -> dict[str, int]:

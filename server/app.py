@@ -202,7 +202,8 @@ async def serve(data_dir: str, host: str, grpc_port: int, http_port: int, config
     await grpc_server.health_servicer.enter_graceful_shutdown()
     uv.should_exit = True
     # HTTP, gRPC and the evolver drain at once, each within 30 s (with 15 s for the evolver's
-    # SIGTERM), so a shutdown takes at most about 30 s
+    # SIGTERM), so a shutdown takes at most about 30 s (then up to 10 s for the repository exporter and
+    # its last export)
     results = await asyncio.gather(http_task, grpc_server.stop(grace=30),
                                    *([supervisor.stop()] if supervisor is not None else []), return_exceptions=True)
     for r in results:  # one part failing must not cut the others' drain short

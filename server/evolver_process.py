@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the server's status must not keep showing the phase this process was killed in, and a
         # phase stopped on purpose is no crash (Store.begin_attempt)
         try:
+            store.abandon_transaction()  # the signal may have come inside one of the phase's
             if evolver.active_task is not None:
                 store.cancel_attempt(evolver.active_task)
             store.set_evolver_status({"state": "stopped", "task": None, "phase": "stopped",

@@ -199,6 +199,10 @@ def build_app(service: Service, upload_dir: str) -> Starlette:
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(FORWARD_TIMEOUT_SECONDS, connect=10.0)) as client:
                 resp = await client.request(request.method, url, headers=headers, content=body)
+        except httpx.TimeoutException as e:  # it may still complete there: not "never arrived"
+            raise E.DeadlineExceeded(f"the evolver host's server {target} did not answer {request.method} "
+                                     f"{request.url.path} in time ({type(e).__name__}); it may still complete "
+                                     f"it: check GET /v1/tasks before sending it again") from None
         except httpx.HTTPError as e:
             raise E.BadGateway(f"the evolver host's server {target} did not answer {request.method} "
                                f"{request.url.path}: {type(e).__name__}: {e}") from None

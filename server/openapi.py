@@ -26,8 +26,8 @@ _READ_ONLY = {503: "the server is shutting down, or is a read-only replica (--no
 
 #: What a rollback's 400 and 404 mean.
 _ROLLBACK = {503: _READ_ONLY[503] + ", or the model repository could not be read whole (the message names it)",
-             404: "no such task (or deleted during the rollback), or no retained system version with another path "
-                  "of it",
+             404: "no such task (or deleted during the rollback), a version not retained (or collected "
+                  "meanwhile), or no retained system version with another path of it",
              400: "a version that is not an integer, no model repository (--repository), or a path whose "
                   "components were deleted with a task"}
 

@@ -437,9 +437,12 @@ class Service:
           The task resource, with ``rolled_back_to`` (``system_version``, ``path_id``).
 
         Raises:
-          NotFound: an unknown task, or no retained version with another path of it.
-          FailedPrecondition: the server exports to no repository, or the path used
-            components trained on a task deleted since (their removal is never undone).
+          NotFound: an unknown task (or deleted during the rollback), a version not
+            retained (or collected meanwhile), or no retained version with another path of it.
+          FailedPrecondition: the server exports to no repository, the path used
+            components trained on a task deleted since (their removal is never undone),
+            or, without ``version``, the task is already pinned (a retried rollback does
+            not roll it forward again).
           RepositoryUnavailable: the repository could not be read, or what it holds is
             malformed or does not match its digests (HTTP 503).
         """
@@ -452,8 +455,17 @@ class Service:
                                        "evolver host's server with --repository URL (it keeps --keep-versions of "
                                        "them)")
         task = self._get_task(name)
+        if version is None and task.pinned:  # a retried rollback must not roll the task forward again
+            raise E.FailedPrecondition(f"task {name!r} is already rolled back and pinned to its served path; give "
+                                       f"?version=V for another retained version, or wake it (POST "
+                                       f"/v1/tasks/{name}/evolve) first")
         served = self.store.best_path(name)
         repo = poller.repository
+
+        def deleted_meanwhile() -> bool:  # (and maybe uploaded again under its name)
+            now = next((t for t in self.store.list_tasks() if t.name == name), None)
+            return now is None or now.seq != task.seq
+
         try:
             retained = repo.versions()
             if version is not None and version not in retained:
@@ -470,23 +482,20 @@ class Service:
                     self.store.restore_path(row, manifest["components"], repo.read_array, task_seq=task.seq)
                 except ComponentsGone as e:
                     raise E.FailedPrecondition(f"task {name!r} cannot go back to system version {v}: {e}") from None
-                except StoreError as e:
-                    now = next((t for t in self.store.list_tasks() if t.name == name), None)
-                    if now is None or now.seq != task.seq:  # deleted (and maybe uploaded again) meanwhile
-                        raise E.NotFound(f"task {name!r} was deleted during the rollback; nothing restored") from None
-                    raise E.RepositoryUnavailable(f"task {name!r} was not rolled back to system version {v} of the "
-                                                  f"model repository {repo.url}: {e}") from None
                 self.manager.refresh()  # the answer shows the path served now
                 view = self.task_view(name)
                 view["rolled_back_to"] = {"system_version": v, "path_id": row["id"]}
                 return view
-        except ManifestGone as e:  # collected between the listing and the read
-            raise E.NotFound(f"task {name!r} was not rolled back: {e}") from None
-        except RepositoryError as e:
-            raise E.RepositoryUnavailable(f"task {name!r} was not rolled back: {e}") from None
-        except OSError as e:  # the filesystem or object store behind the repository
-            raise E.RepositoryUnavailable(f"task {name!r} was not rolled back: the model repository {repo.url} "
-                                          f"could not be read: {type(e).__name__}: {e}") from None
+        except (RepositoryError, StoreError, OSError) as e:
+            if deleted_meanwhile():
+                raise E.NotFound(f"task {name!r} was deleted during the rollback; nothing restored") from None
+            if isinstance(e, ManifestGone):  # collected between the listing and the read
+                raise E.NotFound(f"task {name!r} was not rolled back: {e}") from None
+            if isinstance(e, StoreError):
+                raise E.to_service_error(e) or E.RepositoryUnavailable(
+                    f"task {name!r} was not rolled back: {e}") from None
+            raise E.RepositoryUnavailable(f"task {name!r} was not rolled back (model repository {repo.url}, "
+                                          f"store {self.store.data_dir}): {type(e).__name__}: {e}") from None
         raise E.NotFound(f"task {name!r} has no other path in the retained system versions {retained}"
                          if version is None else f"task {name!r} had no path at system version {version}")
 

@@ -368,6 +368,10 @@ def test_replicas_serve_what_the_evolver_host_publishes_and_forward_its_uploads(
             _wait(lambda s=s: httpx.get(s.http + "/v1/tasks/digits").json()["path_id"] == earlier, 60,
                   "the rolled-back path to be served")
         assert reader.manifest(reader.latest())["history"][-1]["path_id"] == earlier
+        # the same request again (a retry) does not roll the pinned task forward to the newer path
+        again = httpx.post(primary.http + "/v1/tasks/digits/rollback", timeout=60)
+        assert again.status_code == 400 and "already rolled back" in again.json()["error"], again.text
+        assert httpx.get(primary.http + "/v1/tasks/digits").json()["path_id"] == earlier
         woken = httpx.post(replicas[1].http + "/v1/tasks/digits/evolve", timeout=60)
         assert woken.status_code == 202 and not woken.json()["evolution"]["pinned"], woken.text
 

@@ -1,5 +1,6 @@
 """Store: content addressing, publish transactions, crash safety."""
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -223,3 +224,19 @@ def test_kill_9_inside_file_writes_and_publish_transactions_loses_nothing_commit
     # some kills landed between a component's files and its publish transaction (most of a
     # loop's time is file writes and fsyncs), so the checks above saw that state too
     assert swept >= 1, "no kill landed inside a publish"
+
+
+def test_a_transaction_a_signal_handler_interrupted_is_abandoned_so_the_stop_is_recorded(tiny_store):
+    """The evolver's SIGTERM handler runs on the thread it interrupted, possibly inside a
+    transaction: abandon_transaction rolls that back, so the "stopped" status is written."""
+    before = tiny_store.system_version()
+    with pytest.raises(sqlite3.OperationalError):  # the interrupted code's COMMIT (never reached in the process)
+        with tiny_store.transaction() as db:
+            db.execute("UPDATE meta SET value='999' WHERE key='system_version'")
+            with pytest.raises(sqlite3.OperationalError, match="within a transaction"):
+                tiny_store.set_evolver_status({"state": "stopped"})  # what the handler hit before
+            tiny_store.abandon_transaction()
+            tiny_store.set_evolver_status({"state": "stopped"})
+    assert tiny_store.evolver_status() == {"state": "stopped"}
+    assert tiny_store.system_version() == before  # the interrupted transaction's write is gone
+    tiny_store.abandon_transaction()  # outside a transaction: nothing to do
