@@ -4,7 +4,10 @@
 # of docs/results.md: the paper's preliminary experiment, random root without blocks; as
 # in every `mu2net serve`, a task whose first-answer generation has a child on that root
 # trains it on one long schedule, parked while a newer task gets its first answer), on the
-# embedded default store in ./data. Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
+# embedded default store in ./data. Each task's long first child inserts 4 blocks and trains
+# 350 epochs (at most 2.4M examples), validating about every 10 x its validation split, split
+# over both CPU devices once its siblings are done (docs/results.md, "4-block long first
+# children": 3 evolver seeds). Extra arguments go to `mu2net serve`. Stop it with Ctrl-C/SIGTERM;
 # started again, it continues from the last published state.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,4 +15,6 @@ bash scripts/install.sh
 exec .venv/bin/mu2net serve --data-dir "${MU2NET_DATA_DIR:-data}" \
   --task mnist5k=builtin:mnist5k --task fashion_mnist=builtin:fashion_mnist --task digits=builtin:digits \
   --private digits --stem patch --patch-size 7 --root-blocks 0 --root-hparam mu=0.3 --root-hparam learning_rate=0.05 --root-hparam flip=false \
-  --root-hparam crop_area_min=0.5 --generations 8 --children 2 --cycles 24 --sample-cap 4096 "$@"
+  --root-hparam crop_area_min=0.5 --generations 8 --children 2 --cycles 24 --sample-cap 4096 \
+  --first-answer-blocks 4 --first-answer-epochs 350 --first-answer-max-samples 2400000 \
+  --long-validation-ratio 10 --long-data-parallel "$@"
