@@ -24,9 +24,9 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import tempfile
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from serving import make_store, publish_new_head
 from mu2net import components as C
 from mu2net import root as R
 from mu2net.repository import Poller, Repository, exporter
-from mu2net.server.launcher import RunningServer
+from mu2net.server.launcher import RunningServer, s3_server
 from mu2net_client import Client
 
 
@@ -61,26 +61,13 @@ def main() -> None:
 
 
 @contextlib.contextmanager
-def _s3_bucket():
-    """An S3-compatible server on 127.0.0.1 (moto's server mode) with a bucket; yields an
-    ``s3://`` URL in it and this process's storage options; the environment, which the
-    servers inherit, points their fsspec at it."""
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update({"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing").mkdir("mu2net")
-        yield "s3://mu2net/replica-lag", {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
-    finally:
-        server.stop()
+def _s3_bucket() -> Iterator[tuple[str, dict[str, str]]]:
+    """An S3-compatible server (:func:`mu2net.server.launcher.s3_server`); yields an
+    ``s3://`` URL in its bucket and this process's storage options, with the environment
+    that points the servers' fsspec at it set in ``os.environ`` (they inherit it)."""
+    with s3_server() as (env, options):
+        os.environ.update(env)
+        yield "s3://mu2net/replica-lag", options
 
 
 def _run(args: argparse.Namespace, options: dict[str, str]) -> None:

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
-from typing import Sequence
+from typing import Iterator, Sequence
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "mu2net") -> Iterator[tuple[dict[str, str], dict[str, str]]]:
+    """An S3-compatible server on 127.0.0.1 (moto's server mode, as s3fs's own tests use;
+    the test extra's ``moto[server]``) with ``bucket`` made. Yields the environment that
+    points fsspec and botocore at it (``FSSPEC_S3_ENDPOINT_URL`` and credentials: set it
+    in ``os.environ`` and server subprocesses inherit it) and the fsspec storage options
+    for this process (``endpoint_url``, ``key``, ``secret``)."""
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        options = {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+        s3fs.S3FileSystem(**options).mkdir(bucket)
+        yield ({"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}, options)
+    finally:
+        server.stop()
+
 
 class RunningServer:
     """A ``mu2net serve`` subprocess; ``grpc`` is host:port, ``http`` the base URL."""

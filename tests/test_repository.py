@@ -26,25 +26,12 @@ from mu2net_client import Client
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
-    """An S3-compatible server (moto's server mode, as s3fs's own tests use) on 127.0.0.1,
-    with a bucket ``mu2net``; yields its endpoint URL and the environment that points
-    fsspec and botocore at it."""
-    import socket
+    """An S3-compatible server (moto) with a bucket ``mu2net``: yields the environment that
+    points fsspec and botocore at it and this process's storage options."""
+    from mu2net.server.launcher import s3_server
 
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"FSSPEC_S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    s3fs.S3FileSystem(endpoint_url=endpoint, key="testing", secret="testing").mkdir("mu2net")
-    yield endpoint, env
-    server.stop()
+    with s3_server() as server:
+        yield server
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -54,11 +41,10 @@ def repository_url(request, tmp_path, monkeypatch):
     if request.param == "local":
         yield str(tmp_path / "repo"), {}
         return
-    endpoint, env = request.getfixturevalue("s3_endpoint")
+    env, options = request.getfixturevalue("s3_endpoint")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    yield f"s3://mu2net/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}", \
-        {"endpoint_url": endpoint, "key": "testing", "secret": "testing"}
+    yield f"s3://mu2net/{request.node.name.replace('[', '-').rstrip(']')}-{time.time_ns()}", options
 
 
 def _served(store: Store) -> dict:
