@@ -13,8 +13,8 @@ the way TF Serving and Triton poll a model base path:
   One holds the rows of the tasks, retained paths (architecture, hparams, metrics),
   components (kind, parameter digest, provenance), publish history and evolver status
   (:meth:`mu2net.store.Store.export_state`). A system version changes only with a publish or
-  a delete; a change of the task rows alone (an upload queued, a task failed, woken or
-  pinned, samples counted) is a new revision of the same system version;
+  a delete (a rollback is a publish); a change of the task rows alone (an upload queued, a
+  task failed or woken, samples counted) is a new revision of the same system version;
 * ``latest.json``: the version pointer ``{"store_id", "system_version", "revision",
   "manifest", "state"}``, written after the manifest and its arrays, and moved forward only.
   On a local directory files are written through a temporary name, fsync and rename; on an

@@ -829,7 +829,7 @@ class Store:
         them into a model repository's manifest; the parameter files of components no longer
         in the layer pool are fetched with ``read_array(digest)`` (checked against their
         digests) and the components come back without momentum. The path is published as a
-        new system version (its history records the rollback), and the task is pinned: the
+        new system version (an ordinary publish row in its history), and the task is pinned: the
         evolver neither runs it nor replaces its path until :meth:`wake_task`. ``task_seq``:
         the task's :attr:`TaskRecord.seq` the path belonged to (a task deleted and uploaded
         again under its name since is another task, and nothing is restored to it).

@@ -471,8 +471,16 @@ class Service:
             if version is not None and version not in retained:
                 raise E.NotFound(f"system version {version} is not retained in the model repository; retained: "
                                  f"{retained} (--keep-versions sets how many)")
+            live_tasks = {(t.name, t.seq) for t in self.store.list_tasks()}
             for v in reversed(retained if version is None else [version]):
                 manifest = repo.manifest(v)
+                if not {(t["name"], t["seq"]) for t in manifest["tasks"]} <= live_tasks:
+                    # it holds a task deleted since (maybe uploaded again under its name): its
+                    # components may carry that task's knowledge (Section 3.4), as collect rules
+                    if version is not None:
+                        raise E.FailedPrecondition(f"task {name!r} cannot go back to system version {v}: it "
+                                                   f"holds a task deleted since (paper Section 3.4)")
+                    continue
                 seq = next((t["seq"] for t in manifest["tasks"] if t["name"] == name), None)
                 row = next((p for p in manifest["paths"] if p["task"] == name), None)
                 if seq != task.seq or row is None or (version is None and served is not None
