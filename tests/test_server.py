@@ -634,7 +634,7 @@ def test_task_resource_has_history_evolution_and_evolver_activity(static_server)
     assert last["validation_accuracy"] == view["metrics"]["validation_accuracy"]
     assert last["test_accuracy"] == view["metrics"]["test_accuracy"]
     assert abs(view["improved_at"] - last["time"]) < 5 and view["improved_at"] <= time.time()
-    assert view["evolution"] == {"paused": False, "stale_iterations": 0} and view["evolver"] is None
+    assert view["evolution"] == {"paused": False, "stale_iterations": 0, "pinned": False} and view["evolver"] is None
     pending = httpx.get(server.http + "/v1/tasks/pending").json()
     assert pending["history"] == [] and pending["improved_at"] is None
     with grpc.insecure_channel(server.grpc) as ch:
@@ -686,7 +686,7 @@ def test_evolve_wakes_a_paused_task(static_server):
     store.set_evolution("digits", stale_iterations=2, paused_version=5)
     try:
         view = httpx.get(server.http + "/v1/tasks/digits").json()
-        assert view["evolution"] == {"paused": True, "stale_iterations": 2}
+        assert view["evolution"] == {"paused": True, "stale_iterations": 2, "pinned": False}
         with grpc.insecure_channel(server.grpc) as ch:
             task = pbgrpc.Mu2NetStub(ch).GetTask(pb.GetTaskRequest(name="digits"))
         assert task.paused and task.stale_iterations == 2
@@ -699,7 +699,7 @@ def test_evolve_wakes_a_paused_task(static_server):
         auth = {"Authorization": f"Bearer {TOKEN}"}
         r = httpx.post(server.http + "/v1/tasks/digits/evolve", headers=auth)
         assert r.status_code == 202, r.text
-        assert r.json()["name"] == "digits" and r.json()["evolution"] == {"paused": False, "stale_iterations": 0}
+        assert r.json()["name"] == "digits" and r.json()["evolution"] == {"paused": False, "stale_iterations": 0, "pinned": False}
         record = store.get_task("digits")
         assert record.paused_version is None and record.stale_iterations == 0
         r = httpx.post(server.http + "/v1/tasks/nope/evolve", headers=auth)
