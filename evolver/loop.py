@@ -110,7 +110,8 @@ class EvolverConfig:
         Without it one device trains the task's lineage while the others idle: on this
         2-core CPU a 4-block child's step ran 1,381-1,542 images/s on one device and
         1,692-1,768 split over two (1.15-1.23x; ``benchmarks/data_parallel.py``).
-        Off (default): one device, as every other child.
+        Off (default): one device, as every other child. With it, a later generation of a
+        single child (:attr:`later_children` 1) trains that child data-parallel too.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
         Section 4, applied this many times at once; default 1). Plain training of a 4-block
@@ -170,6 +171,25 @@ class EvolverConfig:
         layer cloning, the layer count) has its own probability, inherited and itself
         mutated (mu3Net, "mu2Net+"; :func:`mu2net.evolver.mutations.mutation_probability`);
         off: all use the path's mu (Section 3.2).
+      lineage_children: in a phase of a task already served, this many of the
+        ``children * halving`` children of each later generation take the population's
+        best path as their parent (the served path, or a better child of this phase,
+        whatever its parent) instead of Section 3.1's sampling, which picks the others (0:
+        every child sampled, the paper's method). Each still counts as a selection of its
+        parent. None in the first-answer generation. Measured by the share of a task's
+        trained examples behind its served path (issue 16): the paper's sampling moves
+        to other tasks' paths once the best one was selected a few times
+        (0.5 ** #selections), and after a long first child those children are mostly
+        discarded.
+      later_children: children of each later generation in a phase of a task already
+        served (0: :attr:`children`). With 1 and :attr:`lineage_children` 1, a served
+        task's later generations train one child of its best path, data-parallel over
+        every device with :attr:`long_data_parallel`: of two children of one parent at
+        most one can end in the served lineage.
+      lineage_lr_steps: a lineage child's learning rate moves this many values down Table
+        1's sorted list (clipped at its lowest) after its mutations: its parent's schedule
+        has annealed, and a restart at the parent's peak rate undoes what the annealing
+        found (SGDR restarts at a lower peak; Loshchilov & Hutter 2017). 0: unchanged.
     """
 
     generations: int = 4
@@ -196,6 +216,9 @@ class EvolverConfig:
     halving: int = 1
     identity_insertion: bool = False
     per_mutation_probabilities: bool = False
+    lineage_children: int = 0
+    lineage_lr_steps: int = 0
+    later_children: int = 0
 
     def __post_init__(self) -> None:
         for name in ("generations", "children", "first_answer_cycles", "patience", "halving"):
@@ -216,6 +239,14 @@ class EvolverConfig:
         b = self.budget
         if b.cycles < 1 or b.sample_cap < 1 or b.batch_size < 1 or b.min_samples < 0:
             raise ValueError(f"train budget values must be >= 1 (min_samples >= 0), got {b}")
+        if self.later_children < 0:
+            raise ValueError(f"later_children must be >= 0 (0: children), got {self.later_children}")
+        later = (self.later_children or self.children) * self.halving
+        if not 0 <= self.lineage_children <= later:
+            raise ValueError(f"lineage_children must be in 0..(later_children or children)*halving ({later}), "
+                             f"got {self.lineage_children}")
+        if self.lineage_lr_steps < 0:
+            raise ValueError(f"lineage_lr_steps must be >= 0, got {self.lineage_lr_steps}")
 
 
 #: The paper's large-scale budget (Section 5.1: 4 generations of 8 children per task
@@ -247,12 +278,14 @@ class _Suspended:
     scored: float
     last: tuple[ChildSpec, P.Path, list] | None  # its last reported checkpoint
     samples: int  # its examples counted into the task's samples_trained
+    since: int = 0  # system version when the phase that started it began (a later rollback drops it)
 
 
 class _PreemptCheck:
     """A throttled, sticky store check (:meth:`Evolver._new_task_waiting`): called, it says
     whether the running children should stop after their current cycle; :attr:`gone` says
-    the active task itself was deleted or replaced (so it stops whether or not it is served)."""
+    the active task itself was deleted or replaced, or rolled back by a user since the phase
+    began (so it stops whether or not it is served)."""
 
     def __init__(self, gone: Callable[[], bool], waiting: Callable[[], bool], every: float) -> None:
         self._gone, self._waiting, self._every = gone, waiting, every
@@ -308,6 +341,7 @@ class Evolver:
         self.progress = progress
         self.devices = list(devices or jax.local_devices())
         self.active_task: str | None = None  # the task of the running active phase
+        self._phase_since = 0  # system version when the running active phase began
         #: task name -> its long first child stopped by preemption, resumed by its next phase
         self._suspended: dict[str, _Suspended] = {}
         root = store.root_path()
@@ -390,8 +424,8 @@ class Evolver:
                 else:
                     log.warning("task %s was deleted during its active phase", task.name)
             except TaskPinned:  # a user rolled it back meanwhile: its phase ends, uncounted, nothing published
-                log.info("task %s was rolled back and pinned by a user during its active phase; phase ended",
-                         task.name)
+                log.info("task %s was rolled back by a user during its active phase; phase ended", task.name)
+                self._suspended.pop(task.name, None)  # a long child it parked continues the lineage left
                 self.store.cancel_attempt(task.name)
             except D.DatasetError as e:
                 log.error("task %s failed: %s", task.name, e)
@@ -456,12 +490,20 @@ class Evolver:
 
     def _new_task_waiting(self, task: TaskRecord) -> _PreemptCheck:
         """A check, for the children of ``task``'s generation, of whether a never-served task
-        is waiting, or ``task`` itself was deleted (or replaced by an upload of the same name:
-        :attr:`_PreemptCheck.gone`); store read at most every :attr:`preempt_check_seconds`,
-        True stays True. The children then stop after their current cycle, so the generation
+        is waiting, or ``task`` itself was deleted (or replaced by an upload of the same name),
+        or rolled back by a user (:attr:`_PreemptCheck.gone`); store read at most every
+        :attr:`preempt_check_seconds`, True stays True. The children then stop after their current cycle, so the generation
         boundary where the phase is preempted comes within one cycle of the upload."""
-        return _PreemptCheck(lambda: not self._exists(task.name, task.seq),
-                             lambda: self._waiting_new_task(task) is not None, self.preempt_check_seconds)
+        since = self._phase_since
+
+        def gone() -> bool:  # deleted, replaced, or rolled back by a user (pinned, or woken since)
+            try:
+                now = self.store.get_task(task.name)
+            except TaskNotFound:
+                return True
+            return now.seq != task.seq or now.pinned or (now.rolled_back_version or -1) > since
+
+        return _PreemptCheck(gone, lambda: self._waiting_new_task(task) is not None, self.preempt_check_seconds)
 
     def _parked_task(self, task: TaskRecord) -> TaskRecord | None:
         """The oldest other live task whose long first child is parked (:attr:`_suspended`):
@@ -603,6 +645,8 @@ class Evolver:
         :attr:`EvolverConfig.preempt` a waiting new task ends the phase early.
         """
         cfg = self.config
+        # read first: a rollback after it refuses this phase's publishes (Store.publish's since_version)
+        self._phase_since = self.store.system_version()
         task = self.store.get_task(task_name)
         best_stored = self.store.best_path(task.name)
         self.store.set_task_state(task.name, "training" if best_stored is None else "serving")
@@ -642,6 +686,11 @@ class Evolver:
                 del self._suspended[name]
         if resumed is not None and (resumed.seq != task.seq or best_stored is None):
             resumed = None  # a deleted and re-uploaded task is a new one
+        elif resumed is not None and task.rolled_back_version is not None and task.rolled_back_version > resumed.since:
+            # a user rolled the task back (and woke it) after the child began: it continues the
+            # lineage the user left
+            log.info("task %s: its parked long child is dropped (the task was rolled back since)", task.name)
+            resumed = None
         if resumed is not None:  # its last checkpoint is in the population if it is the served path
             long_state.append((resumed.spec, resumed.samples,
                                best_stored if best_stored is not None and resumed.last is not None
@@ -732,13 +781,21 @@ class Evolver:
                 budget = dataclasses.replace(cfg.budget, cycles=cfg.first_answer_cycles)
             else:
                 specs = []
-                for _ in range(cfg.children * cfg.halving):
-                    parent, _rule = sample_parent(population, others, selections, rng)
+                lineage = best_of(population) if best_stored is not None else None
+                count = (cfg.later_children or cfg.children) if best_stored is not None else cfg.children
+                for j in range(count * cfg.halving):
+                    is_lineage = lineage is not None and j < cfg.lineage_children
+                    if is_lineage:
+                        parent = lineage  # continues the served lineage (EvolverConfig.lineage_children)
+                    else:
+                        parent, _rule = sample_parent(population, others, selections, rng)
                     selections[parent.id] = selections.get(parent.id, 0) + 1
-                    specs.append(mutate(parent, task.name, task.num_classes, rng, locked=locked,
-                                        allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks,
-                                        always_clone=always_clone,
-                                        per_mutation=cfg.per_mutation_probabilities))
+                    spec = mutate(parent, task.name, task.num_classes, rng, locked=locked,
+                                  allow_insertion=cfg.allow_insertion, max_blocks=cfg.max_blocks,
+                                  always_clone=always_clone, per_mutation=cfg.per_mutation_probabilities)
+                    if is_lineage and cfg.lineage_lr_steps:
+                        spec = lower_learning_rate(spec, cfg.lineage_lr_steps)
+                    specs.append(spec)
                 budget = cfg.budget
                 if cfg.grow_when_stale and task.stale_iterations:
                     budget = dataclasses.replace(budget, cycles=budget.cycles * 2 ** min(task.stale_iterations, 3))
@@ -751,7 +808,8 @@ class Evolver:
                        disable=not self.progress, leave=False)
             waiting = self._new_task_waiting(task) if cfg.preempt else None
             # a served task yields to a new one; published is read at each check, so a first-answer
-            # generation that has published a child yields too; a deleted (or replaced) task stops
+            # generation that has published a child yields too; a deleted (or replaced) or rolled
+            # back task stops
             interrupt = ((lambda: waiting() and (published is not None or waiting.gone))
                          if waiting is not None else None)
             # the first-answer generation publishes each child as it completes (a new task is
@@ -782,6 +840,8 @@ class Evolver:
             # the first-answer generation published its children as they completed (latest of
             # equal scores in completion order): at its end only a strictly better path is
             # published, so job order cannot publish an equal-score path again
+            if waiting is not None and waiting.gone:
+                break  # deleted, replaced or pinned meanwhile: the phase's end refuses it (run() ends it)
             publish_if_better(strict=on_done is not None)
             if cfg.preempt and published is not None and gen < cfg.generations:
                 preempted_by = self._waiting_new_task(task) or self._parked_task(task)
@@ -849,7 +909,7 @@ class Evolver:
                     self._suspended[task.name] = resume  # still waiting for its turn
                 elif spec.cycles is not None and on_done is not None:  # a long child waits for the next phase
                     self._suspended[task.name] = _Suspended(task.seq, spec, None, params, opts, recs, seed, scored,
-                                                            None, 0)
+                                                            None, 0, self._phase_since)
                 bar.update(1)
                 return None  # a new task is waiting: children not yet started are skipped
             if spec.cycles is not None and on_done is not None:
@@ -861,6 +921,8 @@ class Evolver:
                                        resume if resume is not None and spec is resume.spec else None)
             else:
                 child_budget = spec.budget(budget)
+                if lone_parallel:
+                    device = self.devices  # the generation's only child: its batches split between every device
                 result = train_child(spec.architecture, params, opts, spec.trainable, spec.hparams, train, validation,
                                      child_budget, self.scorer, seed, device, scored_params=scored,
                                      interrupt=stop)
@@ -877,6 +939,8 @@ class Evolver:
         n = len(self.devices)
         data_parallel = (on_done is not None and self.config.long_data_parallel and can_split(n, budget.batch_size)
                          and any(j[0].cycles is not None for j in jobs))
+        lone_parallel = (on_done is None and len(jobs) == 1 and self.config.long_data_parallel
+                         and can_split(n, budget.batch_size))
         queue_done = [threading.Event() for _ in range(n)]
 
         def device_queue(d: int, indices: list[int]) -> None:
@@ -977,7 +1041,8 @@ class Evolver:
         metrics = {**path.metrics, "samples_trained": result.samples, "history": list(result.history)}
         if parked:
             self._suspended[task.name] = _Suspended(task.seq, spec, child, params, opts, recs, seed, scored, last,
-                                                    result.samples)
+                                                    result.samples,
+                                                    resume.since if resume is not None else self._phase_since)
         else:
             self.stats["images_per_second"].append(result.images_per_second)
         return spec, dataclasses.replace(path, metrics=metrics), new
@@ -1117,7 +1182,7 @@ class Evolver:
         metrics = {**best.metrics, "test_accuracy": test_acc, "trainable_params": trainable}
         best = dataclasses.replace(best, metrics=metrics)
         version = self.store.publish(best, records, task=task.name, iteration_done=iteration_done,
-                                     selections=selections, task_seq=task.seq)
+                                     selections=selections, task_seq=task.seq, since_version=self._phase_since)
         if self.progress:
             tqdm.write(f"[{task.name}] published path {best.id[:8]} as system version {version}: "
                        f"validation {best.metrics['validation_accuracy']:.4f}, test {test_acc:.4f}")
@@ -1132,7 +1197,7 @@ class Evolver:
         assert best is not None  # every generation adds children or the phase began with a path
         if published is not None and (best.id == published.id or _score(best) < _score(published)):
             self.store.publish(None, [], task=task.name, iteration_done=completed, selections=selections,
-                               task_seq=task.seq)
+                               task_seq=task.seq, since_version=self._phase_since)
             final = published
         else:
             final = self._publish(task, best, published, pending, selections, test_split, iteration_done=completed)
@@ -1145,6 +1210,19 @@ class Evolver:
                     log.info("task %s: no improvement in %d task iterations; paused until a related task "
                              "publishes or a user asks", task.name, t.stale_iterations)
         return final
+
+
+def lower_learning_rate(spec: ChildSpec, steps: int) -> ChildSpec:
+    """``spec`` with its learning rate ``steps`` values down Table 1's sorted list (clipped at
+    the lowest; :attr:`EvolverConfig.lineage_lr_steps`), recorded among its mutations."""
+    values = H.SEARCH_SPACE["learning_rate"]
+    old = spec.hparams["learning_rate"]
+    at = min(range(len(values)), key=lambda k: abs(values[k] - float(old)))  # a value off the list: its nearest
+    new = values[max(0, at - steps)]
+    if new == old:
+        return spec
+    return dataclasses.replace(spec, hparams={**spec.hparams, "learning_rate": new},
+                               mutations=(*spec.mutations, f"lineage_lr:{old}->{new}"))
 
 
 def halving_rungs(cycles: int, eta: int) -> list[int]:

@@ -119,6 +119,17 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halving", type=lambda t: _count_arg(t, 1, "an integer >= 1 (1: off)"), default=1, metavar="ETA",
                    help="successive halving inside each generation: start children*ETA children, keep the best "
                         "1/ETA after each rung of train cycles (Hyperband; 1 turns it off)")
+    p.add_argument("--lineage-children", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="K",
+                   help="in a phase of a task already served, K of the children of each later generation "
+                        "(--later-children or --children, times ETA) continue its best path (the served lineage) "
+                        "instead of the paper's parent sampling (0: off)")
+    p.add_argument("--later-children", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="N",
+                   help="children per later generation in a phase of a task already served (0: --children); "
+                        "with 1, --lineage-children 1 and --long-data-parallel that one child trains over "
+                        "every device")
+    p.add_argument("--lineage-lr-steps", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="S",
+                   help="a lineage child's learning rate moves S values down Table 1's list (its parent's schedule "
+                        "has annealed; 0: unchanged)")
     p.add_argument("--identity-insertion", action="store_true",
                    help="a block inserted by the layer-count mutation starts as the identity (zero-initialised "
                         "residual outputs), so the child starts from its parent's function")
@@ -168,7 +179,8 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
 EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap", "batch_size", "min_cycle_samples",
                  "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
-                 "first_answer_max_samples", "first_answer_blocks", "long_validation_ratio")
+                 "first_answer_max_samples", "first_answer_blocks", "long_validation_ratio", "lineage_children",
+                 "lineage_lr_steps", "later_children")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -216,7 +228,8 @@ def evolver_config(args: argparse.Namespace) -> Any:
                                    clone_random_root=args.clone_random_root, halving=args.halving,
                                    identity_insertion=args.identity_insertion,
                                    per_mutation_probabilities=args.per_mutation_mu,
-                                   long_data_parallel=args.long_data_parallel, **first_answer)
+                                   lineage_children=args.lineage_children, lineage_lr_steps=args.lineage_lr_steps,
+                                   later_children=args.later_children, long_data_parallel=args.long_data_parallel, **first_answer)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size, args.min_cycle_samples),
                          scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
@@ -224,7 +237,8 @@ def evolver_config(args: argparse.Namespace) -> Any:
                          clone_random_root=args.clone_random_root, halving=args.halving,
                          identity_insertion=args.identity_insertion,
                          per_mutation_probabilities=args.per_mutation_mu,
-                         long_data_parallel=args.long_data_parallel, **first_answer)
+                         lineage_children=args.lineage_children, lineage_lr_steps=args.lineage_lr_steps,
+                         later_children=args.later_children, long_data_parallel=args.long_data_parallel, **first_answer)
 
 
 def ensure_root(store: Any, args: argparse.Namespace, serving: bool = False) -> None:
@@ -380,9 +394,20 @@ def _fraction_arg(text: str) -> float:
     return value
 
 
+def _check_evolver_config(args: argparse.Namespace, command: str) -> None:
+    """Exits with a usage error naming the bad value if the evolver flags do not combine
+    (e.g. ``--lineage-children`` above ``--children`` x ``--halving``). Creates no JAX backend."""
+    try:
+        evolver_config(args)
+    except ValueError as e:
+        raise SystemExit(f"mu2net {command}: error: {e}") from None
+
+
 def cmd_evolve(args: argparse.Namespace) -> int:
     from mu2net.evolver import Evolver
     from mu2net.ingest import add_task
+
+    _check_evolver_config(args, "evolve")
     from mu2net.server.compute import split_cpu_devices
     from mu2net.store import EvolverRunning, Store, TaskExists, evolver_lock
 
@@ -452,6 +477,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Repository(args.repository)
         except Exception as e:  # a malformed URL, a protocol whose fsspec package is not installed
             raise SystemExit(f"mu2net serve: error: --repository {args.repository!r}: {e}") from None
+    if not args.no_evolver:
+        _check_evolver_config(args, "serve")  # here, not in the evolver process's restarts
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)

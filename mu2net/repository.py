@@ -16,7 +16,7 @@ the way TF Serving and Triton poll a model base path:
   a delete (a rollback is a publish); a change of the task rows alone (an upload queued, a
   task failed or woken, samples counted) is a new revision of the same system version;
 * ``latest.json``: the version pointer ``{"store_id", "system_version", "revision",
-  "manifest", "state"}``, written after the manifest and its arrays, and moved forward only.
+  "manifest", "state", "previous_revision"}``, written after the manifest and its arrays, and moved forward only.
   On a local directory files are written through a temporary name, fsync and rename; on an
   object store a single PUT is atomic.
 
@@ -24,10 +24,11 @@ A repository belongs to one store (the pointer's ``store_id``), and one process 
 it at a time (``export.lock`` in the store's directory).
 
 Retention follows TF Serving's version policy: the newest revision of each of the newest
-``keep`` system versions (:data:`DEFAULT_KEEP`) stays readable, so a replica that read the
-pointer just before a publish can still load the version it is swapping to, and a task can
-be rolled back to a retained path. Older manifests, and arrays no retained manifest uses,
-are collected after each export. A manifest that holds a task the newest manifest no longer
+``keep`` system versions (:data:`DEFAULT_KEEP`) stays readable, and the revision the
+pointer named before, so a replica that read the pointer just before an export can still
+load the manifest it names, and a task can be rolled back to a retained path. Older
+manifests are collected after each export, and with them the arrays no retained manifest
+uses. A manifest that holds a task the newest manifest no longer
 has (deleted: paper Section 3.4's removal of a task's knowledge) is collected whatever its
 age.
 
@@ -38,6 +39,7 @@ the primary's does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -45,6 +47,7 @@ import os
 import threading
 import time
 from pathlib import Path as FsPath
+from types import EllipsisType
 from typing import Any, Callable
 
 import fsspec
@@ -107,6 +110,7 @@ class Repository:
         #: whether this process has run :meth:`collect` since its last write (a process killed,
         #: or a collect that raised, between a pointer write and its collect leaves it pending)
         self.collected = False
+        self._swept = False  # whether this process's collect has listed every array once
         protocol = self.fs.protocol
         self._local = "file" in (protocol if isinstance(protocol, (tuple, list)) else (protocol,))
 
@@ -140,7 +144,8 @@ class Repository:
 
     def pointer(self) -> dict[str, Any] | None:
         """The version pointer (``store_id``, ``system_version``, ``revision``, ``manifest``,
-        ``state``), or None before the first export.
+        ``state``, ``previous_revision``: the revision of the same version it named before, or
+        None), or None before the first export.
 
         Raises:
           RepositoryError: if it is malformed or of another format.
@@ -152,7 +157,9 @@ class Repository:
         ok = (isinstance(p, dict) and p.get("format") == FORMAT and isinstance(p.get("store_id"), str)
               and all(isinstance(p.get(k), int) and not isinstance(p.get(k), bool) and p[k] >= 0
                       for k in ("system_version", "revision"))
-              and p.get("manifest") == self._manifest_name(p["system_version"], p["revision"]))
+              and p.get("manifest") == self._manifest_name(p["system_version"], p["revision"])
+              and (p.get("previous_revision") is None or (isinstance(p["previous_revision"], int)
+                                                          and not isinstance(p["previous_revision"], bool))))
         if not ok:
             raise RepositoryError(f"{self._path(POINTER)} is not a format-{FORMAT} version pointer: {p!r:.200}")
         return dict(p)
@@ -175,11 +182,13 @@ class Repository:
                 out[(int(parts[0]), int(parts[1]))] = f"versions/{n}"
         return out
 
-    def _published_names(self) -> dict[tuple[int, int], str]:
+    def _published_names(self, pointer: dict[str, Any] | None | EllipsisType = ...) -> dict[tuple[int, int], str]:
         """:meth:`_manifest_names` without those newer than the pointer (written by an export
-        that stopped before moving the pointer; the next export writes past them)."""
+        that stopped before moving the pointer; the next export writes past them); ``pointer``:
+        the pointer as the caller just read it (default: read it)."""
         names = self._manifest_names()
-        pointer = self.pointer()
+        if pointer is ...:
+            pointer = self.pointer()
         if pointer is None:
             return {}
         current = (pointer["system_version"], pointer["revision"])
@@ -309,25 +318,34 @@ class Repository:
         self._put(self._path(name), json.dumps(manifest).encode())
         self._put(self._path(POINTER), json.dumps({
             "format": FORMAT, "store_id": state["store_id"], "system_version": version, "revision": revision,
-            "manifest": name, "state": key}).encode())
+            "manifest": name, "state": key,
+            # the revision the pointer named before, of the same version (collect keeps it)
+            "previous_revision": pointer["revision"] if pointer is not None
+            and pointer["system_version"] == version else None}).encode())
         self.collect(keep)
         return version
 
     def collect(self, keep: int = DEFAULT_KEEP) -> dict[str, int]:
         """Keeps the newest revision of each of the newest ``keep`` system versions (and the
-        one the pointer names), except manifests holding a task the pointed-to manifest no
+        one the pointer names, and the revision of that version it named before), except manifests holding a task the pointed-to manifest no
         longer has (deleted); deletes every other manifest, then every array no kept
-        manifest uses. Returns the counts deleted (``manifests``, ``arrays``)."""
+        manifest uses (listed only when a manifest was deleted, and at a process's first
+        collect). Returns the counts deleted (``manifests``, ``arrays``)."""
         pointer = self.pointer()
         if pointer is None:  # nothing published: nothing is known to be unused
             return {"manifests": 0, "arrays": 0}
-        names = self._published_names()  # an unpublished manifest is the next export's to write past
+        names = self._published_names(pointer)  # an unpublished manifest is the next export's to write past
         newest: dict[int, int] = {}
         for v, r in names:
             newest[v] = max(r, newest.get(v, -1))
         kept = {(v, newest[v]) for v in sorted(newest)[-keep:]}
         current = (pointer["system_version"], pointer["revision"])
         kept.add(current)
+        # and the pointer's previous revision (same arrays): a replica that read the pointer just
+        # before this export's still finds the manifest it names
+        previous = pointer.get("previous_revision")
+        if previous is not None and (current[0], previous) in names:
+            kept.add((current[0], previous))
         live_tasks = {(t["name"], t["seq"]) for t in self.manifest(*current)["tasks"]}
         # a task is (name, seq): one deleted and uploaded again under its name is another task
         kept = {k for k in kept if k == current
@@ -337,10 +355,13 @@ class Repository:
             self.fs.rm_file(self._path(name))
         live = {c["params_digest"] for k in kept if k in names for c in self.manifest(*k)["components"]}
         arrays = 0
-        try:
-            files = self.fs.find(self._path("arrays"))
-        except FileNotFoundError:
-            files = []
+        files: list[str] = []
+        # an array loses its last reference only with a deleted manifest; the first collect of a
+        # process also sweeps what an export that died before its manifest write left
+        sweep = bool(doomed) or not self._swept
+        if sweep:
+            with contextlib.suppress(FileNotFoundError):
+                files = self.fs.find(self._path("arrays"))
         for f in files:
             base = f.rsplit("/", 1)[-1]
             if base.endswith(".npz") and base[:-4] not in live:
@@ -350,6 +371,7 @@ class Repository:
         with self._cache_lock:
             for name in doomed:
                 self._manifests.pop(name, None)
+        self._swept = self._swept or sweep  # only once every unused array is gone (a failed one sweeps again)
         self.collected = True
         return {"manifests": len(doomed), "arrays": arrays}
 

@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from pathlib import Path as FsPath
+from types import EllipsisType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -60,7 +61,8 @@ CREATE TABLE IF NOT EXISTS tasks (
   samples_trained INTEGER NOT NULL DEFAULT 0,
   attempts INTEGER NOT NULL DEFAULT 0,
   retry_after REAL,
-  pinned INTEGER NOT NULL DEFAULT 0
+  pinned INTEGER NOT NULL DEFAULT 0,
+  rolled_back_version INTEGER
 );
 CREATE TABLE IF NOT EXISTS components (
   id TEXT PRIMARY KEY,
@@ -109,7 +111,7 @@ ROOT_PATH_ID = "root"
 _TASK_COLUMNS_ADDED = (("improved_at", "REAL"), ("stale_iterations", "INTEGER NOT NULL DEFAULT 0"),
                        ("paused_version", "INTEGER"), ("samples_trained", "INTEGER NOT NULL DEFAULT 0"),
                        ("attempts", "INTEGER NOT NULL DEFAULT 0"), ("retry_after", "REAL"),
-                       ("pinned", "INTEGER NOT NULL DEFAULT 0"))
+                       ("pinned", "INTEGER NOT NULL DEFAULT 0"), ("rolled_back_version", "INTEGER"))
 _HISTORY_COLUMNS_ADDED = (("samples_trained", "INTEGER"), ("lineage_samples", "INTEGER"))
 
 
@@ -164,6 +166,12 @@ class TaskPinned(StoreError):
     replace its served path until the user wakes it (:meth:`Store.wake_task`)."""
 
 
+class ServedPathChanged(StoreError):
+    """A rollback's precondition failed inside its transaction: the task's served path is
+    no longer the one the rollback chose from, or a rollback without a version found the
+    task pinned (another rollback, or a publish, committed in between). Nothing changed."""
+
+
 class TaskExists(StoreError):
     """A task of that name already exists."""
 
@@ -198,6 +206,9 @@ class TaskRecord:
       pinned: a user rolled the task back to an earlier path (:meth:`Store.restore_path`):
         the evolver neither runs it nor replaces its served path until the user wakes it
         (:meth:`Store.wake_task`).
+      rolled_back_version: system version of the task's last rollback (kept after the user
+        wakes it), or None: an evolver phase begun before it publishes nothing
+        (:meth:`Store.publish`'s ``since_version``).
     """
 
     name: str
@@ -220,6 +231,7 @@ class TaskRecord:
     attempts: int = 0
     retry_after: float | None = None
     pinned: bool = False
+    rolled_back_version: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -437,7 +449,8 @@ class Store:
             iterations_done=row["iterations_done"], error=row["error"], seq=row["seq"],
             improved_at=row["improved_at"], stale_iterations=row["stale_iterations"],
             paused_version=row["paused_version"], samples_trained=row["samples_trained"],
-            attempts=row["attempts"], retry_after=row["retry_after"], pinned=bool(row["pinned"]))
+            attempts=row["attempts"], retry_after=row["retry_after"], pinned=bool(row["pinned"]),
+            rolled_back_version=row["rolled_back_version"])
 
     def add_task(self, task: TaskRecord) -> TaskRecord:
         """Inserts a task at the end of the queue.
@@ -746,8 +759,9 @@ class Store:
         """Makes this store a mirror of ``state`` (:meth:`export_state` of another store, as a
         replica reads it from the model repository): its tasks, paths, components, history,
         evolver status and system version are replaced in one transaction, then the array
-        files neither this nor the previous import uses are removed (only this one's when a
-        task was deleted). A mirror is never
+        files are removed that neither this import uses nor the last import before it with
+        other arrays (a new revision with the same arrays keeps that grace; only this one's
+        when a task was deleted). A mirror is never
         trained on; only a store marked by :meth:`make_mirror` can be imported into.
 
         Returns:
@@ -785,16 +799,25 @@ class Store:
                                [row[n] for n in names])
             db.execute("UPDATE meta SET value=? WHERE key='system_version'", (str(version),))
             current = sorted({c["params_digest"] for c in state["components"]})
-            previous = db.execute("SELECT value FROM meta WHERE key='mirror_digests'").fetchone()
+
+            def meta_list(key: str) -> list[str]:
+                row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+                return list(json.loads(row[0])) if row else []
+
+            # the arrays of the previous import with other arrays stay until the next import with
+            # other arrays (new revisions of one version, e.g. sample counts, do not end it): the
+            # snapshot loader may be reading them for the version it is swapping from; not after
+            # a task's deletion, whose removal of the task's knowledge takes effect at once
+            # (Section 3.4)
+            previous = meta_list("mirror_digests")
+            grace = [] if deleted else (previous if set(previous) != set(current) else meta_list("mirror_grace"))
             for key, value in (("evolver_status", dict(state.get("evolver_status") or {})), ("mirror_digests", current),
+                               ("mirror_grace", grace),
                                ("mirror_manifest", {"store_id": state.get("store_id"), "system_version": version,
                                                     "revision": int(state.get("revision", 0))})):
                 db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
                            (key, json.dumps(value)))
-            # the previous import's arrays stay until the next import: the snapshot loader may be
-            # reading them for the version it is swapping from; not after a task's deletion,
-            # whose removal of the task's knowledge takes effect at once (Section 3.4)
-            live = set(current) | (set(json.loads(previous[0])) if previous and not deleted else set())
+            live = set(current) | set(grace)
         removed = 0
         for f in (self.data_dir / "arrays").rglob("*.npz"):
             if f.stem not in live:
@@ -822,7 +845,8 @@ class Store:
             write_file_atomic(path, data)
 
     def restore_path(self, path_row: Mapping[str, Any], component_rows: Sequence[Mapping[str, Any]],
-                     read_array: Callable[[str], bytes], task_seq: int | None = None) -> int:
+                     read_array: Callable[[str], bytes], task_seq: int | None = None, *,
+                     expect_served: str | None | EllipsisType = ..., refuse_pinned: bool = False) -> int:
         """Rolls a task back to an earlier path and pins it there (``mu2net rollback``).
 
         ``path_row`` and ``component_rows`` are the path's rows as :meth:`export_state` wrote
@@ -833,6 +857,10 @@ class Store:
         evolver neither runs it nor replaces its path until :meth:`wake_task`. ``task_seq``:
         the task's :attr:`TaskRecord.seq` the path belonged to (a task deleted and uploaded
         again under its name since is another task, and nothing is restored to it).
+        ``expect_served``: the id of the path the caller saw served (None: no path), checked
+        in the publish's transaction (``...``: no check); ``refuse_pinned``: refuse a task
+        pinned meanwhile (a rollback without a version must not go a second step back when
+        two run at once).
 
         Returns:
           The system version of the publish.
@@ -840,6 +868,8 @@ class Store:
         Raises:
           ComponentsGone: if a component was trained on a task deleted since (Section 3.4's
             removal is never undone).
+          ServedPathChanged: the served path is not ``expect_served`` any more, or
+            ``refuse_pinned`` and the task is pinned; nothing changed.
           StoreError: if the rows do not describe the path's components, an array does not
             match its digest, or the task is another one than ``task_seq``'s.
         """
@@ -861,9 +891,10 @@ class Store:
                 id=cid, kind=row["kind"], params_digest=row["params_digest"], opt_digest=None,
                 parent_id=row["parent_id"], task=row["task"], acl_group=row["acl_group"],
                 steps=json.loads(row["steps"]), num_params=row["num_params"], num_classes=row["num_classes"]))
+        check = (expect_served, refuse_pinned)
         try:
-            return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True)
-        except ComponentsGone:
+            return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, check=check)
+        except (ComponentsGone, ServedPathChanged):
             raise
         except StoreError:
             # a publish of the evolver dropped a component still live at the check above, and its
@@ -873,7 +904,7 @@ class Store:
                 raise
             for digest in missing_files:
                 self.put_array_bytes(digest, read_array(digest))
-        return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True)
+        return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, check=check)
 
     def served_versions(self) -> dict[str, int]:
         """Task name -> system version of its retained (served) path's publish."""
@@ -909,7 +940,8 @@ class Store:
 
     def publish(self, path: Path | None, new_components: Sequence[ComponentRecord], *,
                 task: str | None = None, iteration_done: bool = False,
-                selections: Mapping[str, int] | None = None, task_seq: int | None = None) -> int:
+                selections: Mapping[str, int] | None = None, task_seq: int | None = None,
+                since_version: int | None = None) -> int:
         """Second half of a publish: one transaction.
 
         Inserts ``new_components`` (whose files must already be written), makes ``path``
@@ -920,6 +952,9 @@ class Store:
         Bumps the system version when ``path`` is given. ``task_seq``: the task's
         :attr:`TaskRecord.seq` when its phase began; a task deleted and uploaded again under
         the same name since then is another task, and nothing is published to it.
+        ``since_version``: the system version when the caller's phase began; if a user rolled
+        the task back after it, nothing is published (even once the user woke the task: the
+        phase continues the lineage the user left).
 
         Returns:
           The system version after the transaction.
@@ -929,16 +964,19 @@ class Store:
             component was trained on a task that no longer exists (deleted with another task
             during the phase: Section 3.4's removal must not be undone).
           TaskPinned: if a user rolled the task back and pinned it (:meth:`restore_path`)
-            since; nothing is published or recorded (the phase's bookkeeping neither).
+            since, or rolled it back after ``since_version``; nothing is published or
+            recorded (the phase's bookkeeping neither).
           StoreError: if a referenced array file is missing, or the task was deleted (or
             replaced by another of the same name).
         """
         return self._commit_publish(path, new_components, task or (path.task if path else None),
-                                    iteration_done, selections or {}, task_seq)
+                                    iteration_done, selections or {}, task_seq, since_version=since_version)
 
     def _commit_publish(self, path: Path | None, new_components: Sequence[ComponentRecord],
                         task: str | None, iteration_done: bool,
-                        selections: Mapping[str, int], task_seq: int | None = None, pin: bool = False) -> int:
+                        selections: Mapping[str, int], task_seq: int | None = None, pin: bool = False,
+                        check: tuple[str | None | EllipsisType, bool] = (..., False),
+                        since_version: int | None = None) -> int:
         with self.transaction() as db:
             # checked inside the write transaction: a delete unlinks a file only inside one of its
             # own after checking no row references it (_delete_component_files)
@@ -948,13 +986,27 @@ class Store:
                         raise StoreError(f"component {c.id}: array file {d} was not written first")
             self._refuse_mirror(db, "publishing")
             version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
-            row = db.execute("SELECT seq, pinned FROM tasks WHERE name=?", (task,)).fetchone() \
+            row = db.execute("SELECT seq, pinned, rolled_back_version FROM tasks WHERE name=?", (task,)).fetchone() \
                 if task is not None else None
             if task is not None and (row is None or (task_seq is not None and row[0] != task_seq)):
                 raise StoreError(f"task {task!r} was deleted during its active phase; nothing published")
             if task is not None and not pin and row[1]:
                 raise TaskPinned(f"task {task!r} was rolled back and pinned by a user; its served path stays "
                                  f"until the user wakes it")
+            if task is not None and not pin and since_version is not None and row[2] is not None \
+                    and row[2] > since_version:
+                raise TaskPinned(f"task {task!r} was rolled back by a user at system version {row[2]}, after this "
+                                 f"phase began (at {since_version}); its phase publishes nothing")
+            expect_served, refuse_pinned = check
+            if task is not None and refuse_pinned and row[1]:
+                raise ServedPathChanged(f"task {task!r} was rolled back and pinned meanwhile (another rollback); "
+                                        f"nothing restored")
+            if task is not None and expect_served is not ...:
+                now = db.execute("SELECT id FROM paths WHERE task=?", (task,)).fetchone()
+                if (now[0] if now else None) != expect_served:
+                    raise ServedPathChanged(f"task {task!r}'s served path changed during the rollback (from "
+                                            f"{expect_served} to {now[0] if now else None}: another rollback or "
+                                            f"a publish); nothing restored")
             if path is not None:
                 # a component trained (also cloned from) on a task deleted meanwhile carries that
                 # task's knowledge: it must not come back into the layer pool (Section 3.4)
@@ -1004,7 +1056,8 @@ class Store:
                 if path is not None:
                     db.execute("UPDATE tasks SET state='serving', error=NULL WHERE name=?", (task,))
             if pin and path is not None and path.task is not None:
-                db.execute("UPDATE tasks SET pinned=1, paused_version=NULL WHERE name=?", (path.task,))
+                db.execute("UPDATE tasks SET pinned=1, paused_version=NULL, rolled_back_version=? WHERE name=?",
+                           (version, path.task))
             doomed = self._unreferenced_components(db)
         self._delete_component_files(doomed)
         return version

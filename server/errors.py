@@ -63,6 +63,12 @@ class FailedPrecondition(ServiceError):
     google.rpc.Code maps FAILED_PRECONDITION."""
 
 
+class Aborted(ServiceError):
+    """A concurrent change won: the state the call was decided on changed before its
+    commit (e.g. two rollbacks of one task at once), and nothing changed. Retry after
+    reading the state again. HTTP 409, as google.rpc.Code maps ABORTED."""
+
+
 class BadGateway(ServiceError):
     """A replica could not reach the evolver host it forwards uploads, deletes, evolve and
     rollback requests to (``mu2net serve --no-evolver --repository URL --ingest-url URL``)."""
@@ -87,6 +93,7 @@ TABLE: dict[type[ServiceError], tuple[grpc.StatusCode, int]] = {
     BadGateway: (grpc.StatusCode.UNAVAILABLE, 502),
     RepositoryUnavailable: (grpc.StatusCode.UNAVAILABLE, 503),
     FailedPrecondition: (grpc.StatusCode.FAILED_PRECONDITION, 400),  # google.rpc.Code's HTTP mapping
+    Aborted: (grpc.StatusCode.ABORTED, 409),  # google.rpc.Code's HTTP mapping
 }
 
 

@@ -94,7 +94,8 @@ def _content_length(request: Request) -> int | None:
 
 def _error(err: E.ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(err.retry_after)} if isinstance(err, E.Overloaded) else None
-    return JSONResponse({"error": str(err)}, status_code=E.codes(err)[1], headers=headers)
+    code, status = E.codes(err)
+    return JSONResponse({"error": str(err), "code": code.name}, status_code=status, headers=headers)
 
 
 T = TypeVar("T")

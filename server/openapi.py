@@ -3,8 +3,10 @@
 It describes what :mod:`mu2net.server.http_api` does: the task API (``/v1``), the Open
 Inference Protocol REST API (``/v2``; the protocol's own schemas are in its specification,
 so only the shapes this server answers with are given), Prometheus metrics and the status
-page. Every error answer is ``{"error": message}`` (a 500 adds ``request_id``); a 429 has a
-``Retry-After`` header (seconds). ``tests/test_fuzz.py`` fuzzes the server against it with
+page. Every error answer is ``{"error": message, "code": gRPC status name}`` (the Open
+Inference Protocol's error body, plus ``code`` (google.rpc.Code's name, which tells a 409's
+ABORTED from ALREADY_EXISTS); a 500 adds ``request_id``); a 429 has a ``Retry-After``
+header (seconds). ``tests/test_fuzz.py`` fuzzes the server against it with
 schemathesis.
 """
 
@@ -24,8 +26,15 @@ _READ_ONLY = {503: "the server is shutting down, or is a read-only replica (--no
                    "--ingest-url: send writes to the evolver host's server"}
 
 
-#: What a rollback's 400 and 404 mean.
-_ROLLBACK = {503: _READ_ONLY[503] + ", or the model repository could not be read whole (the message names it)",
+#: A replica's forwarded write (upload, delete, evolve, rollback) that timed out.
+_FORWARDED = {**_READ_ONLY, 504: "a replica forwarded the write to the evolver host's server (--ingest-url) and "
+                                 "got no answer in time: its outcome is unknown (read the task)"}
+
+#: What a rollback's 400, 404 and 409 mean.
+_ROLLBACK = {**_FORWARDED,
+             409: "the task's served path changed during the rollback (another rollback, or a publish): "
+                  "nothing restored; read the task and retry",
+             503: _READ_ONLY[503] + ", or the model repository could not be read whole (the message names it)",
              404: "no such task (or deleted during the rollback), a version not retained (or collected "
                   "meanwhile), or no retained system version with another path of it",
              400: "a version that is not an integer, no model repository (--repository), or a path whose "
@@ -155,7 +164,7 @@ def document() -> dict[str, Any]:
                                      "content": {"application/octet-stream": {"schema": {
                                          "type": "string", "format": "binary"}}}},
                      "responses": {"202": _json(_TASK_REF, "accepted: the task is queued for the evolver"),
-                                   **_errors(400, 401, 409, 413, 429, 502, 503, text_of=_READ_ONLY)}},
+                                   **_errors(400, 401, 409, 413, 429, 502, 503, 504, text_of=_FORWARDED)}},
         },
         "/v1/tasks/{name}": {
             "parameters": [_NAME],
@@ -166,7 +175,7 @@ def document() -> dict[str, Any]:
                                                    "properties": {"deleted": {"type": "string"},
                                                                   "requeued": {"type": "array",
                                                                                "items": {"type": "string"}}}}),
-                                     **_errors(401, 404, 502, 503, text_of=_READ_ONLY)}},
+                                     **_errors(401, 404, 502, 503, 504, text_of=_FORWARDED)}},
         },
         "/v1/tasks/{name}/classify": {
             "parameters": [_NAME],
@@ -192,7 +201,7 @@ def document() -> dict[str, Any]:
             "parameters": [_NAME],
             "post": {"operationId": "evolveTask", "security": _ADMIN,
                      "summary": "wake a task paused by continual evolution",
-                     "responses": {"202": _json(_TASK_REF), **_errors(401, 404, 502, 503, text_of=_READ_ONLY)}},
+                     "responses": {"202": _json(_TASK_REF), **_errors(401, 404, 502, 503, 504, text_of=_FORWARDED)}},
         },
         "/v1/tasks/{name}/rollback": {
             "parameters": [_NAME],
@@ -202,7 +211,7 @@ def document() -> dict[str, Any]:
                      "parameters": [{"name": "version", "in": "query", "description": "a retained system version "
                                      "(default: the newest with another path of the task)",
                                      "schema": {"type": "integer", "minimum": 0}}],
-                     "responses": {"200": _json(_TASK_REF), **_errors(400, 401, 404, 502, 503,
+                     "responses": {"200": _json(_TASK_REF), **_errors(400, 401, 404, 409, 502, 503, 504,
                                                                       text_of=_ROLLBACK)}},
         },
         "/v1/system": {"get": {"operationId": "system", "summary": "system version, layer pool and evolver status",
@@ -259,7 +268,9 @@ def document() -> dict[str, Any]:
         "paths": {**task_paths, **v2_paths},
         "components": {
             "schemas": {"Task": _TASK, "Error": {"type": "object", "required": ["error"], "properties": {
-                "error": {"type": "string"}, "request_id": {"type": "string"}}}},
+                "error": {"type": "string"}, "request_id": {"type": "string"},
+                "code": {"type": "string", "description": "the gRPC status name of the error (google.rpc.Code), "
+                         "e.g. ABORTED or ALREADY_EXISTS for a 409"}}}},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                            "description": "the server's --admin-token"}},
         },

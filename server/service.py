@@ -443,11 +443,13 @@ class Service:
             components trained on a task deleted since (their removal is never undone),
             or, without ``version``, the task is already pinned (a retried rollback does
             not roll it forward again).
+          Aborted: the served path changed (a concurrent rollback or publish) between the
+            choice and its commit; nothing restored (HTTP 409, gRPC ABORTED).
           RepositoryUnavailable: the repository could not be read, or what it holds is
             malformed or does not match its digests (HTTP 503).
         """
         from mu2net.repository import ManifestGone, RepositoryError
-        from mu2net.store import ComponentsGone, StoreError
+        from mu2net.store import ComponentsGone, ServedPathChanged, StoreError
 
         poller = self.repository
         if poller is None or self.config.replica:
@@ -487,9 +489,15 @@ class Service:
                                                       and row["id"] == served.id):
                     continue  # another task of the same name then, not served then, or the served path
                 try:
-                    self.store.restore_path(row, manifest["components"], repo.read_array, task_seq=task.seq)
+                    # the served path and the pin it was chosen from are checked again in the
+                    # publish's transaction: of two concurrent rollbacks one goes back one step
+                    self.store.restore_path(row, manifest["components"], repo.read_array, task_seq=task.seq,
+                                            expect_served=served.id if served is not None else None,
+                                            refuse_pinned=version is None)
                 except ComponentsGone as e:
                     raise E.FailedPrecondition(f"task {name!r} cannot go back to system version {v}: {e}") from None
+                except ServedPathChanged as e:
+                    raise E.Aborted(f"{e}; read the task and retry") from None
                 self.manager.refresh()  # the answer shows the path served now
                 view = self.task_view(name)
                 view["rolled_back_to"] = {"system_version": v, "path_id": row["id"]}

@@ -131,7 +131,8 @@ def test_idempotent_calls_are_retried_by_grpcs_retry_policy(script, retries, cal
 def test_http_errors_map_to_the_sdk_hierarchy():
     import httpx
 
-    from mu2net_client import AuthenticationError, NotReadyError, OverloadedError, TimeoutError
+    from mu2net_client import (AlreadyExistsError, AuthenticationError, ConflictError, NotReadyError, OverloadedError,
+                               TimeoutError)
     from mu2net_client.errors import ServerError, TransportError, from_http
 
     e = from_http(httpx.Response(429, json={"error": "queued"}, headers={"Retry-After": "2"}))
@@ -141,6 +142,10 @@ def test_http_errors_map_to_the_sdk_hierarchy():
     assert isinstance(from_http(httpx.Response(500, json={"error": "internal server error"})), ServerError)
     assert isinstance(from_http(httpx.Response(401, json={"error": "x"})), AuthenticationError)
     assert type(from_http(httpx.Response(502, text="<html>bad gateway</html>"))) is TransportError  # not JSON
+    # a 409 is a lost race (ABORTED) or a name taken (ALREADY_EXISTS), told apart by the body's code
+    assert type(from_http(httpx.Response(409, json={"error": "x", "code": "ABORTED"}))) is ConflictError
+    assert type(from_http(httpx.Response(409, json={"error": "x", "code": "ALREADY_EXISTS"}))) is AlreadyExistsError
+    assert type(from_http(httpx.Response(409, json=["not", "an", "object"]))) is AlreadyExistsError
     assert type(from_http(httpx.Response(500, text="<html>oops</html>"))) is ServerError
 
 

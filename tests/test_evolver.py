@@ -653,6 +653,67 @@ def test_a_stale_task_gets_longer_children_when_budgets_grow(tiny_store, monkeyp
     assert cycles == [TINY_EVOLVER.budget.cycles * 8] * TINY_EVOLVER.children  # capped at 8x
 
 
+def test_lineage_children_continue_the_best_path_with_a_lower_learning_rate(tiny_store, monkeypatch):
+    import dataclasses
+
+    import mu2net.evolver.loop as loop
+    from mu2net import hparams as H
+
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=2, children=2, lineage_children=1, lineage_lr_steps=3)
+    ev = Evolver(tiny_store, cfg, progress=False)
+    ev.active_phase("digits")  # never served before: no lineage children
+    served = tiny_store.best_path("digits")
+    generations = []  # (the population's best path when sampled, the specs trained) per generation
+    real_generation, real_train, real_best = ev._train_generation, loop.train_child, loop.best_of
+    best_now = []
+
+    def best_spy(population):
+        best_now.append(real_best(population))
+        return best_now[-1]
+
+    def generation_spy(specs, *a, **k):
+        generations.append((best_now[-1], list(specs)))
+        return real_generation(specs, *a, **k)
+
+    trained = []
+
+    def train_spy(arch, params, opts, mask, hp, *a, **k):
+        trained.append(dict(hp))
+        return real_train(arch, params, opts, mask, hp, *a, **k)
+
+    monkeypatch.setattr(loop, "best_of", best_spy)
+    monkeypatch.setattr(ev, "_train_generation", generation_spy)
+    monkeypatch.setattr(loop, "train_child", train_spy)
+    ev.active_phase("digits")
+    assert len(generations) == cfg.generations
+    assert generations[0][0].id == served.id  # generation 1: the served path is the best
+    values = H.SEARCH_SPACE["learning_rate"]
+    for best, specs in generations:
+        assert len(specs) == cfg.children
+        first, other = specs
+        assert first.parent.id == best.id and first.parent.task == "digits"  # continues the best path
+        # its (mutated) rate 3 values down Table 1's list, recorded among its mutations
+        [note] = [m for m in first.mutations if m.startswith("lineage_lr:")]
+        old, new = (float(v) for v in note.split(":")[1].split("->"))
+        assert new == first.hparams["learning_rate"] and values.index(new) == max(0, values.index(old) - 3)
+        # the other child is sampled as Section 3.1 says, its rate untouched (even if its parent is the best)
+        assert not any(m.startswith("lineage_lr:") for m in other.mutations)
+    # what trains is the lowered rate (children of a generation may train in any order)
+    assert sorted(hp["learning_rate"] for hp in trained) == sorted(
+        s.hparams["learning_rate"] for _, specs in generations for s in specs)
+    assert loop.lower_learning_rate(generations[0][1][0], 100).hparams["learning_rate"] == values[0]  # clipped
+    with pytest.raises(ValueError, match="lineage_children"):
+        dataclasses.replace(TINY_EVOLVER, lineage_children=TINY_EVOLVER.children + 1)
+    with pytest.raises(ValueError, match="lineage_children"):
+        dataclasses.replace(TINY_EVOLVER, later_children=1, lineage_children=2)
+    # one child per later generation of a served task (the first-answer generation keeps its own)
+    generations.clear()
+    ev.config = dataclasses.replace(cfg, later_children=1)
+    ev.active_phase("digits")
+    assert [len(specs) for _, specs in generations] == [1] * cfg.generations
+    assert all(specs[0].parent.id == best.id for best, specs in generations)
+
+
 def test_a_conv_stem_root_with_blocks_is_cloned_whole_by_the_first_answer_and_by_later_children(tmp_path):
     import dataclasses
 

@@ -3,7 +3,6 @@ replicas serving (real servers on 127.0.0.1) what the evolver host publishes."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -112,8 +111,11 @@ def test_export_mirror_retention_and_deletion(tiny_store, tmp_path, repository_u
     assert tiny_store.system_version() == v3 and repo.export(tiny_store) == v3
     assert repo.pointer()["revision"] == 1 and repo.export(tiny_store) is None
     assert repo.versions() == [v2, v3] and repo.manifest(v3)["revision"] == 1
+    # the revision the pointer named before stays readable: a replica that read the old pointer
+    assert repo.manifest(v3, 0)["revision"] == 0
     assert repo.sync(mirror) == v3 and "late" in [t.name for t in mirror.list_tasks()]
     assert repo.sync(mirror) is None
+
 
     # a deleted task leaves no manifest behind that still references its components, even when
     # the exporting process died between the pointer's write and the collection
@@ -126,6 +128,13 @@ def test_export_mirror_retention_and_deletion(tiny_store, tmp_path, repository_u
     assert exporter(tiny_store, Repository(url, **options))() is None
     assert repo.versions() == [v4] and "parity" not in {t["name"] for t in repo.manifest(v4)["tasks"]}
     assert _repo_arrays(repo) == {c["params_digest"] for c in repo.manifest(v4)["components"]}
+    # an array an export wrote before dying ahead of its manifest goes at a process's first collect
+    stray = "ab" * 32
+    repo.fs.makedirs(f"{repo.root}/arrays/ab", exist_ok=True)  # (a local directory's fsspec makes none)
+    repo.fs.pipe_file(f"{repo.root}/arrays/ab/{stray}.npz", b"left by a dead export")
+    fresh = Repository(url, **options)
+    assert fresh.collect() == {"manifests": 0, "arrays": 1} and fresh.collect() == {"manifests": 0, "arrays": 0}
+    assert stray not in _repo_arrays(repo)
     assert repo.sync(mirror) == v4 and "parity" not in _served(mirror)["tasks"]
     mirror_arrays = {f.stem for f in (mirror.data_dir / "arrays").rglob("*.npz")}
     assert mirror_arrays == {c.params_digest for c in mirror.list_components()}  # the deleted task's are gone
@@ -163,9 +172,43 @@ def test_export_mirror_retention_and_deletion(tiny_store, tmp_path, repository_u
     mirror.close()
 
 
+def test_a_mirror_keeps_the_arrays_it_served_before_until_an_import_with_other_arrays(tiny_store, tmp_path):
+    import hashlib
+
+    ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
+    ev.active_phase("digits")
+    repo = Repository(str(tmp_path / "repo"))
+    base = repo.manifest(repo.export(tiny_store))
+    mirror = Store(tmp_path / "mirror")
+    mirror.make_mirror(repo.url)
+    repo.sync(mirror)
+
+    def with_extra(tag: bytes, revision: int) -> tuple[dict, str]:
+        # the manifest with one more component whose array only this state has
+        data = b"array of " + tag
+        digest = hashlib.sha256(data).hexdigest()
+        mirror.put_array_bytes(digest, data)
+        extra = dict(base["components"][0], id=f"extra-{tag.decode()}", params_digest=digest)
+        return {**base, "revision": revision, "components": [*base["components"], extra]}, digest
+
+    def arrays() -> set[str]:
+        return {f.stem for f in (mirror.data_dir / "arrays").rglob("*.npz")}
+
+    a, da = with_extra(b"a", 1)
+    mirror.import_state(a)
+    b, db = with_extra(b"b", 2)
+    mirror.import_state(b)
+    assert {da, db} <= arrays()  # a's arrays stay while the loader may read them
+    mirror.import_state({**b, "revision": 3})  # a new revision, the same arrays: the grace goes on
+    assert {da, db} <= arrays()
+    mirror.import_state({**base, "revision": 4})  # other arrays: a's go, b's get the grace
+    assert da not in arrays() and db in arrays()
+    mirror.close()
+
+
 def test_a_rollback_restores_a_retained_path_and_pins_its_task(tiny_store, tmp_path):
     from mu2net.evolver import schedule as S
-    from mu2net.store import ComponentsGone, TaskPinned, new_id
+    from mu2net.store import ComponentsGone, ServedPathChanged, TaskPinned, new_id
 
     ev = Evolver(tiny_store, TINY_EVOLVER, progress=False)
     ev.active_phase("digits")
@@ -192,8 +235,17 @@ def test_a_rollback_restores_a_retained_path_and_pins_its_task(tiny_store, tmp_p
         tiny_store.restore_path(row, tainted, repo.read_array)
     assert tiny_store.system_version() == before
 
-    version = tiny_store.restore_path(row, manifest["components"], repo.read_array)
+    # the served path and the pin a rollback chose from are checked again in its transaction
+    # (of two rollbacks at once, the second does not go a second step back)
+    with pytest.raises(ServedPathChanged, match="served path changed"):
+        tiny_store.restore_path(row, manifest["components"], repo.read_array, expect_served=first.id)
+    assert tiny_store.system_version() == before and not tiny_store.get_task("digits").pinned
+    version = tiny_store.restore_path(row, manifest["components"], repo.read_array,
+                                      expect_served=tiny_store.best_path("digits").id, refuse_pinned=True)
     assert version == before + 1 and tiny_store.best_path("digits").id == first.id
+    with pytest.raises(ServedPathChanged, match="pinned meanwhile"):
+        tiny_store.restore_path(row, manifest["components"], repo.read_array, refuse_pinned=True)
+    assert tiny_store.system_version() == version
     assert tiny_store.history("digits")[-1]["path_id"] == first.id and tiny_store.get_task("digits").pinned
     restored = tiny_store.get_components(gone)
     assert all(c.opt_digest is None for c in restored)  # back without momentum
@@ -206,11 +258,56 @@ def test_a_rollback_restores_a_retained_path_and_pins_its_task(tiny_store, tmp_p
     assert choice() is None and not S.is_live(tiny_store.get_task("digits"), time.time())
     with pytest.raises(TaskPinned, match="pinned"):
         tiny_store.publish(dataclasses.replace(first, id=new_id()), [], task="digits")
-    with contextlib.suppress(TaskPinned):  # raised if the phase finds a better path to publish
+    with pytest.raises(TaskPinned):  # its end publishes (a path, or only its bookkeeping): refused
         ev.active_phase("digits")
-    assert tiny_store.best_path("digits").id == first.id
+    assert tiny_store.best_path("digits").id == first.id and tiny_store.system_version() == version
     assert not tiny_store.wake_task("digits").pinned
     assert choice().name == "digits"  # woken, it evolves again
+
+
+@pytest.mark.parametrize("woken", [False, True])
+def test_a_phase_whose_task_is_rolled_back_meanwhile_stops_and_ends_uncounted(tiny_store, tmp_path, monkeypatch,
+                                                                             woken):
+    # a rollback during a phase (as mu2net serve's evolver runs it, with preemption checks)
+    # stops its children after their current cycle; the phase publishes nothing and is not
+    # counted, also when the user woke the task again at once (its phase continues the
+    # lineage the user left)
+    import mu2net.evolver.loop as loop
+
+    for other in ("parity", "small"):  # never served: run() would choose them first
+        tiny_store.delete_task(other)
+    cfg = dataclasses.replace(TINY_EVOLVER, preempt=True, generations=3,
+                              budget=dataclasses.replace(TINY_EVOLVER.budget, cycles=4))
+    ev = Evolver(tiny_store, cfg, progress=False)
+    ev.preempt_check_seconds = 0.0
+    ev.active_phase("digits")
+    repo = Repository(str(tmp_path / "repo"))
+    manifest = repo.manifest(repo.export(tiny_store))
+    row = next(p for p in manifest["paths"] if p["task"] == "digits")
+    cycles, real = [], loop.train_child
+
+    def rolled_back_during(*a, interrupt=None, **k):
+        if not cycles:  # the first child: the user rolls back (to the served path) as it starts
+            tiny_store.restore_path(row, manifest["components"], repo.read_array)
+            if woken:
+                tiny_store.wake_task("digits")
+        result = real(*a, interrupt=interrupt, **k)
+        cycles.append(len(result.history))  # validations: one per cycle run
+        return result
+
+    monkeypatch.setattr(loop, "train_child", rolled_back_during)
+    before = tiny_store.get_task("digits")
+    version = tiny_store.system_version()
+    assert ev.run(iterations=before.iterations_done + 1, stop=lambda: len(cycles) > 0 and woken) == 1
+    after = tiny_store.get_task("digits")
+    assert after.pinned is not woken and after.rolled_back_version == version + 1
+    # the first generation's children stopped after one cycle; no later generation trained
+    assert 1 <= len(cycles) <= cfg.children and all(c < cfg.budget.cycles for c in cycles)
+    assert after.iterations_done == before.iterations_done and after.state != "failed"
+    assert after.error is None and after.retry_after is None  # not a failure: no back-off
+    assert after.attempts == before.attempts  # the attempt is uncounted
+    assert tiny_store.system_version() == version + 1  # the rollback's publish only
+    assert tiny_store.best_path("digits").id == row["id"]
 
 
 def test_a_corrupt_or_hostile_repository_changes_nothing_in_the_mirror(tiny_store, tmp_path):

@@ -8,11 +8,11 @@
 """
 
 from mu2net_client.client import AsyncClient, Client
-from mu2net_client.errors import (AlreadyExistsError, AuthenticationError, InvalidArgumentError, Mu2netError,
+from mu2net_client.errors import (AlreadyExistsError, AuthenticationError, ConflictError, InvalidArgumentError, Mu2netError,
                                   NotFoundError, NotReadyError, OverloadedError, ServerError, TimeoutError, TooLargeError,
                                   TransportError)
 from mu2net_client.types import AccuracyPoint, Classification, ClassifyResult, Task
 
-__all__ = ["AsyncClient", "Client", "AlreadyExistsError", "AuthenticationError", "InvalidArgumentError",
+__all__ = ["AsyncClient", "Client", "AlreadyExistsError", "AuthenticationError", "ConflictError", "InvalidArgumentError",
            "Mu2netError", "NotFoundError", "NotReadyError", "OverloadedError", "ServerError", "TimeoutError", "TooLargeError",
            "TransportError", "AccuracyPoint", "Classification", "ClassifyResult", "Task"]

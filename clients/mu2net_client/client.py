@@ -425,6 +425,10 @@ class Client:
           NotReadyError: the server is shutting down, is a replica without ``--ingest-url``,
             or could not read the model repository whole.
           TransportError: a replica could not reach the evolver host's server (HTTP 502).
+          ConflictError: the task's served path changed during the rollback (another
+            rollback or a publish won, HTTP 409); nothing restored.
+          TimeoutError: a replica got no answer from the evolver host in time (HTTP 504;
+            the outcome is unknown: read the task).
           AuthenticationError: without the server's admin token.
         """
         with E.map_exceptions():

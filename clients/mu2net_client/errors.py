@@ -32,6 +32,11 @@ class InvalidArgumentError(Mu2netError, ValueError):
     rejected an argument before sending it (also a ``ValueError``)."""
 
 
+class ConflictError(Mu2netError):
+    """A concurrent change won (gRPC ABORTED, HTTP 409 with ``code`` ABORTED): e.g. two
+    rollbacks of one task at once; nothing changed. Read the state again and retry."""
+
+
 class AlreadyExistsError(Mu2netError):
     """A task of that name exists (gRPC ALREADY_EXISTS, HTTP 409)."""
 
@@ -70,6 +75,7 @@ GRPC_ERRORS = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
+    grpc.StatusCode.ABORTED: ConflictError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: TooLargeError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.DEADLINE_EXCEEDED: TimeoutError,
@@ -115,12 +121,15 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 def from_http(response: httpx.Response) -> Mu2netError:
     """Maps an HTTP error response (JSON with an ``error`` member)."""
     try:
-        message = json.loads(response.content).get("error", response.text)
-    except ValueError:
-        message = response.text
+        body = json.loads(response.content)
+        message, code = body.get("error", response.text), body.get("code")
+    except (ValueError, AttributeError):
+        message, code = response.text, None
     text = f"HTTP {response.status_code}: {message}"
     if response.status_code == 429:
         return OverloadedError(text, parse_retry_after(response.headers.get("retry-after")))
+    if response.status_code == 409 and code == "ABORTED":
+        return ConflictError(text)
     return HTTP_ERRORS.get(response.status_code, ServerError)(text)
 
 
