@@ -111,7 +111,8 @@ class EvolverConfig:
         2-core CPU a 4-block child's step ran 1,381-1,542 images/s on one device and
         1,692-1,768 split over two (1.15-1.23x; ``benchmarks/data_parallel.py``).
         Off (default): one device, as every other child. With it, a later generation of a
-        single child (:attr:`later_children` 1) trains that child data-parallel too.
+        single child (:attr:`later_children` 1, or :attr:`children` 1) trains that child
+        data-parallel too.
       first_answer_blocks: transformer blocks a first-answer child of a random root without
         blocks inserts before the head (the preliminary experiment's insertion mutation,
         Section 4, applied this many times at once; default 1). Plain training of a 4-block
@@ -189,7 +190,10 @@ class EvolverConfig:
       lineage_lr_steps: a lineage child's learning rate moves this many values down Table
         1's sorted list (clipped at its lowest) after its mutations: its parent's schedule
         has annealed, and a restart at the parent's peak rate undoes what the annealing
-        found (SGDR restarts at a lower peak; Loshchilov & Hutter 2017). 0: unchanged.
+        found (SGDR restarts at a lower peak; Loshchilov & Hutter 2017). 0: unchanged. The
+        rate is the child's hyperparameter, inherited: along a lineage of lineage children
+        it steps down each generation (a step decay) to Table 1's lowest, 0.0001, unless a
+        learning-rate mutation moves it up (one value, probability mu).
     """
 
     generations: int = 4

@@ -125,8 +125,7 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                         "instead of the paper's parent sampling (0: off)")
     p.add_argument("--later-children", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="N",
                    help="children per later generation in a phase of a task already served (0: --children); "
-                        "with 1, --lineage-children 1 and --long-data-parallel that one child trains over "
-                        "every device")
+                        "with 1 and --long-data-parallel that one child trains over every device")
     p.add_argument("--lineage-lr-steps", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="S",
                    help="a lineage child's learning rate moves S values down Table 1's list (its parent's schedule "
                         "has annealed; 0: unchanged)")
