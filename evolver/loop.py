@@ -31,6 +31,7 @@ from mu2net import hparams as H
 from mu2net import paths as P
 from mu2net.evolver import schedule as S
 from mu2net.evolver.mutations import ChildSpec, mutate
+from mu2net.evolver.ray_pool import RayChildren
 from mu2net.evolver.sampling import sample_parent
 from mu2net.evolver.scoring import accounted_params, make_scorer, reference_params
 from mu2net.evolver.training import ChildTraining, Devices, TrainBudget, TrainResult, can_split, train_child
@@ -339,9 +340,12 @@ class Evolver:
     """
 
     def __init__(self, store: Store, config: EvolverConfig = EvolverConfig(), *, progress: bool = True,
-                 devices: Sequence[jax.Device] | None = None) -> None:
+                 devices: Sequence[jax.Device] | None = None, ray: RayChildren | None = None) -> None:
         self.store = store
         self.config = config
+        #: trains the later generations' children on a Ray cluster (``--ray-address``); None:
+        #: on :attr:`devices`
+        self.ray = ray
         self.progress = progress
         self.devices = list(devices or jax.local_devices())
         self.active_task: str | None = None  # the task of the running active phase
@@ -355,7 +359,8 @@ class Evolver:
         block = C.init_component(C.TRANSFORMER_BLOCK, root.architecture.config, jax.random.PRNGKey(0))
         self.reference_params = reference_params(int(root.metrics["activated_params"]), C.num_params(block),
                                                  root.architecture.num_blocks)
-        self.scorer = make_scorer(config.scorer, self.reference_params, config.size_penalty_base)
+        self._scorer_spec = (config.scorer, self.reference_params, config.size_penalty_base)
+        self.scorer = make_scorer(*self._scorer_spec)
         self.stats: dict[str, Any] = {"children": 0, "phases": 0, "preempted": 0, "requeued": 0,
                                       "images_per_second": []}
         self._requeues: dict[str, int] = {}  # task -> phases in a row dropped for ComponentsGone
@@ -894,6 +899,8 @@ class Evolver:
             jobs.append((spec, params, opts, recs, seed, self.devices[i % len(self.devices)], scored))
         if halving > 1:
             return self._train_halving(jobs, task, train, validation, budget, bar, interrupt, halving)
+        if self.ray is not None and on_done is None:
+            return self._train_on_ray(jobs, task, train, validation, budget, bar, interrupt)
 
         done: list[tuple[ChildSpec, P.Path, list] | None] = [None] * len(jobs)
         # completed job indices, checkpoints of long-schedule children (or None for a cycle
@@ -1104,6 +1111,26 @@ class Evolver:
             child.release()
         self.stats["children"] += len(results)
         return results, skipped
+
+    def _train_on_ray(self, jobs: Sequence[tuple], task: TaskRecord, train: tuple[np.ndarray, np.ndarray],
+                      validation: tuple[np.ndarray, np.ndarray], budget: TrainBudget, bar: Any,
+                      interrupt: Callable[[], bool] | None) -> tuple[list[tuple[ChildSpec, P.Path, list]],
+                                                                      list[ChildSpec]]:
+        """:meth:`_train_generation` on the Ray cluster (:mod:`mu2net.evolver.ray_pool`): every
+        child a Ray task; one that failed after its retries, or was cancelled for a waiting
+        new task, is returned as skipped."""
+        assert self.ray is not None
+        # the phase's data and parents go to the object store once per active phase
+        results = self.ray.train(jobs, (task.name, task.seq, self.stats["phases"]), train, validation, budget,
+                                 self._scorer_spec, interrupt, on_done=lambda i: bar.update(1))
+        done, skipped = [], []
+        for (spec, params, _opts, recs, *_), result in zip(jobs, results):
+            if result is None:
+                skipped.append(spec)
+            else:
+                done.append(self._child_path(spec, task, params, recs, result, budget.batch_size))
+        self.stats["children"] += len(done)
+        return done, skipped
 
     def _each_device(self, work: Callable[[int, Any], Any], queues: Sequence[Any]) -> None:
         """Runs ``work(d, queues[d])`` for every device d, in parallel when there are several."""

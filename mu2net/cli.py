@@ -32,6 +32,25 @@ def parse_root_hparam(text: str) -> tuple[str, Any]:
     return name, value
 
 
+def _positive_float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed: a number > 0") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{value}; allowed: a finite number > 0")
+    return value
+
+
+def ray_children(args: argparse.Namespace) -> Any:
+    """The :class:`mu2net.evolver.ray_pool.RayChildren` of ``--ray-address``, or None."""
+    if args.ray_address is None:
+        return None
+    from mu2net.evolver.ray_pool import RayChildren
+
+    return RayChildren(args.ray_address, cpus_per_child=args.ray_cpus_per_child)
+
+
 def _count_arg(text: str, minimum: int, allowed: str) -> int:
     try:
         value = int(text)
@@ -129,6 +148,12 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lineage-lr-steps", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="S",
                    help="a lineage child's learning rate moves S values down Table 1's list (its parent's schedule "
                         "has annealed; 0: unchanged)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="train the children of later generations as Ray tasks on the cluster at ADDR "
+                        "(host:port, or auto for the cluster this host belongs to); this process stays the "
+                        "only writer of the store (default: on this host's devices)")
+    p.add_argument("--ray-cpus-per-child", type=_positive_float_arg, default=1.0, metavar="N",
+                   help="CPUs a child reserves on a Ray cluster without GPUs or TPUs (else one accelerator each)")
     p.add_argument("--identity-insertion", action="store_true",
                    help="a block inserted by the layer-count mutation starts as the identity (zero-initialised "
                         "residual outputs), so the child starts from its parent's function")
@@ -179,7 +204,7 @@ EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap"
                  "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
                  "first_answer_max_samples", "first_answer_blocks", "long_validation_ratio", "lineage_children",
-                 "lineage_lr_steps", "later_children")
+                 "lineage_lr_steps", "later_children", "ray_address", "ray_cpus_per_child")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -421,9 +446,15 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     ensure_root(store, args)
     groups = dict(g.split("=", 1) for g in args.acl_group)
     _add_tasks(store, args.task, args.private, groups, add_task, TaskExists)
-    evolver = Evolver(store, evolver_config(args), progress=not args.quiet)
+    try:
+        ray = ray_children(args)
+    except ConnectionError as e:
+        print(f"mu2net evolve: error: {e}", file=sys.stderr)
+        return 2
+    evolver = Evolver(store, evolver_config(args), progress=not args.quiet, ray=ray)
     print(f"training children on {len(evolver.devices)} device(s): "
-          f"{', '.join(str(d) for d in evolver.devices)}", file=sys.stderr)
+          f"{', '.join(str(d) for d in evolver.devices)}"
+          + (f", later generations on the Ray cluster at {args.ray_address}" if ray else ""), file=sys.stderr)
     evolver.run(args.iterations)
     print(format_report(report(store)))
     return 0

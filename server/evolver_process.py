@@ -66,7 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 3
     store = Store(args.data_dir)
     args.preempt = True  # serving: a new upload starts at the next generation boundary
-    evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet)
+    try:
+        ray = cli.ray_children(args)
+    except ConnectionError as e:
+        print(f"evolver: {e}", file=sys.stderr, flush=True)
+        return 2
+    evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet, ray=ray)
 
     def stopped(signum: int, frame: object) -> None:
         # the server's status must not keep showing the phase this process was killed in, and a

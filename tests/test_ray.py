@@ -1,0 +1,97 @@
+"""The evolver's children on a 2-node Ray cluster (``ray.cluster_utils.Cluster``, each node
+1 CPU; the head node none, so every child runs on one of the two): the same published path,
+bit for bit, as the in-process evolver with the same seed, and a node killed mid-generation
+does not stop the phase."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+
+from conftest import TINY, TINY_EVOLVER, digits_splits
+from mu2net import root as R
+from mu2net.evolver import Evolver, TrainBudget
+from mu2net.ingest import add_task_arrays
+from mu2net.root import init_root
+from mu2net.store import Store
+
+ray = pytest.importorskip("ray")
+CONFIG = dataclasses.replace(TINY_EVOLVER, generations=2, children=2,
+                             budget=TrainBudget(cycles=3, sample_cap=256, batch_size=32))
+NODE = {"num_cpus": 1, "object_store_memory": 96 * 1024 ** 2}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 96 * 1024 ** 2})
+    nodes = [c.add_node(**NODE), c.add_node(**NODE)]
+    c.wait_for_nodes()
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _store(path) -> Store:
+    store = Store(path)
+    arch, params = R.random_root(TINY, num_blocks=0, seed=0)
+    init_root(store, arch, params, {"mu": 0.3, "learning_rate": 0.05, "flip": False, "crop": False})
+    add_task_arrays(store, "digits", digits_splits(), [str(i) for i in range(10)], source="test")
+    return store
+
+
+def test_children_on_two_nodes_publish_what_the_in_process_evolver_publishes(cluster, tmp_path):
+    from mu2net.evolver.ray_pool import RayChildren
+
+    c, _ = cluster
+    pool = RayChildren(c.address)
+    assert pool.resources == {"num_cpus": 1.0}  # no GPU or TPU in this cluster
+    local, remote = _store(tmp_path / "local"), _store(tmp_path / "remote")
+    ev_local, ev_remote = Evolver(local, CONFIG, progress=False), Evolver(remote, CONFIG, progress=False, ray=pool)
+    for _ in range(2):  # the first answer (on the driver either way), then a phase of later generations
+        ev_local.active_phase("digits")
+        ev_remote.active_phase("digits")
+    a, b = local.best_path("digits"), remote.best_path("digits")
+    # component ids are digests of their parameters: equal ids, equal bits
+    assert a.component_ids == b.component_ids and a.score == b.score
+    assert a.metrics["history"] == b.metrics["history"]
+    assert [h["validation_accuracy"] for h in local.history()] == [h["validation_accuracy"] for h in remote.history()]
+    assert len(pool.nodes) == CONFIG.generations * CONFIG.children  # every later child ran on the cluster
+    assert len(set(pool.nodes)) == 2  # on both nodes
+    assert ev_remote.stats["children"] == ev_local.stats["children"]
+    pool.close()
+
+
+def test_a_node_killed_mid_generation_costs_that_child_only(cluster, tmp_path):
+    from mu2net.evolver.ray_pool import RayChildren
+
+    c, nodes = cluster
+    pool = RayChildren(c.address)
+    store = _store(tmp_path / "store")
+    slow = dataclasses.replace(CONFIG, generations=1, budget=dataclasses.replace(CONFIG.budget, cycles=60))
+    ev = Evolver(store, slow, progress=False, ray=pool)
+    ev.active_phase("digits")  # the first answer, on the driver
+    before = store.get_task("digits").iterations_done
+    killed = threading.Event()
+    real = pool.train
+
+    def train_then_kill(*a, **k):  # the node dies while the generation's two children run
+        def kill() -> None:
+            time.sleep(2.0)
+            c.remove_node(nodes[1], allow_graceful=False)
+            killed.set()
+        threading.Thread(target=kill, daemon=True).start()
+        return real(*a, **k)
+
+    pool.train = train_then_kill
+    ev.active_phase("digits")
+    assert killed.is_set()
+    assert store.get_task("digits").iterations_done == before + 1  # the phase ended, counted
+    # each child trained once it ran on the live node (retried there if it was on the dead one)
+    assert ev.stats["children"] >= 1 and len(pool.nodes) == slow.children
+    assert set(pool.nodes[-1:]) <= {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    pool.close()
