@@ -450,6 +450,8 @@ class Evolver:
                 self._phase_raised(task, attempt, e)
             finally:
                 self.active_task = None
+                if self.ray is not None:
+                    self.ray.release()  # the phase's data and parents leave the cluster's object store
             phases += 1
         self._status("idle")
         return phases

@@ -27,6 +27,7 @@ evolver publishes (``tests/test_ray.py``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from typing import Any, Callable, Sequence
@@ -36,24 +37,21 @@ import numpy as np
 log = logging.getLogger("mu2net.evolver")
 
 
-def _train_remote(arch: Any, params: Sequence[Any], opts: Sequence[Any], trainable: tuple[bool, ...],
-                  hparams: dict[str, Any], train: tuple[np.ndarray, np.ndarray],
-                  validation: tuple[np.ndarray, np.ndarray], budget: Any, scorer: tuple[str, int, float],
-                  seed: int, scored: float) -> tuple[Any, str, float]:
+def _train_remote(arch: Any, trainable: tuple[bool, ...], hparams: dict[str, Any],
+                  train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], budget: Any,
+                  scorer: tuple[str, int, float], seed: int, scored: float, *components: Any) -> tuple[Any, str, float]:
     """The Ray task: trains one child on the worker's default device; returns its
     :class:`~mu2net.evolver.training.TrainResult`, the id of the node it ran on and the
-    seconds its training took there.
-    ``params`` and ``opts`` hold object refs (read here; Ray resolves only top-level
-    arguments) or None."""
+    seconds its training took there. ``components`` are the parameters of every position,
+    then the momentum of every position (None for none): given as object refs at the top
+    level, so Ray fetches them before the task starts (and holds its CPUs meanwhile)."""
     import ray
 
     from mu2net.evolver.scoring import make_scorer
     from mu2net.evolver.training import train_child
 
-    refs = [r for r in (*params, *opts) if isinstance(r, ray.ObjectRef)]
-    values = dict(zip(refs, ray.get(refs))) if refs else {}
-    params = [values[p] if isinstance(p, ray.ObjectRef) else p for p in params]
-    opts = [values[o] if isinstance(o, ray.ObjectRef) else o for o in opts]
+    n = len(components) // 2
+    params, opts = list(components[:n]), list(components[n:])
     start = time.perf_counter()
     result = train_child(arch, params, opts, trainable, hparams, train, validation, budget,
                          make_scorer(*scorer), seed, None, scored_params=scored)
@@ -104,8 +102,8 @@ class RayChildren:
         self._phase: Any = None  # the key of the phase whose data is in the object store
         self._data: tuple[Any, Any] | None = None
         self._components: dict[tuple[str, str], Any] = {}  # (params|opt, component id) -> object ref
-        #: node id each completed child ran on, in completion order (the tests read it)
-        self.nodes: list[str] = []
+        #: node id each completed child ran on, in completion order, the last 10,000 (the tests read it)
+        self.nodes: collections.deque[str] = collections.deque(maxlen=10_000)
         #: bytes put into the object store (``data``: phases' splits; ``params``: components
         #: children start from) and read back (``results``), children completed, and the
         #: seconds from submission to result beyond the training itself (Ray's per-child
@@ -145,20 +143,26 @@ class RayChildren:
               poll_seconds: float = 0.5) -> list[Any]:
         """Trains ``jobs`` (the evolver's ``(spec, params, opts, recs, seed, device, scored)``;
         ``device`` is ignored) as Ray tasks; returns each job's ``TrainResult``, or None for a
-        child that failed after its retries (logged) or was cancelled because ``interrupt``
-        said so (a new task is waiting). ``on_done(i)`` is called as job i ends either way.
-        ``phase_key`` identifies the active phase whose data the object store holds."""
+        child whose worker or node died on each of its tries (logged) or that was cancelled
+        because ``interrupt`` said so (a new task is waiting: every child not done yet is
+        cancelled, where a child on the driver's devices finishes its cycle and keeps its
+        best checkpoint). ``on_done(i)`` is called as job i ends either way. ``phase_key``
+        identifies the active phase whose data the object store holds.
+
+        Raises:
+          Exception: what a child's training raised, as on the driver (the generation's
+            other children are cancelled)."""
         import ray
 
         data = self._put_phase(phase_key, train, validation)
         refs = []
+        submitted = time.perf_counter()
         for spec, params, opts, _recs, seed, _device, scored in jobs:
             p = [self._component_ref("params", src, v) for src, v in zip(spec.sources, params)]
             o = [self._component_ref("opt", src, v) for src, v in zip(spec.sources, opts)]
-            refs.append(self._remote.remote(spec.architecture, p, o, tuple(spec.trainable), dict(spec.hparams),
-                                            data[0], data[1], spec.budget(budget), scorer, seed, scored))
+            refs.append(self._remote.remote(spec.architecture, tuple(spec.trainable), dict(spec.hparams),
+                                            data[0], data[1], spec.budget(budget), scorer, seed, scored, *p, *o))
         index = {ref: i for i, ref in enumerate(refs)}
-        submitted = time.perf_counter()
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
         while pending:
@@ -181,16 +185,24 @@ class RayChildren:
                     # (children of one generation wait for free slots too: a sum over children
                     # of wall time beyond their own training, divided by children, is the mean)
                     self.counters["overhead_seconds"] += max(0.0, time.perf_counter() - submitted - seconds)
+                except ray.exceptions.RayTaskError as e:  # raised by the training itself: as on the driver
+                    for other in pending:
+                        ray.cancel(other)
+                    cause = getattr(e, "cause", None)
+                    raise (cause if isinstance(cause, Exception) else e) from e
                 except ray.exceptions.RayError as e:  # its retries spent (a worker or node died each time)
-                    log.warning("child %d of the generation failed on the Ray cluster and is dropped: %s: %s",
-                                i, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                    log.warning("child %d of the generation is dropped: its worker or node died on each of its "
+                                "tries (%s: %s)", i, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 if on_done is not None:
                     on_done(i)
         return results
 
-    def close(self) -> None:
-        """Drops this evolver's objects from the cluster's object store (the cluster runs on)."""
+    def release(self) -> None:
+        """Drops the refs of the last phase's data and components, so the cluster's object
+        store can free them (the evolver calls it after each active phase)."""
         self._phase, self._data, self._components = None, None, {}
+
+    close = release
 
 
 def wait_for_nodes(count: int, timeout: float = 60.0) -> None:

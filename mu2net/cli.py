@@ -448,8 +448,8 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     _add_tasks(store, args.task, args.private, groups, add_task, TaskExists)
     try:
         ray = ray_children(args)
-    except ConnectionError as e:
-        print(f"mu2net evolve: error: {e}", file=sys.stderr)
+    except Exception as e:  # no cluster there, ray not installed (the "ray" extra), or another ray version
+        print(f"mu2net evolve: error: --ray-address {args.ray_address!r}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     evolver = Evolver(store, evolver_config(args), progress=not args.quiet, ray=ray)
     print(f"training children on {len(evolver.devices)} device(s): "
@@ -509,6 +509,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"mu2net serve: error: --repository {args.repository!r}: {e}") from None
     if not args.no_evolver:
         _check_evolver_config(args, "serve")  # here, not in the evolver process's restarts
+        if args.ray_address is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:  # (the evolver process connects; not imported here)
+                raise SystemExit("mu2net serve: error: --ray-address needs the ray package: pip install "
+                                 "'mu2net[ray]'")
     # before anything creates the JAX backend (ensure_root may initialise a root model)
     limit_compute_threads(args.compute_threads)
     store = Store(args.data_dir)

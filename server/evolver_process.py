@@ -68,8 +68,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.preempt = True  # serving: a new upload starts at the next generation boundary
     try:
         ray = cli.ray_children(args)
-    except ConnectionError as e:
-        print(f"evolver: {e}", file=sys.stderr, flush=True)
+    except Exception as e:  # no cluster there, ray not installed, or another ray version
+        print(f"evolver: --ray-address {args.ray_address!r}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2
     evolver = Evolver(store, cli.evolver_config(args), progress=not args.quiet, ray=ray)
 
