@@ -68,6 +68,10 @@ def test_children_on_two_nodes_publish_what_the_in_process_evolver_publishes(clu
     pool.close()
 
 
+# the victim node is started after JAX ran in this process: Ray starts its raylet with
+# subprocess (fork, then exec at once), which JAX's at-fork hook warns about
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_node_killed_mid_generation_costs_that_child_only(cluster, tmp_path):
     from mu2net.evolver.ray_pool import RayChildren, wait_for_nodes
 
