@@ -51,6 +51,10 @@ def ray_children(args: argparse.Namespace) -> Any:
     return RayChildren(args.ray_address, cpus_per_child=args.ray_cpus_per_child)
 
 
+def _nonnegative_int_arg(text: str) -> int:
+    return _count_arg(text, 0, "an integer >= 0")
+
+
 def _count_arg(text: str, minimum: int, allowed: str) -> int:
     try:
         value = int(text)
@@ -138,14 +142,14 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--halving", type=lambda t: _count_arg(t, 1, "an integer >= 1 (1: off)"), default=1, metavar="ETA",
                    help="successive halving inside each generation: start children*ETA children, keep the best "
                         "1/ETA after each rung of train cycles (Hyperband; 1 turns it off)")
-    p.add_argument("--lineage-children", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="K",
+    p.add_argument("--lineage-children", type=_nonnegative_int_arg, default=0, metavar="K",
                    help="in a phase of a task already served, K of the children of each later generation "
                         "(--later-children or --children, times ETA) continue its best path (the served lineage) "
                         "instead of the paper's parent sampling (0: off)")
-    p.add_argument("--later-children", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="N",
+    p.add_argument("--later-children", type=_nonnegative_int_arg, default=0, metavar="N",
                    help="children per later generation in a phase of a task already served (0: --children); "
                         "with 1 and --long-data-parallel that one child trains over every device")
-    p.add_argument("--lineage-lr-steps", type=lambda t: _count_arg(t, 0, "an integer >= 0"), default=0, metavar="S",
+    p.add_argument("--lineage-lr-steps", type=_nonnegative_int_arg, default=0, metavar="S",
                    help="a lineage child's learning rate moves S values down Table 1's list (its parent's schedule "
                         "has annealed; 0: unchanged)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -507,8 +511,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             Repository(args.repository)
         except Exception as e:  # a malformed URL, a protocol whose fsspec package is not installed
             raise SystemExit(f"mu2net serve: error: --repository {args.repository!r}: {e}") from None
-    if not args.no_evolver:
-        _check_evolver_config(args, "serve")  # here, not in the evolver process's restarts
+    if not args.no_evolver:  # here, not in the evolver process's restarts (the server never imports the evolver)
+        later = (args.later_children or args.children) * args.halving
+        if args.lineage_children > later:
+            raise SystemExit(f"mu2net serve: error: --lineage-children {args.lineage_children} is more than the "
+                             f"children of a later generation ({later}: --later-children or --children, times "
+                             f"--halving)")
         if args.ray_address is not None:
             import importlib.util
 

@@ -19,6 +19,10 @@ from mu2net.root import init_root
 from mu2net.store import Store
 
 ray = pytest.importorskip("ray")
+# the nodes start after JAX ran in this process (earlier tests, the in-process evolver): Ray
+# starts each raylet with subprocess (fork, then exec at once), which JAX's at-fork hook warns about
+pytestmark = [pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 CONFIG = dataclasses.replace(TINY_EVOLVER, generations=2, children=2,
                              budget=TrainBudget(cycles=3, sample_cap=256, batch_size=32))
 NODE = {"num_cpus": 1, "object_store_memory": 96 * 1024 ** 2}
@@ -68,10 +72,6 @@ def test_children_on_two_nodes_publish_what_the_in_process_evolver_publishes(clu
     pool.close()
 
 
-# the victim node is started after JAX ran in this process: Ray starts its raylet with
-# subprocess (fork, then exec at once), which JAX's at-fork hook warns about
-@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_node_killed_mid_generation_costs_that_child_only(cluster, tmp_path):
     from mu2net.evolver.ray_pool import RayChildren, wait_for_nodes
 
