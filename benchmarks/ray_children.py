@@ -20,7 +20,8 @@ back, and the mean seconds per child beyond its training (scheduling, transfer, 
 start; children that waited for a free node count that wait too, so it is measured with
 no more children than nodes per generation where possible).
 
-    python benchmarks/ray_children.py --out docs/ray_children.json
+    python benchmarks/ray_children.py --out docs/ray_children.json                 # 24 cycles: the main job's children
+    python benchmarks/ray_children.py --cycles 4 --out docs/ray_children_4cycles.json
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def main() -> None:
     ap.add_argument("--task", default="mnist5k", help="built-in dataset of the active phase")
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--children", type=int, default=2)
-    ap.add_argument("--cycles", type=int, default=4)
+    ap.add_argument("--cycles", type=int, default=24, help="cycles per child (the main job's --cycles)")
     ap.add_argument("--settings", default="local,ray1,ray2")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--setting", default="local", help=argparse.SUPPRESS)
