@@ -152,6 +152,12 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lineage-lr-steps", type=_nonnegative_int_arg, default=0, metavar="S",
                    help="a lineage child's learning rate moves S values down Table 1's list (its parent's schedule "
                         "has annealed; 0: unchanged)")
+    p.add_argument("--long-patience", type=_nonnegative_int_arg, default=0, metavar="N",
+                   help="a long first child stops after N validations in a row without a better score, keeping "
+                        "its best checkpoint (early stopping; 0: its whole schedule)")
+    p.add_argument("--generation-patience", type=_nonnegative_int_arg, default=0, metavar="G",
+                   help="an active phase ends after G later generations in a row that did not beat the task's "
+                        "best score (0: every phase runs --generations)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="train the children of later generations as Ray tasks on the cluster at ADDR "
                         "(host:port, or auto for the cluster this host belongs to); this process stays the "
@@ -208,7 +214,8 @@ EVOLVER_FLAGS = ("iterations", "generations", "children", "cycles", "sample_cap"
                  "scorer",
                  "max_blocks", "seed", "cpu_devices", "patience", "halving", "first_answer_epochs",
                  "first_answer_max_samples", "first_answer_blocks", "long_validation_ratio", "lineage_children",
-                 "lineage_lr_steps", "later_children", "ray_address", "ray_cpus_per_child")
+                 "lineage_lr_steps", "later_children", "long_patience", "generation_patience", "ray_address",
+                 "ray_cpus_per_child")
 
 
 def evolver_argv(args: argparse.Namespace) -> list[str]:
@@ -248,25 +255,21 @@ def evolver_config(args: argparse.Namespace) -> Any:
         first_answer["first_answer_blocks"] = args.first_answer_blocks
     if args.long_validation_ratio is not None:
         first_answer["long_validation_ratio"] = args.long_validation_ratio
+    # the options every configuration takes from the flags, the paper's preset too
+    options: dict[str, Any] = dict(
+        preempt=serving, grow_when_stale=serving, patience=args.patience, clone_random_root=args.clone_random_root,
+        halving=args.halving, identity_insertion=args.identity_insertion,
+        per_mutation_probabilities=args.per_mutation_mu, lineage_children=args.lineage_children,
+        lineage_lr_steps=args.lineage_lr_steps, later_children=args.later_children,
+        long_data_parallel=args.long_data_parallel, long_patience=args.long_patience,
+        generation_patience=args.generation_patience, **first_answer)
     if args.paper_preset:
         return dataclasses.replace(PAPER_PRESET, budget=dataclasses.replace(PAPER_PRESET.budget,
                                                                             min_samples=args.min_cycle_samples),
-                                   preempt=serving, grow_when_stale=serving, patience=args.patience,
-                                   first_answer=serving or PAPER_PRESET.first_answer,
-                                   clone_random_root=args.clone_random_root, halving=args.halving,
-                                   identity_insertion=args.identity_insertion,
-                                   per_mutation_probabilities=args.per_mutation_mu,
-                                   lineage_children=args.lineage_children, lineage_lr_steps=args.lineage_lr_steps,
-                                   later_children=args.later_children, long_data_parallel=args.long_data_parallel, **first_answer)
+                                   first_answer=serving or PAPER_PRESET.first_answer, **options)
     return EvolverConfig(generations=args.generations, children=args.children,
                          budget=TrainBudget(args.cycles, args.sample_cap, args.batch_size, args.min_cycle_samples),
-                         scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed,
-                         preempt=serving, grow_when_stale=serving, patience=args.patience,
-                         clone_random_root=args.clone_random_root, halving=args.halving,
-                         identity_insertion=args.identity_insertion,
-                         per_mutation_probabilities=args.per_mutation_mu,
-                         lineage_children=args.lineage_children, lineage_lr_steps=args.lineage_lr_steps,
-                         later_children=args.later_children, long_data_parallel=args.long_data_parallel, **first_answer)
+                         scorer=args.scorer, max_blocks=args.max_blocks, seed=args.seed, **options)
 
 
 def ensure_root(store: Any, args: argparse.Namespace, serving: bool = False) -> None:

@@ -117,6 +117,15 @@ def test_serve_defaults_a_new_random_root_to_blocks_and_a_long_first_child(tmp_p
     cfg = cli.evolver_config(args)
     assert cfg.first_answer_epochs == 2.5 and cfg.first_answer_max_samples == 1000
     store.close()
+    # the early-stopping options reach the evolver process's command line and its config, the paper's preset too
+    for preset in ([], ["--paper-preset"]):
+        args = parser.parse_args(["serve", "--data-dir", str(tmp_path / "own"), "--long-patience", "3",
+                                  "--generation-patience", "2", *preset])
+        argv = cli.evolver_argv(args)
+        assert argv[argv.index("--long-patience") + 1] == "3" and argv[argv.index("--generation-patience") + 1] == "2"
+        cfg = cli.evolver_config(args)
+        assert (cfg.long_patience, cfg.generation_patience) == (3, 2)
+        assert cfg.children == (8 if preset else 4)
     for flag, value, allowed in (("--first-answer-epochs", "-1", "a finite number >= 0"),
                                  ("--first-answer-epochs", "nan", "a finite number >= 0"),
                                  ("--first-answer-max-samples", "0", "an integer >= 1"),

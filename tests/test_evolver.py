@@ -367,6 +367,88 @@ def test_a_random_roots_first_child_trains_one_long_schedule_and_is_published_as
     assert tiny_store.remove_orphans(min_age_seconds=0)["arrays"] == 0
 
 
+def test_a_long_child_with_patience_stops_after_validations_without_a_better_score(tiny_store, monkeypatch):
+    """EvolverConfig.long_patience: early stopping of the long first child, its best
+    checkpoint kept; only the examples it trained are counted."""
+    import dataclasses
+    import math
+
+    from mu2net.evolver import training
+
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=1, children=1, first_answer_epochs=6.0,
+                              first_answer_max_samples=12 * 256, checkpoint_publish_seconds=0.0, long_patience=2)
+    with pytest.raises(ValueError, match="long_patience must be >= 0"):
+        dataclasses.replace(cfg, long_patience=-1)
+    t = tiny_store.get_task("small")
+    n_train = len(D.read_split(t.dataset_dir, t.splits["train"])[1])
+    per_cycle = cfg.budget.samples_per_cycle(n_train)
+    long_cycles = math.ceil(min(6.0 * n_train, 12 * 256) / per_cycle)
+    assert long_cycles > 5
+    # the long child's validations: better, better, a tie, worse -> 2 without a better score: it
+    # stops after its 4th cycle; the generation-1 child validates for real
+    scripted = iter([0.6, 0.8, 0.8, 0.7])
+    real_validate = training.ChildTraining._validate
+    monkeypatch.setattr(training.ChildTraining, "_validate",
+                        lambda self: next(scripted, None) or real_validate(self))
+    published = []
+    real_publish = tiny_store.publish
+
+    def publish(path, new_components, **kw):
+        if path is not None:
+            published.append(path)
+        return real_publish(path, new_components, **kw)
+
+    monkeypatch.setattr(tiny_store, "publish", publish)
+    ev = Evolver(tiny_store, cfg, progress=False)
+    ev.active_phase("small")
+    assert ev.stats["long_stopped_early"] == 1
+    long = [p for p in published if any(m.startswith("long_schedule:") for m in p.metrics["mutations"])]
+    assert [p.metrics["validation_accuracy"] for p in long] == [0.6, 0.8]  # the tie is not published
+    assert long[-1].metrics["lineage_samples"] == 2 * per_cycle
+    # 4 of its cycles trained and counted (not its whole schedule), then generation 1's child
+    assert tiny_store.get_task("small").samples_trained == 4 * per_cycle + cfg.budget.cycles * per_cycle
+    assert tiny_store.verify() == []
+
+
+def test_a_phase_ends_after_generations_without_a_better_score(tiny_store, monkeypatch):
+    """EvolverConfig.generation_patience: a later generation that only ties the population's
+    best counts as stale; at the patience the phase ends as a completed iteration."""
+    import dataclasses
+
+    from mu2net.evolver import training
+
+    with pytest.raises(ValueError, match="generation_patience must be >= 0"):
+        dataclasses.replace(TINY_EVOLVER, generation_patience=-1)
+    cfg = dataclasses.replace(TINY_EVOLVER, generations=4, generation_patience=1)
+    # every validation of generation g scores by[g]: generation 1 improves on the first answer,
+    # generation 2 ties it, so the phase ends there and generation 3 never starts
+    by = {0: 0.5, 1: 0.6, 2: 0.6, 3: 0.9, 4: 0.9}
+    seen: list[int] = []
+    ev = Evolver(tiny_store, cfg, progress=False)
+    real_status = ev._status
+
+    def status(state, task=None, **fields):
+        if "generation" in fields:
+            seen.append(fields["generation"])
+        return real_status(state, task, **fields)
+
+    monkeypatch.setattr(ev, "_status", status)
+    monkeypatch.setattr(training.ChildTraining, "_validate", lambda self: by[seen[-1]])
+    before = tiny_store.get_task("digits").iterations_done
+    best = ev.active_phase("digits")
+    assert seen == [0, 1, 2]
+    assert ev.stats["phases_ended_stale"] == 1
+    assert best.metrics["validation_accuracy"] == 0.6
+    assert tiny_store.get_task("digits").iterations_done == before + 1  # a completed task iteration
+    # without the option the phase runs every generation
+    seen.clear()
+    plain = Evolver(tiny_store, dataclasses.replace(cfg, generation_patience=0), progress=False)
+    monkeypatch.setattr(plain, "_status", lambda state, task=None, **f: seen.append(f["generation"])
+                        if "generation" in f else None)
+    plain.active_phase("parity")
+    assert seen == [0, 1, 2, 3, 4] and plain.stats["phases_ended_stale"] == 0
+
+
 def test_a_long_child_with_sparse_validation_and_data_parallel_trains_its_whole_schedule(tiny_store, monkeypatch):
     """long_validation_ratio: the long child validates once per ceil(ratio x validation
     examples) of training, over the same schedule; long_data_parallel on this process's one
