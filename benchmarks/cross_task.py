@@ -12,8 +12,9 @@ width 64, 3 blocks):
    server's default 2 ms batching delay and with none.
 2. The same through gRPC: a real ``mu2net serve`` with and without
    ``--no-cross-task-batching``; a grpc.aio client on the same 2 cores keeps 128
-   requests in flight. Per-request gRPC and Python work (server and client) bound these
-   figures more than the forward pass does, so they say less than (1).
+   requests in flight, as 128 unary Classify calls, and over 4 ClassifyStream calls (32
+   outstanding requests each). Per-call gRPC and Python work (server and client) bounds
+   the unary figures more than the forward pass does; a stream pays the call's part once.
 3. *separate*: 50 tasks whose paths share nothing (each its own random trunk): grouping
    must not cost anything (it cannot group them).
 4. *evolved*: the tasks of an evolved store (``--evolved-store``, e.g. the main job's
@@ -22,6 +23,7 @@ width 64, 3 blocks):
    with and without grouping.
 
     python benchmarks/cross_task.py --out docs/cross_task.json [--evolved-store DIR]
+    python benchmarks/cross_task.py --grpc-only --out docs/cross_task_grpc.json    # (2) alone
 """
 
 from __future__ import annotations
@@ -192,17 +194,23 @@ def latency(data: str, rate: float, seconds: float) -> dict[str, Any]:
     return out
 
 
-def through_grpc(data: str, seconds: float, in_flight: int) -> dict[str, Any]:
-    """gRPC Classify images/s, one image per request, tasks drawn uniformly (and all to one task)."""
+def through_grpc(data: str, seconds: float, in_flight: int, streams: int = 4) -> dict[str, Any]:
+    """gRPC images/s, one image per request, tasks drawn uniformly (and all to one task):
+    unary Classify calls (``in_flight`` outstanding), and ClassifyStream (``streams`` calls,
+    each keeping ``in_flight // streams`` requests outstanding)."""
     import grpc
 
     from mu2net_client._proto import mu2net_pb2 as pb
     from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
 
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (1, 28, 28, 1), dtype=np.uint8).tobytes()
+
+    def requests_of(tasks: list[str]) -> list[Any]:
+        return [pb.ClassifyRequest(task=t, raw=pb.RawTensor(shape=[1, 28, 28, 1], data=x)) for t in tasks]
+
     async def load(target: str, tasks: list[str], secs: float) -> float:
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 255, (1, 28, 28, 1), dtype=np.uint8).tobytes()
-        requests = [pb.ClassifyRequest(task=t, raw=pb.RawTensor(shape=[1, 28, 28, 1], data=x)) for t in tasks]
+        requests = requests_of(tasks)
         done = [0]
         async with grpc.aio.insecure_channel(target) as ch:
             stub = pbgrpc.Mu2NetStub(ch)
@@ -218,6 +226,35 @@ def through_grpc(data: str, seconds: float, in_flight: int) -> dict[str, Any]:
             await asyncio.gather(*(client(i) for i in range(in_flight)))
             return done[0] / (time.perf_counter() - t0)
 
+    async def load_stream(target: str, tasks: list[str], secs: float) -> float:
+        requests = requests_of(tasks)
+        done, failed = [0], [0]
+        async with grpc.aio.insecure_channel(target) as ch:
+            stub = pbgrpc.Mu2NetStub(ch)
+            stop = time.perf_counter() + secs
+
+            async def one_stream(i: int) -> None:
+                r = np.random.default_rng(i)
+                window = asyncio.Semaphore(max(1, in_flight // streams))
+
+                async def send() -> Any:
+                    while time.perf_counter() < stop:
+                        await window.acquire()
+                        yield requests[int(r.integers(len(requests)))]
+
+                async for answer in stub.ClassifyStream(send(), timeout=secs + 60):
+                    window.release()
+                    if answer.error_code:
+                        failed[0] += 1
+                    else:
+                        done[0] += 1
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one_stream(i) for i in range(streams)))
+            if failed[0]:
+                raise RuntimeError(f"{failed[0]} ClassifyStream requests failed")
+            return done[0] / (time.perf_counter() - t0)
+
     out: dict[str, Any] = {}
     for mode, flags in (("grouped", []), ("per_path", ["--no-cross-task-batching"])):
         server = RunningServer(data, ["--no-evolver", "--max-batch-size", "64", *flags])
@@ -226,16 +263,20 @@ def through_grpc(data: str, seconds: float, in_flight: int) -> dict[str, Any]:
 
             tasks = [t["name"] for t in httpx.get(server.http + "/v1/tasks").json()["tasks"]]
             asyncio.run(load(server.grpc, tasks, 2.0))  # warm
-            cpu0 = os.times()
-            out[mode] = asyncio.run(load(server.grpc, tasks, seconds))
-            cpu1 = os.times()
-            out[f"{mode}_client_cpu_share"] = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / seconds
-            if mode == "grouped":
-                out["one_task"] = asyncio.run(load(server.grpc, tasks[:1], seconds))
+            asyncio.run(load_stream(server.grpc, tasks, 2.0))
+            for kind, fn in (("", load), ("_stream", load_stream)):
+                cpu0, wall0 = os.times(), time.perf_counter()
+                out[mode + kind] = fn_out = asyncio.run(fn(server.grpc, tasks, seconds))
+                cpu1, wall = os.times(), time.perf_counter() - wall0  # (a stream's drain after the stop too)
+                out[f"{mode}{kind}_client_cpu_share"] = ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall
+                print(f"  gRPC {mode}{kind}: {fn_out:.0f} images/s", flush=True)
+                if mode == "grouped":
+                    out["one_task" + kind] = asyncio.run(fn(server.grpc, tasks[:1], seconds))
         finally:
             server.stop()
-    out["grouped_over_per_path"] = out["grouped"] / out["per_path"]
-    out["grouped_over_one_task"] = out["grouped"] / out["one_task"]
+    for kind in ("", "_stream"):
+        out[f"grouped_over_per_path{kind}"] = out["grouped" + kind] / out["per_path" + kind]
+        out[f"grouped_over_one_task{kind}"] = out["grouped" + kind] / out["one_task" + kind]
     return out
 
 
@@ -248,12 +289,20 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=256, help="requests kept outstanding (closed loop)")
     ap.add_argument("--evolved-store", default=None, help="an evolved store to measure as it is (read only)")
     ap.add_argument("--no-grpc", action="store_true", help="skip the end-to-end gRPC measurement")
+    ap.add_argument("--grpc-only", action="store_true", help="only the end-to-end gRPC measurement (2)")
     args = ap.parse_args()
     config = C.ViTConfig(28, 7, 64, 128, 4)
     arch, params = R.random_root(config, 3, seed=0, num_classes=10)
     out: dict[str, Any] = {"config": vars(args)}
     with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as separate:
         make_store(shared, arch, params, args.tasks).close()
+        if args.grpc_only:
+            out["shared_grpc"] = through_grpc(shared, args.seconds, 128)
+            print(json.dumps(out["shared_grpc"], indent=1))
+            if args.out:
+                with open(args.out, "w") as f:
+                    json.dump(out, f, indent=1, default=str)
+            return
         out["shared"] = in_process(shared, args.seconds, args.concurrency, args.rounds)
         print("shared (in process):", json.dumps(out["shared"]["images_per_s"]), flush=True)
         rate = 0.5 * out["shared"]["images_per_s"]["per_path"]

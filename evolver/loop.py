@@ -361,8 +361,8 @@ class Evolver:
                  devices: Sequence[jax.Device] | None = None, ray: RayChildren | None = None) -> None:
         self.store = store
         self.config = config
-        #: trains the later generations' children on a Ray cluster (``--ray-address``); None:
-        #: on :attr:`devices`
+        #: trains the children of later generations and a new task's short first-answer
+        #: children on a Ray cluster (``--ray-address``); None: on :attr:`devices`
         self.ray = ray
         self.progress = progress
         self.devices = list(devices or jax.local_devices())
@@ -674,10 +674,12 @@ class Evolver:
         :attr:`EvolverConfig.preempt` a waiting new task ends the phase early.
         """
         cfg = self.config
-        # read first: a rollback after it refuses this phase's publishes (Store.publish's since_version)
-        self._phase_since = self.store.system_version()
-        task = self.store.get_task(task_name)
-        best_stored = self.store.best_path(task.name)
+        # one snapshot: a rollback after it refuses this phase's publishes (Store.publish's
+        # since_version), one before it is in the task and served path the phase starts from
+        with self.store.read_transaction():
+            self._phase_since = self.store.system_version()
+            task = self.store.get_task(task_name)
+            best_stored = self.store.best_path(task.name)
         self.store.set_task_state(task.name, "training" if best_stored is None else "serving")
         train = D.read_split(task.dataset_dir, task.splits["train"])
         validation = D.read_split(task.dataset_dir, task.splits["validation"])
@@ -930,6 +932,9 @@ class Evolver:
             return self._train_halving(jobs, task, train, validation, budget, bar, interrupt, halving)
         if self.ray is not None and on_done is None:
             return self._train_on_ray(jobs, task, train, validation, budget, bar, interrupt)
+        # with Ray, a first-answer generation's short children train on the cluster, reported
+        # here as they complete; its long child stays on this host's devices (ray_pool's docstring)
+        on_cluster = [i for i, j in enumerate(jobs) if j[0].cycles is None] if self.ray is not None else []
 
         done: list[tuple[ChildSpec, P.Path, list] | None] = [None] * len(jobs)
         # completed job indices, checkpoints of long-schedule children (or None for a cycle
@@ -979,6 +984,27 @@ class Evolver:
         n = len(self.devices)
         data_parallel = (on_done is not None and self.config.long_data_parallel and can_split(n, budget.batch_size)
                          and any(j[0].cycles is not None for j in jobs))
+        ray_error: list[BaseException] = []
+
+        def cluster_children() -> None:  # the short children on the Ray cluster, in a thread of its own
+            assert self.ray is not None
+
+            def reported(k: int, result: Any) -> None:
+                i = on_cluster[k]
+                spec, params, _opts, recs, *_ = jobs[i]
+                if result is not None:
+                    done[i] = self._child_path(spec, task, params, recs, result, budget.batch_size)
+                bar.update(1)
+                finished.put(i)
+
+            try:
+                self.ray.train([jobs[i] for i in on_cluster], (task.name, task.seq, self.stats["phases"]), train,
+                               validation, budget, self._scorer_spec, stop, on_done=reported)
+            except BaseException as e:
+                failed.set()  # the long child on this host stops after its current cycle
+                ray_error.append(e)
+            finally:
+                finished.put(-1)
         lone_parallel = (on_done is None and len(jobs) == 1 and self.config.long_data_parallel
                          and can_split(n, budget.batch_size))
         queue_done = [threading.Event() for _ in range(n)]
@@ -998,9 +1024,13 @@ class Evolver:
                 queue_done[d].set()
                 finished.put(-1)  # this device's queue is done (or raised)
 
-        # job i runs on device i % n (as placed above), one queue per device; a data-parallel
+        # one queue per device, the jobs not on the cluster dealt round-robin; a data-parallel
         # long child last on the first device, after every sibling
-        queues = [list(range(d, len(jobs), n)) for d in range(n)]
+        local = [i for i in range(len(jobs)) if i not in on_cluster]
+        queues = [local[d::n] for d in range(n)]
+        for d, q in enumerate(queues):  # (without Ray: job i on device i % n, as placed above)
+            for i in q:
+                jobs[i] = (*jobs[i][:5], self.devices[d], *jobs[i][6:])
         if data_parallel:
             long_jobs = [i for i, j in enumerate(jobs) if j[0].cycles is not None]
             queues = [[i for i in q if i not in long_jobs] for q in queues]
@@ -1008,8 +1038,10 @@ class Evolver:
         if on_done is None:
             self._each_device(device_queue, queues)
         else:  # each child is reported in this thread as it completes
-            with concurrent.futures.ThreadPoolExecutor(len(self.devices)) as pool:
+            with concurrent.futures.ThreadPoolExecutor(len(self.devices) + 1) as pool:
                 futures = [pool.submit(device_queue, d, q) for d, q in enumerate(queues)]
+                if on_cluster:
+                    futures.append(pool.submit(cluster_children))
                 running = len(futures)
                 try:
                     while running:
@@ -1025,6 +1057,8 @@ class Evolver:
                     raise
                 for f in futures:
                     f.result()  # re-raises a worker's error
+                if ray_error:
+                    raise ray_error[0]  # a child's training raised on the cluster
         results = [r for r in done if r is not None]
         skipped = [j[0] for j, r in zip(jobs, done) if r is None]
         self.stats["children"] += len(results)
@@ -1061,14 +1095,14 @@ class Evolver:
         patience = self.config.long_patience
         try:
             while child.cycles_done < budget.cycles and not failed():
-                if last is not None and interrupt is not None and interrupt():
-                    child.park()
-                    parked = True
-                    break
-                if patience and last is not None and stale >= patience:
+                if patience and last is not None and stale >= patience:  # before parking: it is done
                     log.info("task %s: its long child stops early after %d/%d cycles (%d validations without a "
                              "better score)", task.name, child.cycles_done, budget.cycles, stale)
                     self.stats["long_stopped_early"] += 1
+                    break
+                if last is not None and interrupt is not None and interrupt():
+                    child.park()
+                    parked = True
                     break
                 child.run(1)
                 if child.score > reported:
@@ -1160,7 +1194,7 @@ class Evolver:
         assert self.ray is not None
         # the phase's data and parents go to the object store once per active phase
         results = self.ray.train(jobs, (task.name, task.seq, self.stats["phases"]), train, validation, budget,
-                                 self._scorer_spec, interrupt, on_done=lambda i: bar.update(1))
+                                 self._scorer_spec, interrupt, on_done=lambda i, _result: bar.update(1))
         done, skipped = [], []
         for (spec, params, _opts, recs, *_), result in zip(jobs, results):
             if result is None:

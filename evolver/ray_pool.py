@@ -14,11 +14,16 @@ A worker or node that dies mid-child costs that child only: Ray runs the task ag
 ``max_retries`` times on a live node (the same seed, so the same result), and a child that
 still fails is dropped and logged; the generation and the phase go on with the others.
 
-Which generations run on the cluster: the later generations of Algorithm 1 (every child
-trained to its budget). The first-answer generation (its children are published one by one
-as they complete, and a random root's long child reports every improving checkpoint) and
-successive halving (rungs with the driver parking children between them) train on the
-driver's own devices, as without Ray.
+Which children run on the cluster: every child trained to its budget in one go, that is the
+children of Algorithm 1's later generations and the short children of a new task's
+first-answer generation (a frozen reuse of a served path with a new head, or a random
+root's short clone-all child; each is published as its result comes back, in completion
+order, as on the driver). On the driver's own
+devices, as without Ray: a random root's long first child (it reports every improving
+checkpoint, is parked and resumed across phases, and trains data-parallel over the
+driver's devices, which its siblings on the cluster leave free), and successive halving
+(``--halving``: its rungs park every child's training state between them, which would have
+to move between workers at each rung).
 
 Bit for bit: a child trains with the same seed, parameters, schedule and step function
 wherever it runs, so on the same platform the published path is the one the in-process
@@ -139,14 +144,15 @@ class RayChildren:
 
     def train(self, jobs: Sequence[tuple], phase_key: Any, train: tuple[np.ndarray, np.ndarray],
               validation: tuple[np.ndarray, np.ndarray], budget: Any, scorer: tuple[str, int, float],
-              interrupt: Callable[[], bool] | None = None, on_done: Callable[[int], None] | None = None,
+              interrupt: Callable[[], bool] | None = None, on_done: Callable[[int, Any], None] | None = None,
               poll_seconds: float = 0.5) -> list[Any]:
         """Trains ``jobs`` (the evolver's ``(spec, params, opts, recs, seed, device, scored)``;
         ``device`` is ignored) as Ray tasks; returns each job's ``TrainResult``, or None for a
         child whose worker or node died on each of its tries (logged) or that was cancelled
         because ``interrupt`` said so (a new task is waiting: every child not done yet is
         cancelled, where a child on the driver's devices finishes its cycle and keeps its
-        best checkpoint). ``on_done(i)`` is called as job i ends either way. ``phase_key``
+        best checkpoint). ``on_done(i, result)`` is called as job i ends either way (``result``
+        None for a dropped or cancelled child), in the calling thread. ``phase_key``
         identifies the active phase whose data the object store holds.
 
         Raises:
@@ -165,36 +171,41 @@ class RayChildren:
         index = {ref: i for i, ref in enumerate(refs)}
         results: list[Any] = [None] * len(refs)
         pending = list(refs)
-        while pending:
-            if interrupt is not None and interrupt():
-                for ref in pending:
-                    ray.cancel(ref)
-                log.info("%d child(ren) on the Ray cluster cancelled: a new task is waiting", len(pending))
-                for ref in pending:
+        try:
+            while pending:
+                if interrupt is not None and interrupt():
+                    cancelled, pending = pending, []
+                    for ref in cancelled:
+                        ray.cancel(ref)
+                    log.info("%d child(ren) on the Ray cluster cancelled (a new task is waiting, or the phase "
+                             "stops)", len(cancelled))
+                    for ref in cancelled:
+                        if on_done is not None:
+                            on_done(index[ref], None)
+                    break
+                ready, pending = ray.wait(pending, num_returns=1, timeout=poll_seconds)
+                for ref in ready:
+                    i = index[ref]
+                    try:
+                        results[i], node, seconds = ray.get(ref)
+                        self.nodes.append(node)
+                        self.counters["children"] += 1
+                        self.counters["results"] += nbytes(results[i].params) + nbytes(results[i].opt_state)
+                        # (children of one generation wait for free slots too: a sum over children
+                        # of wall time beyond their own training, divided by children, is the mean)
+                        self.counters["overhead_seconds"] += max(0.0, time.perf_counter() - submitted - seconds)
+                    except ray.exceptions.RayTaskError as e:  # raised by the training itself: as on the driver
+                        cause = getattr(e, "cause", None)
+                        raise (cause if isinstance(cause, Exception) else e) from e
+                    except ray.exceptions.RayError as e:  # its retries spent (a worker or node died each time)
+                        log.warning("child %d of the generation is dropped: its worker or node died on each of "
+                                    "its tries (%s: %s)", i, type(e).__name__,
+                                    str(e).splitlines()[0] if str(e) else "")
                     if on_done is not None:
-                        on_done(index[ref])
-                break
-            ready, pending = ray.wait(pending, num_returns=1, timeout=poll_seconds)
-            for ref in ready:
-                i = index[ref]
-                try:
-                    results[i], node, seconds = ray.get(ref)
-                    self.nodes.append(node)
-                    self.counters["children"] += 1
-                    self.counters["results"] += nbytes(results[i].params) + nbytes(results[i].opt_state)
-                    # (children of one generation wait for free slots too: a sum over children
-                    # of wall time beyond their own training, divided by children, is the mean)
-                    self.counters["overhead_seconds"] += max(0.0, time.perf_counter() - submitted - seconds)
-                except ray.exceptions.RayTaskError as e:  # raised by the training itself: as on the driver
-                    for other in pending:
-                        ray.cancel(other)
-                    cause = getattr(e, "cause", None)
-                    raise (cause if isinstance(cause, Exception) else e) from e
-                except ray.exceptions.RayError as e:  # its retries spent (a worker or node died each time)
-                    log.warning("child %d of the generation is dropped: its worker or node died on each of its "
-                                "tries (%s: %s)", i, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-                if on_done is not None:
-                    on_done(i)
+                        on_done(i, results[i])
+        finally:  # raising (a child's error, or on_done's): the generation's other children stop
+            for ref in pending:
+                ray.cancel(ref)
         return results
 
     def release(self) -> None:

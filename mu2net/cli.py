@@ -159,7 +159,8 @@ def add_evolver_args(p: argparse.ArgumentParser) -> None:
                    help="an active phase ends after G later generations in a row that did not beat the task's "
                         "best score (0: every phase runs --generations)")
     p.add_argument("--ray-address", default=None, metavar="ADDR",
-                   help="train the children of later generations as Ray tasks on the cluster at ADDR "
+                   help="train the children of later generations and short first-answer children as Ray tasks on "
+                        "the cluster at ADDR "
                         "(host:port, or auto for the cluster this host belongs to); this process stays the "
                         "only writer of the store (default: on this host's devices)")
     p.add_argument("--ray-cpus-per-child", type=_positive_float_arg, default=1.0, metavar="N",
@@ -461,7 +462,7 @@ def cmd_evolve(args: argparse.Namespace) -> int:
     evolver = Evolver(store, evolver_config(args), progress=not args.quiet, ray=ray)
     print(f"training children on {len(evolver.devices)} device(s): "
           f"{', '.join(str(d) for d in evolver.devices)}"
-          + (f", later generations on the Ray cluster at {args.ray_address}" if ray else ""), file=sys.stderr)
+          + (f", children on the Ray cluster at {args.ray_address}" if ray else ""), file=sys.stderr)
     evolver.run(args.iterations)
     print(format_report(report(store)))
     return 0

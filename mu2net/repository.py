@@ -196,7 +196,16 @@ class Repository:
 
     def versions(self) -> list[int]:
         """System versions with a retained manifest the pointer has reached, oldest first."""
-        return sorted({v for v, _ in self._published_names()})
+        return sorted(self.retained())
+
+    def retained(self) -> dict[int, int]:
+        """System version -> its newest retained revision, for every version with a manifest
+        the pointer has reached (one read of the pointer and one listing: pass the revision
+        to :meth:`manifest` to read several versions without listing again)."""
+        newest: dict[int, int] = {}
+        for v, r in self._published_names():
+            newest[v] = max(r, newest.get(v, r))
+        return newest
 
     def manifest(self, version: int, revision: int | None = None) -> dict[str, Any]:
         """The manifest of ``version`` (its newest retained revision unless ``revision``):
@@ -400,10 +409,7 @@ class Repository:
                 (held["system_version"], held["revision"]) >= (pointer["system_version"], pointer["revision"])):
             return None  # nothing newer (a pointer never moves back within one store's repository)
         manifest = self.manifest(pointer["system_version"], pointer["revision"])
-        for c in manifest["components"]:
-            digest = c["params_digest"]
-            if not mirror.array_file(digest).exists():
-                mirror.put_array_bytes(digest, self.read_array(digest))
+        mirror.fetch_missing_arrays((c["params_digest"] for c in manifest["components"]), self.read_array)
         mirror.import_state(manifest)
         return int(pointer["system_version"])
 

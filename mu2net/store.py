@@ -382,6 +382,17 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
+    @contextlib.contextmanager
+    def read_transaction(self) -> Iterator[sqlite3.Connection]:
+        """One deferred ``BEGIN`` ... ``COMMIT`` of reads only: every statement inside sees one
+        snapshot of the database even while another process commits (WAL)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
     def abandon_transaction(self) -> None:
         """Rolls back a transaction that code on this thread left open because a signal
         handler interrupted it (the evolver's SIGTERM handler, which then records its stop
@@ -668,15 +679,10 @@ class Store:
     def serving_state(self) -> tuple[int, list[TaskRecord], list[Path]]:
         """The system version, every task (queue order) and every retained path, read in one
         read transaction: a consistent view even while the evolver publishes (WAL)."""
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                version = int(self._db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
-                tasks = [self._task(r) for r in self._db.execute("SELECT * FROM tasks ORDER BY seq").fetchall()]
-                paths = [self._path(r) for r in self._db.execute(
-                    "SELECT * FROM paths ORDER BY system_version, id").fetchall()]
-            finally:
-                self._db.execute("COMMIT")
+        with self.read_transaction() as db:
+            version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+            tasks = [self._task(r) for r in db.execute("SELECT * FROM tasks ORDER BY seq").fetchall()]
+            paths = [self._path(r) for r in db.execute("SELECT * FROM paths ORDER BY system_version, id").fetchall()]
         return version, tasks, paths
 
     def export_state(self) -> dict[str, Any]:
@@ -689,17 +695,13 @@ class Store:
           tables as column -> value dicts. Components carry no optimizer state (``opt_digest`` is None): a
           replica serves, it does not train.
         """
-        with self._lock:
-            self._db.execute("BEGIN")
-            try:
-                version = int(self._db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
-                rows = {t: [dict(r) for r in self._db.execute(f"SELECT * FROM {t} ORDER BY {order}").fetchall()]
-                        for t, order in (("tasks", "seq"), ("paths", "system_version, id"), ("components", "id"),
-                                         ("history", "system_version"))}
-                status = self._db.execute("SELECT value FROM meta WHERE key='evolver_status'").fetchone()
-                store_id = self._db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
-            finally:
-                self._db.execute("COMMIT")
+        with self.read_transaction() as db:
+            version = int(db.execute("SELECT value FROM meta WHERE key='system_version'").fetchone()[0])
+            rows = {t: [dict(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY {order}").fetchall()]
+                    for t, order in (("tasks", "seq"), ("paths", "system_version, id"), ("components", "id"),
+                                     ("history", "system_version"))}
+            status = db.execute("SELECT value FROM meta WHERE key='evolver_status'").fetchone()
+            store_id = db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
         for c in rows["components"]:
             c["opt_digest"] = None
         return {"store_id": store_id, "system_version": version, **rows,
@@ -844,6 +846,23 @@ class Store:
         if not path.exists():
             write_file_atomic(path, data)
 
+    def fetch_missing_arrays(self, digests: Iterable[str], read_array: Callable[[str], bytes]) -> int:
+        """Writes each array of ``digests`` this store lacks with ``read_array(digest)`` (a
+        model repository's copy; checked against its digest, :meth:`put_array_bytes`).
+        Returns how many were fetched.
+
+        Raises:
+          StoreError: if a digest is malformed or the bytes read do not hash to it.
+        """
+        fetched = 0
+        for digest in dict.fromkeys(digests):  # each once, in order
+            if not is_digest(digest):
+                raise StoreError(f"array digest {digest!r} is not a sha256 hex digest")
+            if not self._array_path(digest).exists():
+                self.put_array_bytes(digest, read_array(digest))
+                fetched += 1
+        return fetched
+
     def restore_path(self, path_row: Mapping[str, Any], component_rows: Sequence[Mapping[str, Any]],
                      read_array: Callable[[str], bytes], task_seq: int | None = None, *,
                      expect_served: str | None | EllipsisType = ..., refuse_pinned: bool = False) -> int:
@@ -885,26 +904,25 @@ class Store:
             row = by_id[cid]
             if not is_digest(row["params_digest"]):
                 raise StoreError(f"component {cid}: {row['params_digest']!r} is not a sha256 hex digest")
-            if not self._array_path(row["params_digest"]).exists():
-                self.put_array_bytes(row["params_digest"], read_array(row["params_digest"]))
+        self.fetch_missing_arrays((by_id[cid]["params_digest"] for cid in path.component_ids), read_array)
+        for cid in path.component_ids:
+            row = by_id[cid]
             records.append(ComponentRecord(
                 id=cid, kind=row["kind"], params_digest=row["params_digest"], opt_digest=None,
                 parent_id=row["parent_id"], task=row["task"], acl_group=row["acl_group"],
                 steps=json.loads(row["steps"]), num_params=row["num_params"], num_classes=row["num_classes"]))
-        check = (expect_served, refuse_pinned)
+        check: dict[str, Any] = dict(check_served=expect_served is not ..., refuse_pinned=refuse_pinned,
+                                     expect_served=None if expect_served is ... else expect_served)
         try:
-            return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, check=check)
+            return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, **check)
         except (ComponentsGone, ServedPathChanged):
             raise
         except StoreError:
             # a publish of the evolver dropped a component still live at the check above, and its
             # file with it: fetch what is missing again and commit once more
-            missing_files = [r.params_digest for r in records if not self._array_path(r.params_digest).exists()]
-            if not missing_files:
+            if not self.fetch_missing_arrays((r.params_digest for r in records), read_array):
                 raise
-            for digest in missing_files:
-                self.put_array_bytes(digest, read_array(digest))
-        return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, check=check)
+        return self._commit_publish(path, records, path.task, False, {}, task_seq, pin=True, **check)
 
     def served_versions(self) -> dict[str, int]:
         """Task name -> system version of its retained (served) path's publish."""
@@ -975,8 +993,12 @@ class Store:
     def _commit_publish(self, path: Path | None, new_components: Sequence[ComponentRecord],
                         task: str | None, iteration_done: bool,
                         selections: Mapping[str, int], task_seq: int | None = None, pin: bool = False,
-                        check: tuple[str | None | EllipsisType, bool] = (..., False),
-                        since_version: int | None = None) -> int:
+                        since_version: int | None = None, *, check_served: bool = False,
+                        expect_served: str | None = None, refuse_pinned: bool = False) -> int:
+        """The publish transaction. ``check_served``: refuse (:class:`ServedPathChanged`)
+        unless the task's served path id is ``expect_served`` (None: none served);
+        ``refuse_pinned``: refuse a pinned task the same way (a rollback's checks, inside the
+        transaction that commits it)."""
         with self.transaction() as db:
             # checked inside the write transaction: a delete unlinks a file only inside one of its
             # own after checking no row references it (_delete_component_files)
@@ -997,11 +1019,10 @@ class Store:
                     and row[2] > since_version:
                 raise TaskPinned(f"task {task!r} was rolled back by a user at system version {row[2]}, after this "
                                  f"phase began (at {since_version}); its phase publishes nothing")
-            expect_served, refuse_pinned = check
             if task is not None and refuse_pinned and row[1]:
                 raise ServedPathChanged(f"task {task!r} was rolled back and pinned meanwhile (another rollback); "
                                         f"nothing restored")
-            if task is not None and expect_served is not ...:
+            if task is not None and check_served:
                 now = db.execute("SELECT id FROM paths WHERE task=?", (task,)).fetchone()
                 if (now[0] if now else None) != expect_served:
                     raise ServedPathChanged(f"task {task!r}'s served path changed during the rollback (from "

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -27,16 +27,42 @@ from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
 log = logging.getLogger("mu2net.server")
 
 
+def _status_of(error: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The gRPC status, message and trailing metadata a call of ``method`` that raised
+    ``error`` ends with (one table, :mod:`mu2net.server.errors`). An unexpected error is
+    logged with a request id and answered INTERNAL with that id and no internals."""
+    err = E.to_service_error(error)
+    if err is None:  # a bug
+        request_id = uuid.uuid4().hex
+        log.error("gRPC %s failed (request id %s)", method, request_id, exc_info=error)
+        return (grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})",
+                (("mu2net-request-id", request_id),))
+    status, _ = E.codes(err)
+    metadata: tuple[tuple[str, str], ...] = (("mu2net-error", type(err).__name__),)
+    # gRPC's retry pushback (milliseconds): when an overloaded server may be retried;
+    # -1: clients' retry policies must not retry (a task not ready, a message too large)
+    if isinstance(err, E.Overloaded):
+        metadata += (("grpc-retry-pushback-ms", str(int(err.retry_after * 1000))),)
+    elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        metadata += (("grpc-retry-pushback-ms", "-1"),)
+    return status, str(err), metadata
+
+
+def _caller(context: grpc.aio.ServicerContext) -> None:
+    """Sets this call's caller token (:data:`CALLER_TOKEN`) from its ``authorization`` metadata."""
+    auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
+    CALLER_TOKEN.set(bearer_token(auth))
+
+
 def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
-    """Maps service errors to gRPC status codes (one table, :mod:`mu2net.server.errors`) and records metrics."""
+    """Maps service errors to gRPC status codes (:func:`_status_of`) and records metrics."""
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         @functools.wraps(fn)
         async def handler(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
             t0 = time.perf_counter()
             code = "OK"
             done = self.service.metrics.observe(api, fn.__name__) if self.service.metrics is not None else None
-            auth = next((str(v) for k, v in (context.invocation_metadata() or ()) if k == "authorization"), None)
-            CALLER_TOKEN.set(bearer_token(auth))  # this call's task
+            _caller(context)  # this call's task
             try:
                 with self.service.request_slot(fn.__name__):  # RESOURCE_EXHAUSTED when all are taken
                     return await fn(self, request, context)
@@ -46,29 +72,20 @@ def _handle(api: str) -> Callable[[Callable[..., Awaitable[Any]]], Callable[...,
                 code = "CANCELLED"
                 raise
             except Exception as e:
-                err = E.to_service_error(e)
-                if err is None:  # a bug: logged with a request id; the client sees no internals
-                    code = "INTERNAL"
-                    request_id = uuid.uuid4().hex
-                    log.exception("gRPC %s failed (request id %s)", fn.__name__, request_id)
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal server error (request id {request_id})",
-                                        trailing_metadata=(("mu2net-request-id", request_id),))
-                assert err is not None  # context.abort raised for a bug above
-                status, _ = E.codes(err)
+                status, message, metadata = _status_of(e, fn.__name__)
                 code = status.name
-                metadata: tuple[tuple[str, str], ...] = (("mu2net-error", type(err).__name__),)
-                # gRPC's retry pushback (milliseconds): when an overloaded server may be retried;
-                # -1: clients' retry policies must not retry (a task not ready, a message too large)
-                if isinstance(err, E.Overloaded):
-                    metadata += (("grpc-retry-pushback-ms", str(int(err.retry_after * 1000))),)
-                elif status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    metadata += (("grpc-retry-pushback-ms", "-1"),)
-                await context.abort(status, str(err), trailing_metadata=metadata)
+                await context.abort(status, message, trailing_metadata=metadata)
             finally:
                 if done is not None:
                     done(code, time.perf_counter() - t0)
         return handler
     return wrap
+
+
+#: Requests of one ClassifyStream call in progress or answered but not yet sent, at most
+#: (and at most ``--max-concurrent-requests``): the server reads the stream's next request
+#: only when an answer was handed to gRPC, so a client that stops reading stops the reading.
+STREAM_WINDOW = 256
 
 
 def _task_message(view: dict[str, Any]) -> pb.Task:
@@ -100,11 +117,14 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
 
     @_handle("grpc")
     async def Classify(self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext) -> pb.ClassifyResponse:
+        return await self._classify(request, context.time_remaining())
+
+    async def _classify(self, request: pb.ClassifyRequest, timeout: float | None) -> pb.ClassifyResponse:
         raw = None
         if request.HasField("raw"):
             raw = raw_images(request.raw.shape, request.raw.data)  # one copy of the bytes
         result = await self.service.classify(request.task, encoded=list(request.encoded_images), raw=raw,
-                                             top_k=request.top_k or 1, timeout=context.time_remaining())
+                                             top_k=request.top_k or 1, timeout=timeout)
         resp = pb.ClassifyResponse(system_version=result.system_version, path_id=result.path_id)
         results = resp.results
         for labels, ids, scores in zip(result.labels, result.label_ids.tolist(), result.scores.tolist()):
@@ -113,6 +133,68 @@ class Mu2NetServicer(pbgrpc.Mu2NetServicer):  # type: ignore[misc]
             r.label_ids.extend(ids)
             r.scores.extend(scores)
         return resp
+
+    async def ClassifyStream(self, request_iterator: AsyncIterator[pb.ClassifyRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ClassifyStreamResponse]:
+        """Each request of the stream is served as a Classify call (its own request slot, the
+        call's deadline, the same errors) concurrently with the others, at most
+        :data:`STREAM_WINDOW` at once, and answered in completion order with its id; an
+        error answers that request only (:class:`pb.ClassifyStreamResponse` error fields)."""
+        _caller(context)  # copied into every request's asyncio task
+        metrics = self.service.metrics
+        answers: asyncio.Queue[pb.ClassifyStreamResponse | None] = asyncio.Queue()
+        limit = self.service.config.max_concurrent_requests
+        window = asyncio.Semaphore(min(STREAM_WINDOW, limit) if limit is not None else STREAM_WINDOW)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ClassifyRequest) -> None:
+            t0, code = time.perf_counter(), "OK"
+            done = metrics.observe("grpc", "ClassifyStream") if metrics is not None else None
+            try:
+                with self.service.request_slot("ClassifyStream"):  # RESOURCE_EXHAUSTED when all are taken
+                    answer = pb.ClassifyStreamResponse(
+                        id=request.id, response=await self._classify(request, context.time_remaining()))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as e:
+                status, message, metadata = _status_of(e, "ClassifyStream")
+                code, meta = status.name, dict(metadata)
+                answer = pb.ClassifyStreamResponse(id=request.id, error_code=status.name, error_message=message,
+                                                   error_type=meta.get("mu2net-error", ""),
+                                                   retry_after_ms=max(0, int(meta.get("grpc-retry-pushback-ms", 0))))
+            finally:
+                if done is not None:
+                    done(code, time.perf_counter() - t0)
+            answers.put_nowait(answer)  # its window slot is freed once gRPC took the answer
+
+        async def read() -> None:
+            try:
+                async for request in request_iterator:
+                    await window.acquire()
+                    task = asyncio.create_task(one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.wait(set(running))
+            finally:
+                answers.put_nowait(None)  # the end of the answers (also when reading failed)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+                window.release()
+            await reader  # re-raises what reading the stream raised
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception as e:  # reading the stream failed: the call ends with its status
+            status, message, metadata = _status_of(e, "ClassifyStream")
+            await context.abort(status, message, trailing_metadata=metadata)
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
 
     @_handle("grpc")
     async def ListTasks(self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext) -> pb.ListTasksResponse:

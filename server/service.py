@@ -469,13 +469,14 @@ class Service:
             return now is None or now.seq != task.seq
 
         try:
-            retained = repo.versions()
+            revisions = repo.retained()  # one listing for the whole rollback
+            retained = sorted(revisions)
             if version is not None and version not in retained:
                 raise E.NotFound(f"system version {version} is not retained in the model repository; retained: "
                                  f"{retained} (--keep-versions sets how many)")
             live_tasks = {(t.name, t.seq) for t in self.store.list_tasks()}
             for v in reversed(retained if version is None else [version]):
-                manifest = repo.manifest(v)
+                manifest = repo.manifest(v, revisions[v])
                 if not {(t["name"], t["seq"]) for t in manifest["tasks"]} <= live_tasks:
                     # it holds a task deleted since (maybe uploaded again under its name): its
                     # components may carry that task's knowledge (Section 3.4), as collect rules

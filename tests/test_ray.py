@@ -1,6 +1,7 @@
 """The evolver's children on a 2-node Ray cluster (``ray.cluster_utils.Cluster``, each node
 1 CPU; the head node none, so every child runs on one of the two): the same published path,
-bit for bit, as the in-process evolver with the same seed, and a node killed mid-generation
+bit for bit, as the in-process evolver with the same seed; a new task's short first-answer
+children on the cluster beside its long child on the driver; and a node killed mid-generation
 does not stop the phase."""
 
 from __future__ import annotations
@@ -56,19 +57,50 @@ def test_children_on_two_nodes_publish_what_the_in_process_evolver_publishes(clu
     assert pool.resources == {"num_cpus": 1.0}  # no GPU or TPU in this cluster
     local, remote = _store(tmp_path / "local"), _store(tmp_path / "remote")
     ev_local, ev_remote = Evolver(local, CONFIG, progress=False), Evolver(remote, CONFIG, progress=False, ray=pool)
-    # two phases: the first-answer generation (on the driver either way) and the later ones
-    for _ in range(2):
+    # two phases: the first (its first-answer generation's short children, each published as
+    # it comes back, then the later generations) and a second of later generations only
+    for phase in range(2):
         ev_local.active_phase("digits")
         ev_remote.active_phase("digits")
-    a, b = local.best_path("digits"), remote.best_path("digits")
-    # component ids are digests of their parameters: equal ids, equal bits
-    assert a.component_ids == b.component_ids and a.score == b.score
-    assert a.metrics["history"] == b.metrics["history"]
-    assert [h["validation_accuracy"] for h in local.history()] == [h["validation_accuracy"] for h in remote.history()]
-    # every child of a later generation ran on the cluster: both phases' generations 1..G
-    assert len(pool.nodes) == 2 * CONFIG.generations * CONFIG.children
-    assert len(set(pool.nodes)) == 2  # on both nodes
-    assert ev_remote.stats["children"] == ev_local.stats["children"]
+        if phase == 0:  # the end of the first-answer generation, whatever order its children completed in
+            first = [h["validation_accuracy"] for h in remote.history()]
+            assert max(first) == max(h["validation_accuracy"] for h in local.history())
+        a, b = local.best_path("digits"), remote.best_path("digits")
+        # component ids are digests of their parameters: equal ids, equal bits
+        assert a.component_ids == b.component_ids and a.score == b.score
+        assert a.metrics["history"] == b.metrics["history"]
+    # every child ran on the cluster, on both nodes: the first-answer generation's and both
+    # phases' generations 1..G
+    assert len(pool.nodes) == CONFIG.children + 2 * CONFIG.generations * CONFIG.children
+    assert len(set(pool.nodes)) == 2
+    assert ev_remote.stats["children"] == ev_local.stats["children"] == len(pool.nodes)
+    pool.close()
+
+
+def test_a_new_tasks_reuse_child_runs_on_the_cluster_and_its_long_child_on_the_driver(cluster, tmp_path):
+    from mu2net.evolver.ray_pool import RayChildren
+
+    c, _ = cluster
+    pool = RayChildren(c.address)
+    store = _store(tmp_path / "store")
+    Evolver(store, dataclasses.replace(CONFIG, generations=1), progress=False).active_phase("digits")
+    add_task_arrays(store, "parity", digits_splits(lambda y: y % 2), ["even", "odd"], source="test")
+    # the new task's first answer: a frozen reuse of digits' path (short: on the cluster) and a
+    # long child of the random root (on this host, published at each better checkpoint)
+    cfg = dataclasses.replace(CONFIG, generations=1, first_answer_epochs=4.0, checkpoint_publish_seconds=0.0)
+    ev = Evolver(store, cfg, progress=False, ray=pool)
+    specs = ev.first_answer_specs(store.get_task("parity"), [store.best_path("digits"), store.root_path()],
+                                  num_train=500)
+    assert [s.cycles is None for s in specs] == [True, False]
+    on_driver = []
+    real_long = ev._train_long
+    ev._train_long = lambda spec, *a, **k: on_driver.append(spec) or real_long(spec, *a, **k)
+    ev.active_phase("parity")
+    # the reuse child and generation 1's two children ran on the cluster; the long child here
+    assert len(pool.nodes) == 1 + cfg.children
+    assert len(on_driver) == 1 and on_driver[0].cycles is not None
+    assert ev.stats["children"] == 2 + cfg.children
+    assert store.verify() == []
     pool.close()
 
 
@@ -80,7 +112,7 @@ def test_a_node_killed_mid_generation_costs_that_child_only(cluster, tmp_path):
     store = _store(tmp_path / "store")
     slow = dataclasses.replace(CONFIG, generations=1, budget=dataclasses.replace(CONFIG.budget, cycles=200))
     ev = Evolver(store, slow, progress=False, ray=pool)
-    ev.active_phase("digits")  # the first answer on the driver; its later generation on the cluster
+    ev.active_phase("digits")  # the first answer and its later generation, on the cluster
     # the victim: a new node in place of the second one, so its worker is still starting (importing
     # JAX, compiling) when it dies; the first node's worker is warm
     c.remove_node(nodes[1])

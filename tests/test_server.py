@@ -507,8 +507,48 @@ def test_async_client(static_server):
                 await client.classify("nope", x[:1])
             with pytest.raises(NotReadyError):
                 await client.classify("pending", x[:1])
+            answers = dict([a async for a in client.classify_stream([("digits", x[:2]), ("nope", x[:1])], top_k=2)])
+            assert sorted(answers) == [0, 1] and isinstance(answers[1], NotFoundError)
+            assert len(answers[0]) == 2 and answers[0].system_version == task.system_version
 
     asyncio.run(main())
+
+
+def test_classify_stream_answers_each_request_as_classify_would(static_server):
+    """ClassifyStream: any tasks over one call, each request answered (in completion order,
+    its index as id) with what Classify answers it, an error answering that request only."""
+    from mu2net_client import ClassifyResult
+
+    server, _ = static_server
+    x, _ = digits_splits()["test"]
+    with Client(server.grpc, server.http, token=TOKEN, retries=0) as client:
+        requests = [("digits", x[i:i + 1]) for i in range(20)]
+        requests[5], requests[9], requests[12] = ("nope", x[:1]), ("pending", x[:1]), ("digits", [b"not an image"])
+        answers = dict(client.classify_stream(requests, top_k=3))
+        assert sorted(answers) == list(range(20))
+        assert isinstance(answers[5], NotFoundError) and "'nope'" in str(answers[5])
+        assert isinstance(answers[9], NotReadyError) and "no served path" in str(answers[9])
+        assert isinstance(answers[12], InvalidArgumentError) and "not a decodable image" in str(answers[12])
+        for i in sorted(set(range(20)) - {5, 9, 12}):
+            unary = client.classify("digits", x[i:i + 1], top_k=3)
+            got = answers[i]
+            assert isinstance(got, ClassifyResult) and got.system_version == unary.system_version
+            assert got.results[0].label_ids[0] == unary.results[0].label_ids[0]
+            # (batched with other requests: the same row in another batch size may differ in the last bit)
+            np.testing.assert_allclose(got.results[0].scores, unary.results[0].scores, rtol=1e-5)
+        # more requests than the server keeps in progress per stream (STREAM_WINDOW): flow control
+        many = list(client.classify_stream([("digits", x[i % 50:i % 50 + 1]) for i in range(600)]))
+        assert sorted(i for i, _ in many) == list(range(600))
+        assert all(isinstance(r, ClassifyResult) and len(r) == 1 for _, r in many)
+        # images the SDK cannot send end the stream after the answers to the requests before them
+        got_before = []
+        with pytest.raises(InvalidArgumentError, match="image 0 has type object"):
+            for answer in client.classify_stream([("digits", x[:1]), ("digits", [object()])]):
+                got_before.append(answer)
+        assert [i for i, _ in got_before] == [0]
+        # a message over --max-message-bytes ends the call (gRPC's own limit), as it fails a Classify
+        with pytest.raises(TooLargeError):
+            list(client.classify_stream([("digits", np.zeros((1, 1024, 1100, 1), np.uint8))]))
 
 
 def _run_cli(*args):

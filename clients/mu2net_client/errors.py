@@ -88,13 +88,21 @@ HTTP_ERRORS: dict[int, type[Mu2netError]] = {404: NotFoundError, 503: NotReadyEr
 def from_grpc(error: grpc.RpcError) -> Mu2netError:
     """Maps a gRPC error. UNAVAILABLE is NotReadyError when the server said so (trailing
     metadata ``mu2net-error``), else a TransportError."""
-    code, details = error.code(), error.details() or str(code)
+    code, details = error.code(), error.details() or str(error.code())
     meta = dict(error.trailing_metadata() or ())
+    pushback = meta.get("grpc-retry-pushback-ms")
+    return from_status(code, details, meta.get("mu2net-error"), float(pushback) if pushback else None)
+
+
+def from_status(code: grpc.StatusCode, details: str, error_type: str | None = None,
+                retry_after_ms: float | None = None) -> Mu2netError:
+    """Maps a gRPC status code with the server's error class (``mu2net-error``) and retry
+    pushback in milliseconds: a failed call's (:func:`from_grpc`), or one answer of a
+    ClassifyStream call (its ``error_code``, ``error_type`` and ``retry_after_ms``)."""
     if code == grpc.StatusCode.UNAVAILABLE:
-        return NotReadyError(details) if meta.get("mu2net-error") == "NotReady" else TransportError(details)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and meta.get("mu2net-error") == "Overloaded":
-        pushback = meta.get("grpc-retry-pushback-ms")
-        return OverloadedError(details, float(pushback) / 1000 if pushback else None)
+        return NotReadyError(details) if error_type == "NotReady" else TransportError(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and error_type == "Overloaded":
+        return OverloadedError(details, retry_after_ms / 1000 if retry_after_ms is not None and retry_after_ms >= 0 else None)
     return GRPC_ERRORS.get(code, ServerError)(details)
 
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmu2net.proto\x12\tmu2net.v1\"(\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"i\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoded_images\x18\x02 \x03(\x0c\x12!\n\x03raw\x18\x03 \x01(\x0b\x32\x14.mu2net.v1.RawTensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\"C\n\x0e\x43lassification\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x11\n\tlabel_ids\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"g\n\x10\x43lassifyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.mu2net.v1.Classification\x12\x16\n\x0esystem_version\x18\x02 \x01(\x03\x12\x0f\n\x07path_id\x18\x03 \x01(\t\"\x12\n\x10ListTasksRequest\"3\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.mu2net.v1.Task\"\x1e\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8a\x03\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07private\x18\x03 \x01(\x08\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x16\n\x0esystem_version\x18\x05 \x01(\x03\x12\x0f\n\x07path_id\x18\x06 \x01(\t\x12\x1b\n\x13validation_accuracy\x18\x07 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x17\n\x0fiterations_done\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x18\n\x10\x61\x63tivated_params\x18\x0b \x01(\x03\x12\x13\n\x0bimproved_at\x18\x0c \x01(\x01\x12)\n\x07history\x18\r \x03(\x0b\x32\x18.mu2net.v1.AccuracyPoint\x12\x0e\n\x06paused\x18\x0e \x01(\x08\x12\x18\n\x10stale_iterations\x18\x0f \x01(\x05\x12+\n\x07\x65volver\x18\x10 \x01(\x0b\x32\x1a.mu2net.v1.EvolverActivity\x12\x0e\n\x06pinned\x18\x11 \x01(\x08\"i\n\rAccuracyPoint\x12\x16\n\x0esystem_version\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\"\x95\x01\n\x0f\x45volverActivity\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x13\n\x0bgenerations\x18\x04 \x01(\x05\x12\x18\n\x10\x63hildren_running\x18\x05 \x01(\x05\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x0f\n\x07updated\x18\x07 \x01(\x01\x32\xcc\x01\n\x06Mu2Net\x12\x43\n\x08\x43lassify\x12\x1a.mu2net.v1.ClassifyRequest\x1a\x1b.mu2net.v1.ClassifyResponse\x12\x46\n\tListTasks\x12\x1b.mu2net.v1.ListTasksRequest\x1a\x1c.mu2net.v1.ListTasksResponse\x12\x35\n\x07GetTask\x12\x19.mu2net.v1.GetTaskRequest\x1a\x0f.mu2net.v1.Taskb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0cmu2net.proto\x12\tmu2net.v1\"(\n\tRawTensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"u\n\x0f\x43lassifyRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x16\n\x0e\x65ncoded_images\x18\x02 \x03(\x0c\x12!\n\x03raw\x18\x03 \x01(\x0b\x32\x14.mu2net.v1.RawTensor\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\n\n\x02id\x18\x05 \x01(\t\"C\n\x0e\x43lassification\x12\x0e\n\x06labels\x18\x01 \x03(\t\x12\x11\n\tlabel_ids\x18\x02 \x03(\x05\x12\x0e\n\x06scores\x18\x03 \x03(\x02\"g\n\x10\x43lassifyResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.mu2net.v1.Classification\x12\x16\n\x0esystem_version\x18\x02 \x01(\x03\x12\x0f\n\x07path_id\x18\x03 \x01(\t\"\xaa\x01\n\x16\x43lassifyStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x1b.mu2net.v1.ClassifyResponse\x12\x12\n\nerror_code\x18\x03 \x01(\t\x12\x15\n\rerror_message\x18\x04 \x01(\t\x12\x12\n\nerror_type\x18\x05 \x01(\t\x12\x16\n\x0eretry_after_ms\x18\x06 \x01(\x03\"\x12\n\x10ListTasksRequest\"3\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.mu2net.v1.Task\"\x1e\n\x0eGetTaskRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8a\x03\n\x04Task\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07private\x18\x03 \x01(\x08\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x16\n\x0esystem_version\x18\x05 \x01(\x03\x12\x0f\n\x07path_id\x18\x06 \x01(\t\x12\x1b\n\x13validation_accuracy\x18\x07 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x08 \x01(\x01\x12\x17\n\x0fiterations_done\x18\t \x01(\x05\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x18\n\x10\x61\x63tivated_params\x18\x0b \x01(\x03\x12\x13\n\x0bimproved_at\x18\x0c \x01(\x01\x12)\n\x07history\x18\r \x03(\x0b\x32\x18.mu2net.v1.AccuracyPoint\x12\x0e\n\x06paused\x18\x0e \x01(\x08\x12\x18\n\x10stale_iterations\x18\x0f \x01(\x05\x12+\n\x07\x65volver\x18\x10 \x01(\x0b\x32\x1a.mu2net.v1.EvolverActivity\x12\x0e\n\x06pinned\x18\x11 \x01(\x08\"i\n\rAccuracyPoint\x12\x16\n\x0esystem_version\x18\x01 \x01(\x03\x12\x0c\n\x04time\x18\x02 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x03 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x04 \x01(\x01\"\x95\x01\n\x0f\x45volverActivity\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x11\n\titeration\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x13\n\x0bgenerations\x18\x04 \x01(\x05\x12\x18\n\x10\x63hildren_running\x18\x05 \x01(\x05\x12\r\n\x05phase\x18\x06 \x01(\t\x12\x0f\n\x07updated\x18\x07 \x01(\x01\x32\xa1\x02\n\x06Mu2Net\x12\x43\n\x08\x43lassify\x12\x1a.mu2net.v1.ClassifyRequest\x1a\x1b.mu2net.v1.ClassifyResponse\x12S\n\x0e\x43lassifyStream\x12\x1a.mu2net.v1.ClassifyRequest\x1a!.mu2net.v1.ClassifyStreamResponse(\x01\x30\x01\x12\x46\n\tListTasks\x12\x1b.mu2net.v1.ListTasksRequest\x1a\x1c.mu2net.v1.ListTasksResponse\x12\x35\n\x07GetTask\x12\x19.mu2net.v1.GetTaskRequest\x1a\x0f.mu2net.v1.Taskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RAWTENSOR']._serialized_start=27
   _globals['_RAWTENSOR']._serialized_end=67
   _globals['_CLASSIFYREQUEST']._serialized_start=69
-  _globals['_CLASSIFYREQUEST']._serialized_end=174
-  _globals['_CLASSIFICATION']._serialized_start=176
-  _globals['_CLASSIFICATION']._serialized_end=243
-  _globals['_CLASSIFYRESPONSE']._serialized_start=245
-  _globals['_CLASSIFYRESPONSE']._serialized_end=348
-  _globals['_LISTTASKSREQUEST']._serialized_start=350
-  _globals['_LISTTASKSREQUEST']._serialized_end=368
-  _globals['_LISTTASKSRESPONSE']._serialized_start=370
-  _globals['_LISTTASKSRESPONSE']._serialized_end=421
-  _globals['_GETTASKREQUEST']._serialized_start=423
-  _globals['_GETTASKREQUEST']._serialized_end=453
-  _globals['_TASK']._serialized_start=456
-  _globals['_TASK']._serialized_end=850
-  _globals['_ACCURACYPOINT']._serialized_start=852
-  _globals['_ACCURACYPOINT']._serialized_end=957
-  _globals['_EVOLVERACTIVITY']._serialized_start=960
-  _globals['_EVOLVERACTIVITY']._serialized_end=1109
-  _globals['_MU2NET']._serialized_start=1112
-  _globals['_MU2NET']._serialized_end=1316
+  _globals['_CLASSIFYREQUEST']._serialized_end=186
+  _globals['_CLASSIFICATION']._serialized_start=188
+  _globals['_CLASSIFICATION']._serialized_end=255
+  _globals['_CLASSIFYRESPONSE']._serialized_start=257
+  _globals['_CLASSIFYRESPONSE']._serialized_end=360
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=363
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=533
+  _globals['_LISTTASKSREQUEST']._serialized_start=535
+  _globals['_LISTTASKSREQUEST']._serialized_end=553
+  _globals['_LISTTASKSRESPONSE']._serialized_start=555
+  _globals['_LISTTASKSRESPONSE']._serialized_end=606
+  _globals['_GETTASKREQUEST']._serialized_start=608
+  _globals['_GETTASKREQUEST']._serialized_end=638
+  _globals['_TASK']._serialized_start=641
+  _globals['_TASK']._serialized_end=1035
+  _globals['_ACCURACYPOINT']._serialized_start=1037
+  _globals['_ACCURACYPOINT']._serialized_end=1142
+  _globals['_EVOLVERACTIVITY']._serialized_start=1145
+  _globals['_EVOLVERACTIVITY']._serialized_end=1294
+  _globals['_MU2NET']._serialized_start=1297
+  _globals['_MU2NET']._serialized_end=1586
 # @@protoc_insertion_point(module_scope)

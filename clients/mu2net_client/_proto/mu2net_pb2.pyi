@@ -15,16 +15,18 @@ class RawTensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("task", "encoded_images", "raw", "top_k")
+    __slots__ = ("task", "encoded_images", "raw", "top_k", "id")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ENCODED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
     task: str
     encoded_images: _containers.RepeatedScalarFieldContainer[bytes]
     raw: RawTensor
     top_k: int
-    def __init__(self, task: _Optional[str] = ..., encoded_images: _Optional[_Iterable[bytes]] = ..., raw: _Optional[_Union[RawTensor, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    id: str
+    def __init__(self, task: _Optional[str] = ..., encoded_images: _Optional[_Iterable[bytes]] = ..., raw: _Optional[_Union[RawTensor, _Mapping]] = ..., top_k: _Optional[int] = ..., id: _Optional[str] = ...) -> None: ...
 
 class Classification(_message.Message):
     __slots__ = ("labels", "label_ids", "scores")
@@ -45,6 +47,22 @@ class ClassifyResponse(_message.Message):
     system_version: int
     path_id: str
     def __init__(self, results: _Optional[_Iterable[_Union[Classification, _Mapping]]] = ..., system_version: _Optional[int] = ..., path_id: _Optional[str] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("id", "response", "error_code", "error_message", "error_type", "retry_after_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    response: ClassifyResponse
+    error_code: str
+    error_message: str
+    error_type: str
+    retry_after_ms: int
+    def __init__(self, id: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., error_type: _Optional[str] = ..., retry_after_ms: _Optional[int] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ()

@@ -39,6 +39,11 @@ class Mu2NetStub:
                 request_serializer=mu2net__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=mu2net__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/mu2net.v1.Mu2Net/ClassifyStream',
+                request_serializer=mu2net__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=mu2net__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/mu2net.v1.Mu2Net/ListTasks',
                 request_serializer=mu2net__pb2.ListTasksRequest.SerializeToString,
@@ -56,6 +61,17 @@ class Mu2NetServicer:
 
     def Classify(self, request, context):
         """Classifies a batch of images with the task's served (best) path.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyStream(self, request_iterator, context):
+        """Classifies a stream of requests, of any tasks, over one call: each request is served as
+        a Classify call would be (the same batching, errors and limits) and answered as soon as
+        it is done, in completion order, with its id echoed. A failed request is answered with
+        its error and the stream goes on. One call saves the per-call work of many small
+        requests (Triton's ModelStreamInfer does the same for the Open Inference Protocol).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -82,6 +98,11 @@ def add_Mu2NetServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=mu2net__pb2.ClassifyRequest.FromString,
                     response_serializer=mu2net__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=mu2net__pb2.ClassifyRequest.FromString,
+                    response_serializer=mu2net__pb2.ClassifyStreamResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
@@ -121,6 +142,33 @@ class Mu2Net:
             '/mu2net.v1.Mu2Net/Classify',
             mu2net__pb2.ClassifyRequest.SerializeToString,
             mu2net__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mu2net.v1.Mu2Net/ClassifyStream',
+            mu2net__pb2.ClassifyRequest.SerializeToString,
+            mu2net__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
