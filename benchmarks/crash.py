@@ -9,7 +9,11 @@ evolver then gets the SIGTERM of its parent-death signal and exits at once), or,
 ``--evolver-every``-th round, SIGKILLs the evolver process first and then the server, so
 neither cleans up. Kills land wherever the random moment falls (training, a file write, a
 publish transaction, an upload's ingestion, a delete); the round records what the client
-had in flight. Then, with no process running:
+had in flight. Half the rounds (``--aimed``) aim the kill at the client instead: the
+harness asks the client for an upload or a delete, waits until it is in flight and kills
+0 to ``--aim-delay`` s later (while it is sent, ingested or committed, or just after its
+answer; ``kills_aimed_landed`` counts the kills that came before the answer). Then, with no
+process running:
 
 * the start-up sweep runs (:meth:`mu2net.store.Store.remove_orphans` with its default
   ages, what ``mu2net serve`` does at start; the count it removed is reported), and the
@@ -106,6 +110,13 @@ class Workload(threading.Thread):
         self.server, self.state, self.rng = server, state, rng
         self.stop_flag = threading.Event()
         self.in_flight: str | None = None
+        #: set by the harness to "upload" or "delete" (an upload when no more than 2 tasks are
+        #: left to delete): the next action, taken when the thread next wakes
+        self.want: str | None = None
+        #: set once the wanted action is in flight (``in_flight`` names it until it is answered)
+        self.aimed_started = threading.Event()
+        #: ends the pause between two actions early (the harness wants one)
+        self.wake = threading.Event()
 
     def run(self) -> None:
         from mu2net_client import Client, Mu2netError
@@ -119,16 +130,24 @@ class Workload(threading.Thread):
                             st["served"][t.name] = (t.system_version, t.path_id)
                     names = [n for n in st["acked"] if n not in st["deleted"]]
                     action = self.rng.random()
+                    aimed = self.want is not None
+                    if aimed:  # the harness aims this round's kill at the client
+                        action = 0.3 if self.want == "delete" and len(names) > 2 else 0.0
+                        self.want = None
                     if action < 0.25 or not names:
                         st["uploads"] += 1
                         name = f"{self.rng.choice(sorted(LABELINGS))}-{st['uploads']}"
                         self.in_flight = f"upload {name}"
+                        if aimed:
+                            self.aimed_started.set()
                         task = client.upload(name, digits_upload(name.split("-")[0], st["uploads"]))
                         st["acked"].append(task.name)
                     elif action < 0.35 and len(names) > 2:
                         name = self.rng.choice(names)
                         self.in_flight = f"delete {name}"
                         st["deleting"] = name
+                        if aimed:
+                            self.aimed_started.set()
                         answer = client.delete(name)
                         st["deleted"].append(name)
                         # tasks whose path used its components lost that path with it (Section 3.4) and
@@ -137,7 +156,8 @@ class Workload(threading.Thread):
                             st["served"].pop(lost, None)
                         st["deleting"] = None
                     self.in_flight = None
-                    self.stop_flag.wait(self.rng.uniform(0.2, 1.5))
+                    self.wake.wait(self.rng.uniform(0.2, 1.5))
+                    self.wake.clear()
         except (Mu2netError, OSError):
             pass  # the server was killed under a request: its outcome is checked from the store
 
@@ -220,13 +240,18 @@ def check_after_kill(data_dir: str, state: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evolver_every: int = 3,
-        log: Any = print) -> dict[str, Any]:
+        aimed: float = 0.5, aim_delay: float = 0.15, log: Any = print) -> dict[str, Any]:
     """Runs ``rounds`` kill rounds on the store ``data_dir`` (created if new); returns the
-    figures (see the module docstring)."""
+    figures (see the module docstring). A share ``aimed`` (0 to 1) of the rounds aims its
+    kill at the client: it asks for an upload (or, with probability 1/3, a delete; an upload
+    when no more than 2 tasks are left), waits until it is in flight and kills 0 to
+    ``aim_delay`` s later; ``kills_aimed_landed`` counts the aimed kills that came before
+    its answer."""
     rng = random.Random(seed)
     state: dict[str, Any] = {"acked": [], "deleted": [], "deleting": None, "served": {}, "uploads": 0, "version": 0}
     recorded: dict[str, tuple[str, list]] = {}  # task -> (path id, scores) from the last round
-    totals = {"rounds": 0, "kills_server": 0, "kills_evolver_then_server": 0, "in_flight": {},
+    totals = {"rounds": 0, "kills_server": 0, "kills_evolver_then_server": 0, "kills_aimed": 0,
+              "kills_aimed_landed": 0, "in_flight": {},
               "published_paths_lost": 0, "uploads_acknowledged_then_lost": 0, "orphans_removed_by_sweep": 0,
               "orphan_files_after_sweep": 0, "young_dirs_kept_at_end": 0, "store_problems": 0, "bit_identical_checked": 0,
               "bit_identical_failed": 0, "details": []}
@@ -261,7 +286,19 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
             time.sleep(rng.uniform(1.0, max_delay))
             recorded = probe_scores(server, [n for n in list(state["served"]) if n not in state["deleted"]])
             time.sleep(rng.uniform(0.0, 1.0))
+            wanted = None
+            if aimed and rng.random() < aimed:  # (no draw with aimed=0: earlier seeds' rounds are unchanged)
+                wanted = "delete" if rng.random() < 1 / 3 else "upload"
+                work.want = wanted
+                work.wake.set()
+                deadline = time.time() + 30
+                while work.is_alive() and not work.aimed_started.wait(0.05) and time.time() < deadline:
+                    pass
+                totals["kills_aimed"] += 1
+                time.sleep(rng.uniform(0.0, aim_delay))
             doing = work.in_flight or "evolver only"
+            if wanted is not None and work.aimed_started.is_set() and doing.split(" ")[0] in ("upload", "delete"):
+                totals["kills_aimed_landed"] += 1  # the wanted action was still unanswered at the kill
             evolvers = _children(server.proc.pid)
             if evolver_every and r % evolver_every == evolver_every - 1 and evolvers:
                 for pid in evolvers:
@@ -272,6 +309,7 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
             os.kill(server.proc.pid, signal.SIGKILL)
             server.proc.wait(30)
             work.stop_flag.set()
+            work.wake.set()
             work.join(30)
         finally:
             if server.proc.poll() is None:
@@ -336,15 +374,23 @@ def main() -> None:
     ap.add_argument("--max-delay", type=float, default=12.0, help="most seconds from a start to its kill")
     ap.add_argument("--evolver-every", type=int, default=3,
                     help="every N-th round SIGKILLs the evolver process before the server (0: never)")
+    ap.add_argument("--aimed", type=float, default=0.5,
+                    help="share of rounds whose kill is aimed at an upload or delete in flight (0 to 1)")
+    ap.add_argument("--aim-delay", type=float, default=0.15,
+                    help="most seconds from the aimed action's start to the kill")
     ap.add_argument("--data-dir", default=None, help="store directory (default: a new temporary one)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error(f"--rounds {args.rounds}: allowed: an integer >= 1")
+    if not 0 <= args.aimed <= 1:
+        ap.error(f"--aimed {args.aimed}: allowed: a share from 0 to 1")
+    if args.aim_delay < 0:
+        ap.error(f"--aim-delay {args.aim_delay}: allowed: seconds >= 0")
     data_dir = args.data_dir or os.path.join(tempfile.mkdtemp(prefix="mu2net-crash-"), "store")
     t0 = time.time()
     result = {"config": vars(args), "serve_args": SERVE_ARGS,
-              **run(data_dir, args.rounds, args.seed, args.max_delay, args.evolver_every,
+              **run(data_dir, args.rounds, args.seed, args.max_delay, args.evolver_every, args.aimed, args.aim_delay,
                     log=lambda m: print(m, flush=True))}
     result["seconds"] = round(time.time() - t0, 1)
     write_json(result, args.out)

@@ -1,9 +1,12 @@
 """Overload: a real ``mu2net serve`` offered several times the traffic it can compute.
 
-1. Capacity: closed-loop gRPC Classify throughput (``--clients`` threads, ``--batch``
-   images per request, raw uint8 tensors) for ``--warm-seconds``.
-2. Overload: an open-loop client (grpc.aio) sends requests at ``--factor`` x that rate for
-   ``--seconds``, whatever the answers, each with a ``--deadline`` gRPC deadline, and at
+1. Capacity: closed-loop Classify throughput (``--clients`` threads, ``--batch`` images
+   per request, raw uint8 tensors) for ``--warm-seconds``, over gRPC or, with
+   ``--protocol http``, HTTP (``POST /v1/tasks/{name}/classify``, httpx).
+2. Overload: an open-loop client (grpc.aio, or httpx.AsyncClient) sends requests at
+   ``--factor`` x that rate for ``--seconds``, whatever the answers, each with a
+   ``--deadline`` (a gRPC deadline, or HTTP's ``?timeout_ms=``; HTTP 429 is counted as
+   RESOURCE_EXHAUSTED and 504 as DEADLINE_EXCEEDED), and at
    most ``--max-in-flight`` requests outstanding (a client-side bound, so the client itself
    does not exhaust memory; requests it cannot send in time are counted as not sent).
    Reported: answers per status (OK, RESOURCE_EXHAUSTED: refused with a retry hint by the
@@ -18,6 +21,7 @@ flight. So RSS may grow by about the queued images (16384 x 28 x 28 x 1 bytes = 
 here) plus gRPC's buffers, and must not keep growing with time.
 
     python benchmarks/overload.py --compare --out docs/overload.json
+    python benchmarks/overload.py --protocol http --out docs/overload_http.json
 
 With ``--compare`` the same load then runs against a second server on the same store with
 ``--no-deadline-admission`` (requests queue until the queue bound even when they would
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import tempfile
 import threading
 import time
@@ -43,32 +48,25 @@ from report import write_json
 from serving import grpc_throughput, make_store
 
 
-def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, seconds: float,
-             deadline: float, max_in_flight: int) -> dict[str, Any]:
-    """Open-loop load at ``rate`` requests/s for ``seconds``; see the module docstring."""
-    import grpc
-
-    from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
-    from mu2net_client.client import classify_request
-
-    request = classify_request(task, images, 1)
+def _open_loop(send: Any, client: Any, rate: float, seconds: float, max_in_flight: int) -> dict[str, Any]:
+    """Calls ``await send(session)`` (it returns the answer's status name: ``OK``,
+    ``RESOURCE_EXHAUSTED``, ...) at ``rate`` requests/s for ``seconds``, whatever the answers,
+    with at most ``max_in_flight`` outstanding; ``client()`` is an async context manager
+    giving the session. Returns counts per status, the admitted (OK) requests' p50/p99."""
     codes: dict[str, int] = {}
     latencies: list[float] = []
     not_sent = 0
 
-    async def one(stub: Any) -> None:
+    async def one(session: Any) -> None:
         t0 = time.perf_counter()
-        try:
-            await stub.Classify(request, timeout=deadline)
+        code = await send(session)
+        if code == "OK":
             latencies.append(time.perf_counter() - t0)
-            codes["OK"] = codes.get("OK", 0) + 1
-        except grpc.aio.AioRpcError as e:
-            codes[e.code().name] = codes.get(e.code().name, 0) + 1
+        codes[code] = codes.get(code, 0) + 1
 
     async def main() -> None:
         nonlocal not_sent
-        async with grpc.aio.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", 64 << 20)]) as ch:
-            stub = pbgrpc.Mu2NetStub(ch)
+        async with client() as session:
             pending: set[asyncio.Task[None]] = set()
             start = time.perf_counter()
             n = 0
@@ -79,7 +77,7 @@ def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, 
                     if len(pending) >= max_in_flight:
                         not_sent += 1
                         continue
-                    task_ = asyncio.ensure_future(one(stub))
+                    task_ = asyncio.ensure_future(one(session))
                     pending.add(task_)
                     task_.add_done_callback(pending.discard)
                 await asyncio.sleep(0.001)
@@ -92,8 +90,92 @@ def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, 
     return {"offered_requests": sent + not_sent, "sent": sent, "not_sent_client_bound": not_sent,
             "codes": codes, "refused_share": round(codes.get("RESOURCE_EXHAUSTED", 0) / max(1, sent), 3),
             "admitted_p50_ms": round(float(np.percentile(lat, 50)), 1),
-            "admitted_p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "ok_images_per_second": round(codes.get("OK", 0) * len(images) / seconds, 1)}
+            "admitted_p99_ms": round(float(np.percentile(lat, 99)), 1)}
+
+
+def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, seconds: float,
+             deadline: float, max_in_flight: int, protocol: str = "grpc") -> dict[str, Any]:
+    """Open-loop load at ``rate`` requests/s for ``seconds`` over gRPC (a ``deadline`` s gRPC
+    deadline) or HTTP (``POST /v1/tasks/{task}/classify`` with a raw tensor body and
+    ``?timeout_ms=``; 429 counts as RESOURCE_EXHAUSTED, 504 as DEADLINE_EXCEEDED, 503 as
+    UNAVAILABLE, others as ``HTTP <code>``). Unlike a gRPC deadline, ``timeout_ms`` counts
+    from the handler's entry: time queued in uvicorn before it is not in it, so an admitted
+    HTTP request may take longer than ``deadline``; see the module docstring."""
+    if protocol == "grpc":
+        import grpc
+
+        from mu2net_client._proto import mu2net_pb2_grpc as pbgrpc
+        from mu2net_client.client import classify_request
+
+        request = classify_request(task, images, 1)
+
+        @contextlib.asynccontextmanager
+        async def client() -> Any:
+            async with grpc.aio.insecure_channel(server.grpc,
+                                                 options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+                yield pbgrpc.Mu2NetStub(channel)
+
+        async def send(stub: Any) -> str:
+            try:
+                await stub.Classify(request, timeout=deadline)
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return str(e.code().name)
+    else:
+        import httpx
+
+        url, body, params = _http_request(server, task, images)
+        params["timeout_ms"] = str(max(1, round(deadline * 1000)))
+        names = {200: "OK", 429: "RESOURCE_EXHAUSTED", 504: "DEADLINE_EXCEEDED", 503: "UNAVAILABLE"}
+
+        def client() -> Any:
+            limits = httpx.Limits(max_connections=max_in_flight, max_keepalive_connections=max_in_flight)
+            return httpx.AsyncClient(limits=limits, timeout=deadline + 5)
+
+        async def send(session: Any) -> str:
+            try:
+                r = await session.post(url, content=body, params=params, headers={"Content-Type": "application/json"})
+            except httpx.HTTPError as e:
+                return type(e).__name__
+            return names.get(r.status_code, f"HTTP {r.status_code}")
+
+    result = _open_loop(send, client, rate, seconds, max_in_flight)
+    result["ok_images_per_second"] = round(result["codes"].get("OK", 0) * len(images) / seconds, 1)
+    return result
+
+
+def _http_request(server: RunningServer, task: str, images: np.ndarray) -> tuple[str, bytes, dict[str, str]]:
+    """The HTTP classify of ``images`` as a raw uint8 tensor (JSON body): URL, body, query."""
+    import base64
+    import json
+
+    body = json.dumps({"raw": {"shape": list(images.shape),
+                               "data": base64.b64encode(images.tobytes()).decode()}}).encode()
+    return f"{server.http}/v1/tasks/{task}/classify", body, {}
+
+
+def http_throughput(server: RunningServer, task: str, images: np.ndarray, seconds: float, clients: int) -> float:
+    """Images/s of HTTP classify from ``clients`` closed-loop threads (one httpx.Client each)."""
+    import httpx
+
+    url, body, _ = _http_request(server, task, images)
+    counts = [0] * clients
+    stop = time.perf_counter() + seconds
+
+    def run(i: int) -> None:
+        with httpx.Client(timeout=30) as c:
+            c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+            while time.perf_counter() < stop:
+                c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+                counts[i] += 1
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) * len(images) / (time.perf_counter() - t0)
 
 
 def run_variant(data: str, flags: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -113,18 +195,24 @@ def run_variant(data: str, flags: list[str], args: argparse.Namespace) -> dict[s
 
     try:
         images = np.random.default_rng(0).integers(0, 255, (args.batch, 28, 28, 1), dtype=np.uint8)
-        capacity = grpc_throughput(server, "task00", images, args.warm_seconds, args.clients, sdk=False)
+        def capacity_now(seconds: float) -> float:
+            if args.protocol == "http":
+                return http_throughput(server, "task00", images, seconds, args.clients)
+            return grpc_throughput(server, "task00", images, seconds, args.clients, sdk=False)
+
+        capacity = capacity_now(args.warm_seconds)
         rate = args.factor * capacity / args.batch
         print(f"[{' '.join(flags) or 'default'}] capacity {capacity:.0f} images/s; offering {rate:.0f} requests/s "
               f"({args.factor:g}x) for {args.seconds:g} s", flush=True)
         rss_start = server.rss_bytes()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        result = overload(server, "task00", images, rate, args.seconds, args.deadline, args.max_in_flight)
+        result = overload(server, "task00", images, rate, args.seconds, args.deadline, args.max_in_flight,
+                          args.protocol)
         stop.set()
         sampler.join(5)
         alive = server.proc.poll() is None
-        after = grpc_throughput(server, "task00", images, 3.0, args.clients, sdk=False) if alive else 0.0
+        after = capacity_now(3.0) if alive else 0.0
         return {"flags": flags, "capacity_images_per_second": round(capacity, 1),
                 "offered_requests_per_second": round(rate, 1), **result,
                 "goodput_share_of_capacity": round(result["ok_images_per_second"] / capacity, 3),
@@ -145,9 +233,12 @@ def main() -> None:
     ap.add_argument("--warm-seconds", type=float, default=8.0)
     ap.add_argument("--batch", type=int, default=16, help="images per request")
     ap.add_argument("--clients", type=int, default=4, help="closed-loop threads measuring capacity")
-    ap.add_argument("--deadline", type=float, default=2.0, help="gRPC deadline of each request (s)")
+    ap.add_argument("--deadline", type=float, default=2.0,
+                    help="deadline of each request (s): a gRPC deadline, or HTTP's timeout_ms")
     ap.add_argument("--max-in-flight", type=int, default=2000)
     ap.add_argument("--max-queued-images", type=int, default=16384)
+    ap.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                    help="gRPC Classify, or HTTP POST /v1/tasks/{name}/classify (raw tensor JSON, ?timeout_ms=)")
     ap.add_argument("--compare", action="store_true",
                     help="also run the same load against a server with --no-deadline-admission, one after the "
                          "other on the same store, and report the goodput ratio")

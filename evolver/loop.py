@@ -984,7 +984,6 @@ class Evolver:
         n = len(self.devices)
         data_parallel = (on_done is not None and self.config.long_data_parallel and can_split(n, budget.batch_size)
                          and any(j[0].cycles is not None for j in jobs))
-        ray_error: list[BaseException] = []
 
         def cluster_children() -> None:  # the short children on the Ray cluster, in a thread of its own
             assert self.ray is not None
@@ -1000,9 +999,9 @@ class Evolver:
             try:
                 self.ray.train([jobs[i] for i in on_cluster], (task.name, task.seq, self.stats["phases"]), train,
                                validation, budget, self._scorer_spec, stop, on_done=reported)
-            except BaseException as e:
+            except BaseException:
                 failed.set()  # the long child on this host stops after its current cycle
-                ray_error.append(e)
+                raise  # (re-raised by its future's result() below)
             finally:
                 finished.put(-1)
         lone_parallel = (on_done is None and len(jobs) == 1 and self.config.long_data_parallel
@@ -1056,9 +1055,7 @@ class Evolver:
                     failed.set()  # the workers stop after their current cycle; the pool waits for them
                     raise
                 for f in futures:
-                    f.result()  # re-raises a worker's error
-                if ray_error:
-                    raise ray_error[0]  # a child's training raised on the cluster
+                    f.result()  # re-raises a worker's error, or one of a child on the cluster
         results = [r for r in done if r is not None]
         skipped = [j[0] for j, r in zip(jobs, done) if r is None]
         self.stats["children"] += len(results)

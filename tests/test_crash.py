@@ -14,8 +14,13 @@ import crash  # noqa: E402
 
 def test_random_kills_lose_nothing_acknowledged_and_leave_a_consistent_store(tmp_path):
     lines: list[str] = []
-    result = crash.run(str(tmp_path / "store"), rounds=4, seed=1, max_delay=6.0, evolver_every=2, log=lines.append)
+    # aimed kills with no delay: each lands while its upload or delete is unanswered
+    result = crash.run(str(tmp_path / "store"), rounds=4, seed=1, max_delay=6.0, evolver_every=2, aimed=0.5,
+                       aim_delay=0.0, log=lines.append)
     assert result["rounds"] == 4 and result["kills_evolver_then_server"] == 2, lines
+    assert result["kills_aimed"] >= 1 and result["kills_aimed_landed"] == result["kills_aimed"], (result, lines)
+    aimed_kinds = result["in_flight"].get("upload", 0) + result["in_flight"].get("delete", 0)
+    assert aimed_kinds >= result["kills_aimed"], result["in_flight"]
     assert result["details"] == [], result["details"]
     for key in ("published_paths_lost", "uploads_acknowledged_then_lost", "orphan_files_after_sweep", "store_problems",
                 "bit_identical_failed"):
