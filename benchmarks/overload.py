@@ -45,7 +45,7 @@ import numpy as np
 from mu2net import root as R
 from mu2net.server.launcher import RunningServer
 from report import write_json
-from serving import grpc_throughput, make_store
+from serving import grpc_throughput, make_store, run_threads
 
 
 def _open_loop(send: Any, client: Any, rate: float, seconds: float, max_in_flight: int) -> dict[str, Any]:
@@ -169,13 +169,7 @@ def http_throughput(server: RunningServer, task: str, images: np.ndarray, second
                 c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
                 counts[i] += 1
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) * len(images) / (time.perf_counter() - t0)
+    return sum(counts) * len(images) / run_threads(run, clients)
 
 
 def run_variant(data: str, flags: list[str], args: argparse.Namespace) -> dict[str, Any]:

@@ -169,13 +169,18 @@ def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, second
                 stub.Classify(request)
                 counts[i] += 1
 
+    return sum(counts) * len(images) / run_threads(run, clients)
+
+
+def run_threads(run: Callable[[int], None], clients: int) -> float:
+    """Runs ``run(i)`` in ``clients`` threads at once; returns the wall seconds until all end."""
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return sum(counts) * len(images) / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def latency_run(server: RunningServer, task: str, images: np.ndarray, seconds: float,
