@@ -9,11 +9,12 @@ evolver then gets the SIGTERM of its parent-death signal and exits at once), or,
 ``--evolver-every``-th round, SIGKILLs the evolver process first and then the server, so
 neither cleans up. Kills land wherever the random moment falls (training, a file write, a
 publish transaction, an upload's ingestion, a delete); the round records what the client
-had in flight. Half the rounds (``--aimed``) aim the kill at the client instead: the
-harness asks the client for an upload or a delete, waits until it is in flight and kills
-0 to ``--aim-delay`` s later (while it is sent, ingested or committed, or just after its
-answer; ``kills_aimed_landed`` counts the kills that came before the answer). Then, with no
-process running:
+had in flight. A share ``--aimed`` of the rounds (default 0.5: a seeded coin per round)
+aims the kill at the client instead: the harness asks the client for an upload or a
+delete, waits until it is in flight (an upload: until the server starts receiving its body,
+i.e. a new spool file exists, counted as ``kills_aimed_spooled``) and kills 0 to ``--aim-delay`` s later (while it is received,
+ingested or committed, or just after its answer; ``kills_aimed_landed`` counts the kills
+after which the client never got the answer). Then, with no process running:
 
 * the start-up sweep runs (:meth:`mu2net.store.Store.remove_orphans` with its default
   ages, what ``mu2net serve`` does at start; the count it removed is reported), and the
@@ -47,6 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import glob
 import os
 import random
 import signal
@@ -93,6 +95,13 @@ def digits_upload(labeling: str, seed: int) -> dict[str, np.ndarray]:
     return {"x_train": x[:350], "y_train": y[:350], "x_test": x[350:], "y_test": y[350:]}
 
 
+def spool_files(data_dir: str) -> set[str]:
+    """The store's upload spool files (``uploads-*/*.upload``): the server creates one when it
+    starts receiving an upload's body and removes it just before the answer; a killed
+    server's stay until the start-up sweep."""
+    return set(glob.glob(os.path.join(data_dir, "uploads-*", "*.upload")))
+
+
 def _children(pid: int) -> list[int]:
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as f:
@@ -115,8 +124,25 @@ class Workload(threading.Thread):
         self.want: str | None = None
         #: set once the wanted action is in flight (``in_flight`` names it until it is answered)
         self.aimed_started = threading.Event()
+        #: set once the wanted action got its answer (never, if the kill came first)
+        self.aimed_answered = threading.Event()
         #: ends the pause between two actions early (the harness wants one)
         self.wake = threading.Event()
+
+    def _aimed_call(self, aimed: bool, call: Any, *args: Any) -> Any:
+        """``call(*args)``; an error answer of the server (not a transport failure or a timeout)
+        counts as an answer: for the wanted action it sets :attr:`aimed_answered`, and the
+        result is None. A transport failure (the kill) propagates."""
+        from mu2net_client import Mu2netError, TimeoutError, TransportError
+
+        try:
+            return call(*args)
+        except (TransportError, TimeoutError):
+            raise
+        except Mu2netError:
+            if aimed:
+                self.aimed_answered.set()
+            return None
 
     def run(self) -> None:
         from mu2net_client import Client, Mu2netError
@@ -137,24 +163,32 @@ class Workload(threading.Thread):
                     if action < 0.25 or not names:
                         st["uploads"] += 1
                         name = f"{self.rng.choice(sorted(LABELINGS))}-{st['uploads']}"
+                        body = digits_upload(name.split("-")[0], st["uploads"])
                         self.in_flight = f"upload {name}"
                         if aimed:
                             self.aimed_started.set()
-                        task = client.upload(name, digits_upload(name.split("-")[0], st["uploads"]))
-                        st["acked"].append(task.name)
+                        task = self._aimed_call(aimed, client.upload, name, body)
+                        if task is not None:
+                            st["acked"].append(task.name)
                     elif action < 0.35 and len(names) > 2:
                         name = self.rng.choice(names)
                         self.in_flight = f"delete {name}"
                         st["deleting"] = name
                         if aimed:
                             self.aimed_started.set()
-                        answer = client.delete(name)
+                        answer = self._aimed_call(aimed, client.delete, name)
+                        if answer is None:  # refused with an answer: the task stays
+                            st["deleting"] = None
+                            self.in_flight = None
+                            continue
                         st["deleted"].append(name)
                         # tasks whose path used its components lost that path with it (Section 3.4) and
                         # are queued again: not a loss
                         for lost in [name, *answer.get("requeued", [])]:
                             st["served"].pop(lost, None)
                         st["deleting"] = None
+                    if aimed:
+                        self.aimed_answered.set()
                     self.in_flight = None
                     self.wake.wait(self.rng.uniform(0.2, 1.5))
                     self.wake.clear()
@@ -244,14 +278,14 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
     """Runs ``rounds`` kill rounds on the store ``data_dir`` (created if new); returns the
     figures (see the module docstring). A share ``aimed`` (0 to 1) of the rounds aims its
     kill at the client: it asks for an upload (or, with probability 1/3, a delete; an upload
-    when no more than 2 tasks are left), waits until it is in flight and kills 0 to
-    ``aim_delay`` s later; ``kills_aimed_landed`` counts the aimed kills that came before
-    its answer."""
+    when no more than 2 tasks are left), waits until it is in flight (an upload: until the
+    server starts receiving its body) and kills 0 to ``aim_delay`` s later; ``kills_aimed_landed``
+    counts the aimed kills whose action the client never got an answer to."""
     rng = random.Random(seed)
     state: dict[str, Any] = {"acked": [], "deleted": [], "deleting": None, "served": {}, "uploads": 0, "version": 0}
     recorded: dict[str, tuple[str, list]] = {}  # task -> (path id, scores) from the last round
     totals = {"rounds": 0, "kills_server": 0, "kills_evolver_then_server": 0, "kills_aimed": 0,
-              "kills_aimed_landed": 0, "in_flight": {},
+              "kills_aimed_spooled": 0, "kills_aimed_landed": 0, "in_flight": {},
               "published_paths_lost": 0, "uploads_acknowledged_then_lost": 0, "orphans_removed_by_sweep": 0,
               "orphan_files_after_sweep": 0, "young_dirs_kept_at_end": 0, "store_problems": 0, "bit_identical_checked": 0,
               "bit_identical_failed": 0, "details": []}
@@ -289,16 +323,27 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
             wanted = None
             if aimed and rng.random() < aimed:  # (no draw with aimed=0: earlier seeds' rounds are unchanged)
                 wanted = "delete" if rng.random() < 1 / 3 else "upload"
+                delay = rng.uniform(0.0, aim_delay)  # drawn whatever happens next: the seed's rounds stay fixed
+                earlier_spools = spool_files(data_dir)  # killed servers' spool files stay (young directories)
                 work.want = wanted
                 work.wake.set()
                 deadline = time.time() + 30
                 while work.is_alive() and not work.aimed_started.wait(0.05) and time.time() < deadline:
                     pass
-                totals["kills_aimed"] += 1
-                time.sleep(rng.uniform(0.0, aim_delay))
+                if not work.aimed_started.is_set():
+                    wanted = None  # the client never started it (it failed first): not an aimed kill
+                elif (work.in_flight or "").startswith("upload"):  # until the server starts receiving it
+                    while (work.is_alive() and not work.aimed_answered.is_set() and time.time() < deadline
+                           and not spool_files(data_dir) - earlier_spools):
+                        time.sleep(0.001)
+                    if not work.is_alive():
+                        wanted = None  # the client failed: not an aimed kill
+                    elif spool_files(data_dir) - earlier_spools and not work.aimed_answered.is_set():
+                        totals["kills_aimed_spooled"] += 1
+                if wanted is not None:
+                    totals["kills_aimed"] += 1
+                    time.sleep(delay)
             doing = work.in_flight or "evolver only"
-            if wanted is not None and work.aimed_started.is_set() and doing.split(" ")[0] in ("upload", "delete"):
-                totals["kills_aimed_landed"] += 1  # the wanted action was still unanswered at the kill
             evolvers = _children(server.proc.pid)
             if evolver_every and r % evolver_every == evolver_every - 1 and evolvers:
                 for pid in evolvers:
@@ -311,6 +356,8 @@ def run(data_dir: str, rounds: int, seed: int = 0, max_delay: float = 12.0, evol
             work.stop_flag.set()
             work.wake.set()
             work.join(30)
+            if wanted is not None and not work.aimed_answered.is_set():
+                totals["kills_aimed_landed"] += 1  # the client never got the wanted action's answer
         finally:
             if server.proc.poll() is None:
                 server.proc.kill()

@@ -45,27 +45,35 @@ import numpy as np
 from mu2net import root as R
 from mu2net.server.launcher import RunningServer
 from report import write_json
-from serving import grpc_throughput, make_store, run_threads
+from serving import closed_loop, grpc_throughput, make_store
 
 
 def _open_loop(send: Any, client: Any, rate: float, seconds: float, max_in_flight: int) -> dict[str, Any]:
     """Calls ``await send(session)`` (it returns the answer's status name: ``OK``,
     ``RESOURCE_EXHAUSTED``, ...) at ``rate`` requests/s for ``seconds``, whatever the answers,
     with at most ``max_in_flight`` outstanding; ``client()`` is an async context manager
-    giving the session. Returns counts per status, the admitted (OK) requests' p50/p99."""
+    giving the session. Returns counts per status, ``ok_in_window`` (OK answers that came
+    within the ``seconds``: the goodput's numerator; answers drained after it are counted in
+    ``codes`` only), ``drain_seconds`` (from the window's end to the last answer) and the
+    admitted (OK) requests' p50/p99, measured by this client."""
     codes: dict[str, int] = {}
     latencies: list[float] = []
     not_sent = 0
+    ok_in_window = 0
+    start = 0.0
 
     async def one(session: Any) -> None:
+        nonlocal ok_in_window
         t0 = time.perf_counter()
         code = await send(session)
         if code == "OK":
-            latencies.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            latencies.append(t1 - t0)
+            ok_in_window += t1 - start <= seconds
         codes[code] = codes.get(code, 0) + 1
 
     async def main() -> None:
-        nonlocal not_sent
+        nonlocal not_sent, start
         async with client() as session:
             pending: set[asyncio.Task[None]] = set()
             start = time.perf_counter()
@@ -83,12 +91,15 @@ def _open_loop(send: Any, client: Any, rate: float, seconds: float, max_in_fligh
                 await asyncio.sleep(0.001)
             if pending:
                 await asyncio.wait(pending)
+            drain[0] = time.perf_counter() - start - seconds
 
+    drain = [0.0]
     asyncio.run(main())
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     sent = sum(codes.values())
     return {"offered_requests": sent + not_sent, "sent": sent, "not_sent_client_bound": not_sent,
-            "codes": codes, "refused_share": round(codes.get("RESOURCE_EXHAUSTED", 0) / max(1, sent), 3),
+            "codes": codes, "ok_in_window": ok_in_window, "drain_seconds": round(max(0.0, drain[0]), 2),
+            "refused_share": round(codes.get("RESOURCE_EXHAUSTED", 0) / max(1, sent), 3),
             "admitted_p50_ms": round(float(np.percentile(lat, 50)), 1),
             "admitted_p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
@@ -140,7 +151,7 @@ def overload(server: RunningServer, task: str, images: np.ndarray, rate: float, 
             return names.get(r.status_code, f"HTTP {r.status_code}")
 
     result = _open_loop(send, client, rate, seconds, max_in_flight)
-    result["ok_images_per_second"] = round(result["codes"].get("OK", 0) * len(images) / seconds, 1)
+    result["ok_images_per_second"] = round(result["ok_in_window"] * len(images) / seconds, 1)
     return result
 
 
@@ -159,17 +170,13 @@ def http_throughput(server: RunningServer, task: str, images: np.ndarray, second
     import httpx
 
     url, body, _ = _http_request(server, task, images)
-    counts = [0] * clients
-    stop = time.perf_counter() + seconds
 
-    def run(i: int) -> None:
+    @contextlib.contextmanager
+    def session(i: int) -> Any:
         with httpx.Client(timeout=30) as c:
-            c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
-            while time.perf_counter() < stop:
-                c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
-                counts[i] += 1
+            yield lambda: c.post(url, content=body, headers={"Content-Type": "application/json"}).raise_for_status()
 
-    return sum(counts) * len(images) / run_threads(run, clients)
+    return len(images) * closed_loop(session, clients, seconds)
 
 
 def run_variant(data: str, flags: list[str], args: argparse.Namespace) -> dict[str, Any]:

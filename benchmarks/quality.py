@@ -8,6 +8,12 @@ samples that the published path's lineage spent on the task (its provenance), wi
 root hyperparameters, keeping the best validation checkpoint.
 
     python benchmarks/quality.py --data-dir /tmp/mu2net-quality --out docs/quality.json
+
+With ``--baseline-only`` it evolves nothing: it reads an existing store (e.g. the main job's,
+``scripts/main.sh``, after its run) and trains the equal-sample baselines of the paths it
+serves, beside each path's own accuracies:
+
+    python benchmarks/quality.py --baseline-only --data-dir /work/mu2net-pat-seed2 --out docs/baseline_patience_seed2.json
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 
 import jax
@@ -95,6 +102,30 @@ def baseline(name: str, splits: tuple, arch, samples: int, root_hparams: dict, a
             "blocks": arch.num_blocks}
 
 
+def baselines(store: Store, args: argparse.Namespace, root_hparams: dict, seeds: list[int]) -> dict:
+    """The equal-sample baseline of every task the store serves, once per seed of ``seeds``:
+    ``{"baselines": {task: first seed's run}, "baseline_seeds": {task: [runs]}}`` (runs as
+    :func:`baseline` returns them). A path's lineage samples are its most-trained component's
+    steps on the task times ``--batch-size`` (the provenance the store records)."""
+    comps = {c.id: c for c in store.list_components()}
+    out: dict = {"baselines": {}, "baseline_seeds": {}}
+    for t in store.list_tasks():
+        path = store.best_path(t.name)
+        if path is None:
+            continue
+        steps = max(comps[c].steps.get(t.name, 0) for c in path.component_ids)
+        recorded = path.metrics.get("lineage_samples")
+        if recorded is not None and recorded != steps * args.batch_size:  # e.g. another --batch-size
+            tqdm.write(f"note: task {t.name}: its path records {recorded} lineage samples, the baseline gets "
+                       f"{steps} steps x --batch-size {args.batch_size} = {steps * args.batch_size}")
+        splits = task_splits(t)
+        runs = [baseline(t.name, splits, path.architecture, steps * args.batch_size, root_hparams, args, seed)
+                for seed in seeds]
+        out["baselines"][t.name] = runs[0]
+        out["baseline_seeds"][t.name] = runs
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", required=True)
@@ -114,6 +145,10 @@ def main() -> None:
     ap.add_argument("--root-hparam", action="append", type=parse_root_hparam, default=[], metavar="NAME=VALUE",
                     help=f"overrides a root hyperparameter of {ROOT_HPARAMS} (repeatable)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--baseline-only", action="store_true",
+                    help="evolve nothing: train the equal-sample baselines of the paths an existing store "
+                         "serves (the store is only read; its root hyperparameters must be --root-hparam's and "
+                         "its batch size --batch-size; the evolution flags are ignored)")
     ap.add_argument("--seed", type=int, default=0,
                     help="evolver seed (parent sampling, mutations, initialisation, batch order, augmentation)")
     ap.add_argument("--baseline-seeds", default="1",
@@ -130,6 +165,25 @@ def main() -> None:
         baseline_seeds = [int(s) for s in args.baseline_seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--baseline-seeds {args.baseline_seeds!r} must be comma-separated integers") from None
+
+    if args.baseline_only:
+        if args.skip_baseline:
+            raise SystemExit("--baseline-only and --skip-baseline exclude each other")
+        if not os.path.isfile(os.path.join(args.data_dir, "mu2net.sqlite")):  # (Store() would create one)
+            raise SystemExit(f"--baseline-only: no store at --data-dir {args.data_dir!r} (no mu2net.sqlite)")
+        store = Store(args.data_dir)
+        if not any(store.best_path(t.name) for t in store.list_tasks()):
+            raise SystemExit(f"--baseline-only: the store at {args.data_dir!r} serves no task")
+        root = store.root_path()
+        if root is not None and dict(root.hparams) != R.root_hparams(root_hparams):
+            raise SystemExit(f"--baseline-only: the store's root hyperparameters {dict(root.hparams)} are not "
+                             f"{R.root_hparams(root_hparams)} (give them with --root-hparam)")
+        results = {"baseline_only": True, "config": vars(args), "root_hparams": root_hparams,
+                   "report": report(store), "baselines": {}, "baseline_seeds": {}}
+        results.update(baselines(store, args, root_hparams, baseline_seeds))
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        return
 
     store = Store(args.data_dir)
     arch, params = root_model(args.patch_size, args.width)
@@ -152,17 +206,8 @@ def main() -> None:
     results = {"evolve_seconds": evolve_seconds, "phases_run": phases, "config": vars(args),
                "root_hparams": root_hparams, "report": rep, "baselines": {}, "baseline_seeds": {},
                "devices": [str(d) for d in evolver.devices]}
-    comps = {c.id: c for c in store.list_components()}
-    for t in store.list_tasks():
-        path = store.best_path(t.name)
-        if path is None or args.skip_baseline:
-            continue
-        steps = max(comps[c].steps.get(t.name, 0) for c in path.component_ids)
-        splits = task_splits(t)
-        runs = [baseline(t.name, splits, path.architecture, steps * args.batch_size, root_hparams, args, seed)
-                for seed in baseline_seeds]
-        results["baselines"][t.name] = runs[0]
-        results["baseline_seeds"][t.name] = runs
+    if not args.skip_baseline:
+        results.update(baselines(store, args, root_hparams, baseline_seeds))
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
 

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import subprocess
@@ -27,7 +28,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import flax.linen as nn
 import jax
@@ -150,37 +151,62 @@ def grpc_throughput(server: RunningServer, task: str, images: np.ndarray, second
     from mu2net_client._proto import mu2net_pb2_grpc
     from mu2net_client.client import classify_request
 
-    counts = [0] * clients
-    stop = time.perf_counter() + seconds
-
-    def run(i: int) -> None:
+    @contextlib.contextmanager
+    def session(i: int) -> Iterator[Callable[[], Any]]:
         if sdk:
             with Client(server.grpc, server.http) as c:
-                c.classify(task, images)
-                while time.perf_counter() < stop:
-                    c.classify(task, images)
-                    counts[i] += 1
+                yield lambda: c.classify(task, images)
             return
         request = classify_request(task, images, 1)
         with grpc.insecure_channel(server.grpc) as channel:
             stub = mu2net_pb2_grpc.Mu2NetStub(channel)
-            stub.Classify(request)
-            while time.perf_counter() < stop:
-                stub.Classify(request)
-                counts[i] += 1
+            yield lambda: stub.Classify(request)
 
-    return sum(counts) * len(images) / run_threads(run, clients)
+    return len(images) * closed_loop(session, clients, seconds)
 
 
-def run_threads(run: Callable[[int], None], clients: int) -> float:
-    """Runs ``run(i)`` in ``clients`` threads at once; returns the wall seconds until all end."""
+def closed_loop(session: Callable[[int], ContextManager[Callable[[], Any]]], clients: int, seconds: float) -> float:
+    """Calls per second from ``clients`` threads, each calling as fast as it gets answers.
+
+    Thread ``i`` opens ``session(i)`` (a context manager giving the call), makes one untimed
+    warm-up call, and waits for every other thread; then all call for ``seconds``. The rate
+    is the calls started in that window over the seconds from its start until the last of
+    them is answered (sessions' teardown not included). An error in any thread stops the
+    others at their next call and is raised."""
+    if clients < 1:
+        raise ValueError(f"clients={clients}; allowed: 1 or more")
+    counts = [0] * clients
+    ends = [0.0] * clients
+    window: dict[str, float] = {}
+    errors: list[BaseException] = []
+    failed = threading.Event()
+    barrier = threading.Barrier(clients, action=lambda: window.__setitem__("start", time.perf_counter()))
+
+    def run(i: int) -> None:
+        try:
+            with session(i) as call:
+                call()
+                barrier.wait()
+                stop = window["start"] + seconds
+                while time.perf_counter() < stop and not failed.is_set():
+                    call()
+                    counts[i] += 1
+                ends[i] = time.perf_counter()
+        except threading.BrokenBarrierError:
+            pass  # another thread failed: its error is raised
+        except BaseException as e:
+            errors.append(e)
+            failed.set()
+            barrier.abort()
+
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
-    t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return sum(counts) / (max(ends) - window["start"])
 
 
 def latency_run(server: RunningServer, task: str, images: np.ndarray, seconds: float,

@@ -871,9 +871,9 @@ def test_the_evolver_dies_with_a_killed_server_and_a_store_has_one_evolver(tmp_p
     server = RunningServer(data, TINY_SERVE_ARGS)
     try:
         deadline = time.time() + 60
-        while not _children(server.proc.pid) and time.time() < deadline:
+        while not (started := _children(server.proc.pid)) and time.time() < deadline:
             time.sleep(0.2)
-        (evolver,) = _children(server.proc.pid)
+        assert started, "the server started no evolver process within 60 s"
         deadline = time.time() + 60  # the evolver takes the store's lock once it has started
         while time.time() < deadline:
             try:
@@ -887,6 +887,7 @@ def test_the_evolver_dies_with_a_killed_server_and_a_store_has_one_evolver(tmp_p
         deadline = time.time() + 30
         while len(kids := _children(server.proc.pid)) != 1 and time.time() < deadline:
             time.sleep(0.2)
+        assert len(kids) == 1, f"the server runs {len(kids)} evolver processes after 30 s, not 1: {kids}"
         (evolver,) = kids
         # a second evolver on the same store refuses with a clear error
         second = subprocess.run([sys.executable, "-m", "mu2net.server.evolver_process", "--data-dir", data],
